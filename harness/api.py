@@ -1,0 +1,169 @@
+"""The seams of the harness: what a searcher and a task must provide.
+
+A *task* owns a model (or a synthetic function), defines the coefficient space and scores
+coefficient vectors. A *searcher* proposes coefficient vectors and learns from their scores.
+The runner (``harness.runner``) joins them; neither knows about the other.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+class HarnessError(Exception):
+    """An error a user caused and can fix; the CLI prints its message as one line and exits 2."""
+
+
+@dataclass
+class Space:
+    """A box of coefficient vectors.
+
+    Args:
+        dim: number of coefficients.
+        lower, upper: bounds (scalars or arrays of length ``dim``).
+        start: where searchers start (aTLAS starts at 0, the pre-trained model).
+        labels: optional name per coordinate, e.g. ``"fashion/blocks.13.conv.weight"``.
+        kind: the parametrisation, e.g. ``per_block`` (informative only).
+    """
+
+    dim: int
+    lower: Any = -1.5
+    upper: Any = 1.5
+    start: np.ndarray | None = None
+    labels: list[str] | None = None
+    kind: str = "flat"
+
+    def __post_init__(self):
+        self.lower = np.broadcast_to(np.asarray(self.lower, dtype=np.float64), (self.dim,)).copy()
+        self.upper = np.broadcast_to(np.asarray(self.upper, dtype=np.float64), (self.dim,)).copy()
+        self.start = (np.zeros(self.dim) if self.start is None
+                      else np.asarray(self.start, dtype=np.float64).reshape(self.dim).copy())
+
+    def clip(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(x, self.lower, self.upper)
+
+
+@dataclass
+class Candidate:
+    """One coefficient vector to evaluate.
+
+    Args:
+        x: the coefficients.
+        grad: whether the gradient of the loss w.r.t. ``x`` is wanted.
+        batch: ``None`` scores on the task's whole search set; an integer asks for a random
+            mini-batch drawn with that seed (stochastic gradient steps).
+        fidelity: fraction of the search set to score on (1.0 = all of it).
+    """
+
+    x: np.ndarray
+    grad: bool = False
+    batch: int | None = None
+    fidelity: float = 1.0
+
+
+@dataclass
+class Evaluation:
+    """The score of one candidate. ``loss`` is minimised; ``weight`` is the number of samples
+    it was computed on, so shard results can be reduced into an exact weighted mean."""
+
+    loss: float
+    grad: np.ndarray | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    weight: float = 1.0
+    ok: bool = True
+    error: str = ""
+
+
+class Plugin:
+    """Shared by searchers and tasks: a name, a one-line description and typed options.
+
+    Subclasses set ``Options`` to a dataclass; ``-s key=value`` / ``-t key=value`` are parsed
+    against its fields, and an unknown key is an error.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    @dataclass
+    class Options:
+        pass
+
+    @classmethod
+    def option_fields(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls.Options)}
+
+
+class Searcher(Plugin, ABC):
+    """Batch ask/tell optimiser over a :class:`Space`.
+
+    Capabilities are class flags: ``needs_gradient`` (asks for candidates with ``grad=True``),
+    ``max_batch`` (largest useful batch; ``None`` = any), ``default_space`` (the composition
+    granularity used when the user does not choose one), ``default_budget`` (evaluations) and
+    ``default_batch`` (candidates per ask) used when the run does not set them.
+    """
+
+    needs_gradient: ClassVar[bool] = False
+    max_batch: ClassVar[int | None] = None
+    default_space: ClassVar[str] = "per_block"
+    default_budget: ClassVar[int] = 200
+    default_batch: ClassVar[int] = 1
+
+    def __init__(self, space: Space, budget: int, batch_size: int, seed: int, options):
+        self.space, self.budget, self.batch_size, self.seed, self.options = space, budget, batch_size, seed, options
+        self.info: dict[str, Any] = {}  # facts worth recording, e.g. the optimiser NGOpt chose
+
+    @abstractmethod
+    def ask(self, n: int) -> list[Candidate]:
+        """Return up to ``n`` candidates (at least one)."""
+
+    @abstractmethod
+    def tell(self, candidates: list[Candidate], evaluations: list[Evaluation]) -> None:
+        """Learn from the scores of candidates returned by :meth:`ask`."""
+
+    @abstractmethod
+    def recommend(self) -> np.ndarray:
+        """The coefficients this searcher would report now."""
+
+
+class Task(Plugin, ABC):
+    """A benchmark: builds its model and data in :meth:`setup`, defines the space and the loss.
+
+    ``evaluate`` scores on the search split (validation, shots or unlabelled data); ``final``
+    reports on the held-out split. ``headline`` names the metric leaderboards rank by and
+    ``higher_is_better`` its direction.
+    """
+
+    headline: ClassVar[str] = "score"
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, options, space: str = "per_block", seed: int = 0, cache_dir: str | None = None):
+        self.options, self.space_kind, self.seed, self.cache_dir = options, space, seed, cache_dir
+
+    @abstractmethod
+    def setup(self, device: str = "cpu") -> None:
+        """Build everything expensive (model, task vectors, cached inputs). Called once per process."""
+
+    @abstractmethod
+    def space(self) -> Space:
+        """The coefficient space (valid after :meth:`setup`)."""
+
+    @abstractmethod
+    def evaluate(self, candidates: list[Candidate], shard: tuple[int, int] | None = None) -> list[Evaluation]:
+        """Score candidates on the search split. ``shard=(i, n)`` scores only the i-th of n
+        disjoint parts of the data, with ``weight`` set to its sample count."""
+
+    @abstractmethod
+    def final(self, x: np.ndarray) -> dict[str, float]:
+        """Metrics of coefficients ``x`` on the held-out split; must contain ``headline``."""
+
+    def references(self) -> dict[str, dict[str, float]]:
+        """Reference results (e.g. zero-shot, fine-tuned) printed beside a run; optional."""
+        return {}
+
+    def constraint_ok(self, metrics: dict[str, float]) -> bool:
+        """Whether a final result satisfies the task's constraint (negation's control floor)."""
+        return True

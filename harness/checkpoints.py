@@ -1,0 +1,226 @@
+"""Loading open_clip models and fine-tuned checkpoints into task vectors, without running code from files.
+
+Checkpoints are read with ``safetensors`` or with ``torch.load(weights_only=True)``; a pickle that
+would need to import or call arbitrary objects is refused, never executed. Every failure a user can
+fix is a one-line :class:`~harness.api.HarnessError` naming the file (and the block, when one is at fault).
+
+Example:
+    >>> model, preprocess, tokenizer = build_clip("ViT-B-32", "/ckpt/zeroshot.safetensors")
+    >>> base, tvs = clip_task_vectors(model, ["/ckpt/mnist.pt", "/ckpt/svhn.safetensors"])
+    >>> comp = Composition(base, tvs, ["mnist", "svhn"])
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from harness.api import HarnessError
+
+LOCAL_DIR = "local-dir:"
+
+# Messages of torch's weights-only unpickler that mean "this pickle wants to import or call
+# something", as opposed to a damaged file (random bytes give e.g. "Unsupported operand 11").
+# Operands 105/111/147 are INST/OBJ/STACK_GLOBAL, the opcodes that construct arbitrary objects.
+_CODE_PICKLE = re.compile(r"GLOBAL|unrecognized function|Can only (create new object|build)"
+                          r"|Unsupported operand (105|111|147)\b")
+# Boilerplate lines of torch's weights-only message that say nothing about this file.
+_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    """A short single-line reason from an exception message."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(_BOILERPLATE)] or lines or [type(e).__name__]
+    text = " ".join(lines)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file, never executing code from it.
+
+    Torch files (``.pt``, ``.pth``, ``.bin``, anything not ``.safetensors``) are read with
+    ``torch.load(map_location="cpu", weights_only=True)``. A dict wrapping the state dict under
+    ``"state_dict"`` or ``"model"`` is unwrapped, and a DataParallel ``module.`` prefix is removed.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        ``{name: tensor}`` on the CPU.
+
+    Raises:
+        HarnessError: missing, unreadable or unsafe file, or content that is not a state dict.
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise HarnessError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise HarnessError(f"checkpoint {path} is a directory, not a file")
+    unreadable = f"checkpoint {path} is not a readable safetensors/torch state dict"
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            obj = load_file(path, device="cpu")
+        except Exception as e:
+            raise HarnessError(f"{unreadable}: {_one_line(e)}") from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if _CODE_PICKLE.search(str(e)):
+                raise HarnessError(f"checkpoint {path} was refused: it is a pickle that would run code; "
+                                   "save it with safetensors or as a plain state dict") from None
+            raise HarnessError(f"{unreadable}: {_one_line(e)}") from None
+        except Exception as e:
+            raise HarnessError(f"{unreadable}: {_one_line(e)}") from None
+
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict):
+        raise HarnessError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict "
+                           "(a dict of tensor names to tensors)")
+    if not obj:
+        raise HarnessError(f"checkpoint {path} holds an empty state dict")
+    for k, v in obj.items():
+        if not isinstance(v, Tensor):
+            raise HarnessError(f"checkpoint {path}: entry '{k}' is a {type(v).__name__}, not a tensor; "
+                               "expected a state dict (a dict of tensor names to tensors)")
+    if all(str(k).startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def save_state_dict(sd: dict[str, Tensor], path: str | os.PathLike) -> None:
+    """Write ``sd`` as safetensors (contiguous CPU tensors; shared storage is copied, which
+    safetensors requires). Parent directories are created."""
+    from safetensors.torch import save_file
+    out, seen = {}, set()
+    for k, v in sd.items():
+        if not isinstance(v, Tensor):
+            raise HarnessError(f"cannot save entry '{k}': it is a {type(v).__name__}, not a tensor")
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[k] = t
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path))
+
+
+def build_clip(model_name: str, pretrained: str | None = None):
+    """Build an open_clip model, its inference transform and its tokenizer, offline when possible.
+
+    Args:
+        model_name: an open_clip architecture (``open_clip.list_models()``, including configs added
+            with ``open_clip.add_model_config``). Ignored for ``local-dir:`` (the folder's config wins).
+        pretrained: ``None`` (random init, offline), a local checkpoint file (read safely, see
+            :func:`load_state_dict`), ``"local-dir:DIR"`` (an open_clip folder with
+            ``open_clip_config.json`` and weights), or a pretrained tag (needs the network unless cached).
+
+    Returns:
+        ``(model, preprocess, tokenizer)``; the model is in eval mode on the CPU, ``preprocess`` is
+        open_clip's validation transform.
+    """
+    import open_clip
+
+    pretrained = pretrained or None
+    if pretrained is not None and pretrained.startswith(LOCAL_DIR):
+        folder = pretrained[len(LOCAL_DIR):]
+        if not os.path.isdir(folder):
+            raise HarnessError(f"model folder not found: {folder} (from {pretrained!r})")
+        # Validate pickled weights with our strict loader before open_clip reads the folder.
+        for f in sorted(Path(folder).glob("*")):
+            if f.suffix in (".bin", ".pth", ".pt"):
+                load_state_dict(f)
+        source, name_arg, pre_arg = pretrained, pretrained, None
+    else:
+        known = open_clip.list_models()
+        if model_name.replace("/", "-") not in known:
+            close = difflib.get_close_matches(model_name, known, n=3)
+            common = [n for n in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50", "convnext_base") if n in known]
+            few = ", ".join(dict.fromkeys(close + common))
+            raise HarnessError(f"unknown open_clip model {model_name!r}; valid names include {few} "
+                               f"({len(known)} in open_clip.list_models())")
+        name_arg, pre_arg = model_name, pretrained
+        source = pretrained or "random init"
+        if pretrained is not None and os.path.exists(pretrained):
+            load_state_dict(pretrained)
+        elif pretrained is not None:
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            if pretrained not in tags and (os.sep in pretrained or Path(pretrained).suffix):
+                raise HarnessError(f"checkpoint not found: {pretrained}")
+            if pretrained not in tags:
+                raise HarnessError(f"pretrained {pretrained!r} is neither a file nor a known tag of "
+                                   f"{model_name} (tags: {', '.join(tags[:6]) or 'none'}); pass a local file")
+    try:
+        # pretrained_text=False: never fetch default text-tower weights from a hub as a side effect.
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name_arg, pretrained=pre_arg, weights_only=True, pretrained_text=False)
+        tokenizer = open_clip.get_tokenizer(name_arg)
+    except Exception as e:
+        if pre_arg is not None and not os.path.exists(pre_arg):
+            raise HarnessError(f"pretrained tag {pre_arg!r} of {model_name} could not be loaded offline; "
+                               "pass a local checkpoint file instead") from None
+        raise HarnessError(f"could not build open_clip {model_name} from {source}: {_one_line(e)}") from None
+    model.eval()
+    return model, preprocess, tokenizer
+
+
+def clip_task_vectors(model: nn.Module, checkpoint_paths: Sequence[str], prefix: str = "visual.",
+                      dtype: torch.dtype = torch.float32) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """Task vectors of fine-tuned image encoders relative to ``model``'s image encoder.
+
+    Each checkpoint may be a full CLIP state dict (keys ``visual.…``) or an image-encoder-only state
+    dict (keys relative to ``model.visual``); the form is detected per file. Keys outside the image
+    encoder (the text tower, ``logit_scale``) are ignored.
+
+    Args:
+        model: the pre-trained CLIP model (θ_0).
+        checkpoint_paths: one fine-tuned checkpoint per task.
+        prefix: where the image encoder sits in the full model.
+        dtype: dtype of the returned task vectors (fp16 halves their memory before composing).
+
+    Returns:
+        ``(base, task_vectors)``: ``base`` maps the encoder's floating entries (keys relative to the
+        encoder) to the model's own tensors (no copy); one task vector dict per checkpoint.
+
+    Raises:
+        HarnessError: a file cannot be read, or a block is missing or has the wrong shape.
+    """
+    encoder = model.get_submodule(prefix.rstrip(".")) if prefix else model
+    base = {k: v for k, v in encoder.state_dict().items() if v.is_floating_point()}
+    tvs = []
+    for path in checkpoint_paths:
+        sd = load_state_dict(path)
+        with_prefix = sum(prefix + k in sd for k in base)
+        bare = sum(k in sd for k in base)
+        lead = prefix if with_prefix > bare else ""
+        if max(with_prefix, bare) == 0:
+            first = next(iter(base))
+            raise HarnessError(f"checkpoint {path} holds none of the image encoder's {len(base)} blocks "
+                               f"(expected keys like '{prefix}{first}' or '{first}')")
+        tau = {}
+        for k, b in base.items():
+            v = sd.get(lead + k)
+            if v is None:
+                raise HarnessError(f"checkpoint {path}: block '{k}' is missing "
+                                   f"({max(with_prefix, bare)} of {len(base)} image-encoder blocks present)")
+            if tuple(v.shape) != tuple(b.shape):
+                raise HarnessError(f"checkpoint {path}: block '{k}' has shape {tuple(v.shape)}, "
+                                   f"expected {tuple(b.shape)}")
+            if not v.is_floating_point():
+                raise HarnessError(f"checkpoint {path}: block '{k}' is {v.dtype}, expected floating point")
+            tau[k] = (v.float() - b.float()).to(dtype)
+        del sd
+        tvs.append(tau)
+    return base, tvs

@@ -1,0 +1,267 @@
+"""Task vectors, coefficient spaces and the functional merge of aTLAS (arXiv 2407.02880, Eq. 4).
+
+A :class:`Composition` holds the pre-trained parameters θ_0 and T task vectors τ_i once, and turns a
+flat coefficient vector ``x`` into merged parameters
+
+    θ_b = θ_0,b + Σ_i λ_{i,b} · τ_{i,b}        for every parameter block b,
+
+where the λ are read from ``x`` according to the chosen *space* (how many coefficients there are).
+The merge is differentiable in ``x`` and nothing else, so a gradient searcher trains only λ.
+
+Example:
+    >>> comp = Composition(base, [tau_a, tau_b], ["a", "b"], space="per_block")
+    >>> theta = comp.merge(comp.isotropic(0.3))            # task arithmetic, α = 0.3
+    >>> logits = functional_forward(model, theta, images)
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from harness.api import HarnessError
+
+SPACES = ("per_task", "per_layer", "per_block", "per_partition:K")
+
+# Container names whose next component is a layer index (timm/EfficientNet, efficientnet_pytorch,
+# open_clip's transformer, torchvision/HF encoders).
+_LAYER_CONTAINERS = {"blocks", "_blocks", "resblocks", "layers", "layer"}
+
+
+def task_vector(base: dict[str, Tensor], finetuned: dict[str, Tensor]) -> dict[str, Tensor]:
+    """τ = θ_ft − θ_0 over the floating-point entries of ``base`` (integer buffers are skipped).
+
+    Args:
+        base: pre-trained state dict.
+        finetuned: fine-tuned state dict with (at least) the same floating entries.
+
+    Returns:
+        A new dict ``{name: finetuned[name] - base[name]}`` in fp32, detached.
+    """
+    tau = {}
+    for name, b in base.items():
+        if not b.is_floating_point():
+            continue
+        if name not in finetuned:
+            raise HarnessError(f"fine-tuned state dict has no block '{name}' of the base model")
+        f = finetuned[name]
+        if tuple(f.shape) != tuple(b.shape):
+            raise HarnessError(f"fine-tuned block '{name}' has shape {tuple(f.shape)}, "
+                               f"expected {tuple(b.shape)}")
+        tau[name] = f.detach().float() - b.detach().float()
+    return tau
+
+
+def parse_space(spec: str) -> tuple[str, int]:
+    """Parse a space spec into ``(kind, K)``; K is 1 except for ``per_partition:K``.
+
+    Args:
+        spec: one of ``per_task``, ``per_layer``, ``per_block``, ``per_partition:K`` (K ≥ 2).
+    """
+    if spec in ("per_task", "per_layer", "per_block"):
+        return spec, 1
+    m = re.fullmatch(r"per_partition:(\d+)", str(spec).strip())
+    if m and int(m.group(1)) >= 2:
+        return "per_partition", int(m.group(1))
+    raise HarnessError(f"unknown coefficient space {spec!r}; valid forms: "
+                       f"{', '.join(SPACES)} (K an integer >= 2)")
+
+
+def layer_of(block_name: str) -> str:
+    """The layer a parameter belongs to, for the ``per_layer`` space.
+
+    The first integer index right after a container such as ``blocks``/``resblocks``/``layers``
+    (``"transformer.resblocks.3.attn.in_proj_weight"`` → ``"resblocks.3"``), otherwise the first name
+    component (``"conv_head.weight"`` → ``"conv_head"``, ``"weight"`` → ``"weight"``).
+    """
+    parts = block_name.split(".")
+    for name, nxt in zip(parts, parts[1:]):
+        if name in _LAYER_CONTAINERS and nxt.isdigit():
+            return f"{name}.{nxt}"
+    return parts[0]
+
+
+class Composition:
+    """θ_0 plus T task vectors, and the map from a flat coefficient vector to merged parameters.
+
+    Args:
+        base: pre-trained state dict; its floating entries are the blocks, in the dict's order.
+        task_vectors: one dict per task with exactly the base's floating keys and shapes.
+        task_names: one unique name per task vector (used in coordinate labels).
+        space: ``per_task`` (T), ``per_layer`` (T×G), ``per_block`` (T×B, the paper) or
+            ``per_partition:K`` (T×B×K; every block's elements, 1-D blocks included, are split into K
+            random partitions fixed by ``seed``).
+        dtype: storage of the task vectors (fp16 halves memory, as in the paper); the merge computes
+            in fp32, or in fp64 when ``dtype`` is fp64 (useful for gradient checks).
+        seed: seeds the random partition assignment.
+        layer_fn: maps a block name to its layer for ``per_layer``.
+
+    The flat vector is task-major: ``x.view(T, ...)`` gives one row per task.
+    """
+
+    def __init__(self, base: dict[str, Tensor], task_vectors: Sequence[dict[str, Tensor]],
+                 task_names: Sequence[str], space: str = "per_block",
+                 dtype: torch.dtype = torch.float32, seed: int = 0,
+                 layer_fn: Callable[[str], str] = layer_of):
+        kind, K = parse_space(space)
+        task_names = [str(n) for n in task_names]
+        if len(task_vectors) != len(task_names):
+            raise HarnessError(f"{len(task_vectors)} task vectors but {len(task_names)} task names")
+        if not task_vectors:
+            raise HarnessError("a composition needs at least one task vector")
+        if len(set(task_names)) != len(task_names):
+            raise HarnessError(f"task names must be unique, got {task_names}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise HarnessError(f"task vector storage dtype must be floating point, got {dtype}")
+
+        self.space, self.kind, self.K = str(space), kind, K
+        self.task_names = task_names
+        self.dtype = dtype
+        self.compute_dtype = torch.promote_types(torch.float32, dtype)
+        self.seed = seed
+        self.blocks = [k for k, v in base.items() if v.is_floating_point()]
+        if not self.blocks:
+            raise HarnessError("the base model has no floating-point parameters to compose")
+        self.T, self.B = len(task_names), len(self.blocks)
+        # .to() is a no-op for fp32 inputs, so θ_0 shares memory with the caller's tensors.
+        self.base = {k: base[k].detach().to(self.compute_dtype) for k in self.blocks}
+
+        block_set = set(self.blocks)
+        for name, tv in zip(task_names, task_vectors):
+            for k in tv:
+                if k not in block_set:
+                    raise HarnessError(f"task '{name}': block '{k}' is not a floating block of the base model")
+            for k in self.blocks:
+                if k not in tv:
+                    raise HarnessError(f"task '{name}': block '{k}' is missing from its task vector")
+                if tuple(tv[k].shape) != tuple(self.base[k].shape):
+                    raise HarnessError(f"task '{name}': block '{k}' has shape {tuple(tv[k].shape)}, "
+                                       f"expected {tuple(self.base[k].shape)}")
+        # One (T, *shape) tensor per block: the merge is then a single contraction per block.
+        self.tau = [torch.stack([tv[k].detach().to(dtype) for tv in task_vectors]) for k in self.blocks]
+
+        self.groups: list[str] = []
+        self.partitions: list[Tensor] | None = None
+        if kind == "per_task":
+            self.dim = self.T
+            self.labels = list(task_names)
+        elif kind == "per_layer":
+            layers = [layer_fn(b) for b in self.blocks]
+            self.groups = list(dict.fromkeys(layers))
+            self._group_index = torch.tensor([self.groups.index(g) for g in layers])
+            self.dim = self.T * len(self.groups)
+            self.labels = [f"{t}/{g}" for t in task_names for g in self.groups]
+        elif kind == "per_block":
+            self.dim = self.T * self.B
+            self.labels = [f"{t}/{b}" for t in task_names for b in self.blocks]
+        else:
+            gen = torch.Generator().manual_seed(int(seed))
+            # uint8 keeps the assignment at one byte per parameter; it is widened only per block in merge.
+            idx_dtype = torch.uint8 if K <= 256 else torch.int32
+            self.partitions = [torch.randint(0, K, tuple(self.base[b].shape), generator=gen).to(idx_dtype)
+                               for b in self.blocks]
+            self.dim = self.T * self.B * K
+            self.labels = [f"{t}/{b}#{k}" for t in task_names for b in self.blocks for k in range(K)]
+
+    def __repr__(self) -> str:
+        return (f"Composition(T={self.T}, B={self.B}, space={self.space!r}, dim={self.dim}, "
+                f"dtype={self.dtype})")
+
+    def _as_tensor(self, x: Tensor | np.ndarray) -> Tensor:
+        if not isinstance(x, Tensor):
+            x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        if x.numel() != self.dim:
+            raise HarnessError(f"coefficient vector has {x.numel()} entries, "
+                               f"the space {self.space!r} has {self.dim}")
+        device = self.base[self.blocks[0]].device
+        return x.reshape(-1).to(device=device, dtype=self.compute_dtype)
+
+    def coefficients(self, x: Tensor | np.ndarray) -> Tensor:
+        """Per-(task, block) coefficients λ: (T, B), or (T, B, K) for partitions. Differentiable."""
+        x = self._as_tensor(x)
+        if self.kind == "per_task":
+            return x.view(self.T, 1).expand(self.T, self.B)
+        if self.kind == "per_layer":
+            return x.view(self.T, len(self.groups))[:, self._group_index.to(x.device)]
+        if self.kind == "per_block":
+            return x.view(self.T, self.B)
+        return x.view(self.T, self.B, self.K)
+
+    def merge(self, x: Tensor | np.ndarray) -> dict[str, Tensor]:
+        """θ = θ_0 + Σ_i λ_{i,b} τ_{i,b} for every block; differentiable w.r.t. ``x`` if it requires grad.
+
+        Args:
+            x: flat coefficient vector of length ``dim`` (tensor or numpy array).
+
+        Returns:
+            ``{block name: merged tensor}`` in fp32 (fp64 for an fp64 composition).
+        """
+        lam = self.coefficients(x)
+        merged = {}
+        for b, name in enumerate(self.blocks):
+            tau = self.tau[b].to(self.compute_dtype)
+            if self.partitions is None:
+                delta = torch.tensordot(lam[:, b], tau, dims=1)
+            else:
+                # Gather each element's coefficient from its partition: (T, K)[:, idx] → (T, *shape).
+                per_elem = lam[:, b][:, self.partitions[b].long()]
+                delta = (per_elem * tau).sum(0)
+            merged[name] = self.base[name] + delta
+        return merged
+
+    def isotropic(self, alpha: float) -> np.ndarray:
+        """The ``x`` giving λ = α for every (task, block): task arithmetic θ_0 + α Σ_i τ_i."""
+        return np.full(self.dim, float(alpha), dtype=np.float64)
+
+    def one_hot(self, i: int) -> np.ndarray:
+        """The ``x`` giving λ = 1 on every block of task ``i`` and 0 elsewhere (θ_0 + τ_i)."""
+        if not 0 <= i < self.T:
+            raise HarnessError(f"task index {i} out of range: there are {self.T} task vectors")
+        x = np.zeros((self.T, self.dim // self.T))
+        x[i] = 1.0
+        return x.reshape(-1)
+
+    def expand(self, x: Tensor | np.ndarray) -> np.ndarray:
+        """Coefficients as a numpy array, (T, B) or (T, B, K), for reports and heat maps."""
+        with torch.no_grad():
+            lam = self.coefficients(x.detach() if isinstance(x, Tensor) else x)
+        return lam.cpu().numpy().astype(np.float64).copy()
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the stored task vectors (not θ_0, not the partition assignments)."""
+        return sum(t.numel() * t.element_size() for t in self.tau)
+
+    def to(self, device: torch.device | str) -> "Composition":
+        """Move θ_0, the task vectors and the partition assignments to ``device`` (in place)."""
+        self.base = {k: v.to(device) for k, v in self.base.items()}
+        self.tau = [t.to(device) for t in self.tau]
+        if self.partitions is not None:
+            self.partitions = [p.to(device) for p in self.partitions]
+        return self
+
+
+def functional_forward(module: nn.Module, params: dict[str, Tensor], *args, **kwargs):
+    """Run ``module`` with ``params`` in place of its parameters (``torch.func.functional_call``).
+
+    Buffers always come from the module itself: entries of ``params`` that name a buffer (e.g. BN
+    running statistics) are ignored, so running stats are never merged and stay the base module's.
+    Parameters missing from ``params`` fall back to the module's own.
+
+    Args:
+        module: the (pre-trained) module whose architecture is used.
+        params: e.g. the output of :meth:`Composition.merge`.
+        *args, **kwargs: the module's inputs.
+    """
+    buffer_names = {n for n, _ in module.named_buffers()}
+    param_names = {n for n, _ in module.named_parameters()}
+    chosen = {}
+    for k, v in params.items():
+        if k in buffer_names:
+            continue
+        if k not in param_names:
+            raise HarnessError(f"parameter '{k}' is not a parameter of {type(module).__name__}")
+        chosen[k] = v
+    return torch.func.functional_call(module, chosen, args, kwargs)

@@ -1,0 +1,216 @@
+"""The search loop: ask → evaluate → record → tell, until the budget of evaluations is spent.
+
+A run with a trace on disk (killed, interrupted, failed) is resumed by replaying that trace:
+the searcher is rebuilt with the same seed, and every candidate it asks for again is answered
+from the trace instead of being re-evaluated, so nothing is lost or counted twice and the final
+result equals that of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harness import registry
+from harness.api import Candidate, Evaluation, HarnessError, Searcher, Task
+from harness.config import RunConfig, resolve_options
+from harness.evaluators import Evaluator, LocalEvaluator
+from harness.results import RunStore, git_sha, now, peak_rss_mb, versions
+
+
+@dataclass
+class Plan:
+    """A run config resolved against its plugins: every default filled in, options typed."""
+
+    config: RunConfig
+    task_cls: type[Task]
+    searcher_cls: type[Searcher]
+    task_options: object
+    searcher_options: object
+
+
+def plan(cfg: RunConfig) -> Plan:
+    """Check the config against the plugins and fill every default; raises HarnessError."""
+    task_cls = registry.load("task", cfg.task)
+    searcher_cls = registry.load("searcher", cfg.searcher)
+    t_opts = resolve_options(task_cls, cfg.task_options, "task")
+    s_opts = resolve_options(searcher_cls, cfg.searcher_options, "searcher")
+    budget = cfg.budget if cfg.budget is not None else searcher_cls.default_budget
+    batch = cfg.batch_size if cfg.batch_size is not None else searcher_cls.default_batch
+    if budget < 1:
+        raise HarnessError(f"--budget must be at least 1, got {budget}")
+    if batch < 1:
+        raise HarnessError(f"--batch-size must be at least 1, got {batch}")
+    if searcher_cls.max_batch is not None and batch > searcher_cls.max_batch:
+        raise HarnessError(f"searcher '{cfg.searcher}' takes at most {searcher_cls.max_batch} candidate(s) per batch, got --batch-size {batch}")
+    if cfg.workers < 0:
+        raise HarnessError(f"--workers must be 0 (local) or more, got {cfg.workers}")
+    if cfg.parallel not in ("auto", "candidates", "data"):
+        raise HarnessError(f"--parallel must be one of auto, candidates, data; got {cfg.parallel!r}")
+    resolved = dataclasses.replace(
+        cfg, budget=budget, batch_size=batch, space=cfg.space or searcher_cls.default_space,
+        task_options=dataclasses.asdict(t_opts), searcher_options=dataclasses.asdict(s_opts))
+    return Plan(resolved, task_cls, searcher_cls, t_opts, s_opts)
+
+
+def make_task(p: Plan) -> Task:
+    c = p.config
+    return p.task_cls(p.task_options, space=c.space, seed=c.seed, cache_dir=c.cache_dir)
+
+
+def make_evaluator(p: Plan, task: Task) -> Evaluator:
+    c = p.config
+    if c.workers == 0 and not c.address:
+        return LocalEvaluator(task)
+    from harness.ray_evaluator import RayEvaluator
+    return RayEvaluator(p, workers=c.workers, address=c.address, cpus_per_worker=c.cpus_per_worker,
+                        gpus_per_worker=c.gpus_per_worker, mode=c.parallel, quiet=c.quiet)
+
+
+class _Replay:
+    """Answers candidates from an earlier trace, in order, while they match it exactly."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows, self.pos = rows, 0
+
+    def take(self, c: Candidate) -> tuple[Evaluation, float] | None:
+        if self.pos >= len(self.rows):
+            return None
+        row = self.rows[self.pos]
+        if not np.array_equal(np.asarray(row["x"], dtype=np.float64), np.asarray(c.x, dtype=np.float64)):
+            raise HarnessError(f"the trace does not match the searcher's proposal at evaluation {self.pos + 1} "
+                               "(config or code changed since the run started); use --rerun to start it over")
+        self.pos += 1
+        grad = None if row.get("grad") is None else np.asarray(row["grad"], dtype=np.float64)
+        loss = row["loss"] if row.get("loss") is not None else float("nan")
+        ev = Evaluation(loss=loss, grad=grad, metrics=row.get("metrics", {}), weight=row.get("weight", 1.0),
+                        ok=row.get("ok", True), error=row.get("error", ""))
+        return ev, float(row.get("t", 0.0))
+
+
+def run(cfg: RunConfig, log=print) -> dict:
+    """Execute (or resume) one run and return its run record."""
+    p = plan(cfg)
+    c = p.config
+    store = RunStore(c.results_dir, c.resume or c.run_id())
+    old = store.record()
+    if old and old.get("status") == "complete" and not c.rerun:
+        log(f"run {store.run_id} is already complete (use --rerun to run it again)")
+        return old
+    if c.rerun and store.dir.exists():
+        for f in ("trace.jsonl", "record.json", "coefficients.safetensors"):
+            (store.dir / f).unlink(missing_ok=True)
+    store.open()
+    try:
+        return _execute(p, store, log)
+    finally:
+        store.close()
+
+
+def _execute(p: Plan, store: RunStore, log) -> dict:
+    c = p.config
+    prior = store.trace()
+    record = {
+        "run_id": store.run_id, "status": "running", "task": c.task, "searcher": c.searcher, "seed": c.seed,
+        "key": c.key(), "created": now(), "finished": None, "git_sha": git_sha(), "versions": versions(),
+        "host": os.uname().nodename, "config": dataclasses.asdict(c), "budget": c.budget, "evaluations": len(prior),
+        "failed_evaluations": 0, "wall_time_s": 0.0, "best_search_loss": None, "headline": p.task_cls.headline,
+        "higher_is_better": p.task_cls.higher_is_better, "final": {}, "constraint_ok": None, "coefficients": None,
+        "searcher_info": {}, "peak_rss_mb": None, "error": "", "resumed_from": len(prior),
+    }
+    store.write_json("config.json", record["config"])
+    store.write_json("record.json", record)
+    if prior:
+        log(f"resuming run {store.run_id} from {len(prior)} recorded evaluations")
+    torch.manual_seed(c.seed)
+    np.random.seed(c.seed % 2**32)
+    t0 = time.time()
+    task = make_task(p)
+    evaluator = None
+    try:
+        task.setup(c.device)
+        space = task.space()
+        searcher = p.searcher_cls(space, c.budget, c.batch_size, c.seed, p.searcher_options)
+        evaluator = make_evaluator(p, task)
+        record["evaluator"] = evaluator.describe()
+        replay = _Replay(prior)
+        t_search = time.time()
+        wall_offset = float(prior[-1].get("t", 0.0)) if prior else 0.0
+        used, failed, best = 0, 0, math.inf
+        bar = _progress(c, p)
+        while used < c.budget:
+            cands = searcher.ask(min(c.batch_size, c.budget - used))[: c.budget - used]
+            if not cands:
+                break
+            evals: list[Evaluation | None] = [None] * len(cands)
+            fresh = []
+            for i, cand in enumerate(cands):
+                hit = replay.take(cand)
+                if hit:
+                    evals[i] = hit[0]
+                    wall_offset = hit[1]
+                    t_search = time.time()
+                else:
+                    fresh.append(i)
+            if fresh:
+                for i, ev in zip(fresh, evaluator.evaluate([cands[i] for i in fresh])):
+                    evals[i] = ev
+            for i, (cand, ev) in enumerate(zip(cands, evals)):
+                used += 1
+                failed += not ev.ok
+                if ev.ok and cand.batch is None and cand.fidelity >= 1.0:
+                    best = min(best, ev.loss)
+                if i in fresh:
+                    store.append({"i": used, "x": np.asarray(cand.x, dtype=np.float64), "loss": ev.loss,
+                                  "grad": ev.grad, "ok": ev.ok, "error": ev.error, "metrics": ev.metrics,
+                                  "weight": ev.weight, "want_grad": cand.grad, "batch": cand.batch,
+                                  "fidelity": cand.fidelity, "best": best if math.isfinite(best) else None,
+                                  "t": wall_offset + time.time() - t_search})
+            searcher.tell(cands, evals)
+            if bar is not None:
+                bar.update(len(cands))
+                if math.isfinite(best):
+                    bar.set_postfix(best=f"{best:.4f}", refresh=False)
+        if bar is not None:
+            bar.close()
+        x = np.asarray(searcher.recommend(), dtype=np.float64)
+        record["final"] = task.final(x)
+        record["constraint_ok"] = bool(task.constraint_ok(record["final"]))
+        expand = getattr(task, "expand", None)
+        record["coefficients"] = store.save_coefficients(x, expand(x) if expand else None)
+        record.update(status="complete", evaluations=used, failed_evaluations=failed,
+                      best_search_loss=best if math.isfinite(best) else None,
+                      searcher_info=searcher.info, references=task.references())
+    except KeyboardInterrupt:
+        record.update(status="interrupted", error="interrupted by the user; run the same command to resume")
+        raise
+    except HarnessError as e:
+        record.update(status="failed", error=str(e))
+        raise
+    except Exception as e:
+        record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        raise
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+        record.update(finished=now(), wall_time_s=time.time() - t0, peak_rss_mb=peak_rss_mb())
+        try:
+            store.write_json("record.json", record)
+        except OSError as e:
+            print(f"warning: could not write run record: {e}", file=sys.stderr)
+    return record
+
+
+def _progress(c: RunConfig, p: Plan):
+    if c.quiet:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=c.budget, desc=f"{c.searcher} on {c.task}", unit="eval", file=sys.stderr,
+                dynamic_ncols=True, leave=True)
