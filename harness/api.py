@@ -111,6 +111,9 @@ class Searcher(Plugin, ABC):
     default_space: ClassVar[str] = "per_block"
     default_budget: ClassVar[int] = 200
     default_batch: ClassVar[int] = 1
+    # A fixed reference (zero-shot, task arithmetic) rather than an optimiser: the conformance
+    # suite checks it never does worse than the start instead of expecting it to find the optimum.
+    reference: ClassVar[bool] = False
 
     def __init__(self, space: Space, budget: int, batch_size: int, seed: int, options):
         self.space, self.budget, self.batch_size, self.seed, self.options = space, budget, batch_size, seed, options
@@ -127,6 +130,9 @@ class Searcher(Plugin, ABC):
     @abstractmethod
     def recommend(self) -> np.ndarray:
         """The coefficients this searcher would report now."""
+
+    def close(self) -> None:
+        """Release resources (threads, files); called by the runner when the search ends."""
 
 
 class Task(Plugin, ABC):

@@ -38,8 +38,8 @@ class Plan:
 
 def plan(cfg: RunConfig) -> Plan:
     """Check the config against the plugins and fill every default; raises HarnessError."""
-    task_cls = registry.load("task", cfg.task)
     searcher_cls = registry.load("searcher", cfg.searcher)
+    task_cls = registry.load("task", cfg.task)
     t_opts = resolve_options(task_cls, cfg.task_options, "task")
     s_opts = resolve_options(searcher_cls, cfg.searcher_options, "searcher")
     budget = cfg.budget if cfg.budget is not None else searcher_cls.default_budget
@@ -133,7 +133,7 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
     np.random.seed(c.seed % 2**32)
     t0 = time.time()
     task = make_task(p)
-    evaluator = None
+    evaluator = searcher = None
     try:
         task.setup(c.device)
         space = task.space()
@@ -198,6 +198,8 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         raise
     finally:
+        if searcher is not None:
+            searcher.close()
         if evaluator is not None:
             evaluator.close()
         record.update(finished=now(), wall_time_s=time.time() - t0, peak_rss_mb=peak_rss_mb())

@@ -1,0 +1,158 @@
+"""Command line: ``python -m harness {run,list,leaderboard,zoo,sweep,bench}``.
+
+Every user error is one line on stderr and exit code 2; nothing already recorded is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from harness.api import HarnessError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the usage block first)."""
+
+    def error(self, message):
+        raise HarnessError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file with the same keys as these flags (flags override it)")
+    p.add_argument("--task", help="task plugin name or module:Class (default: addition)")
+    p.add_argument("--searcher", help="searcher plugin name or module:Class (default: nevergrad)")
+    p.add_argument("--budget", type=int, help="evaluations (gradient: steps); default: the searcher's")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="candidates asked per round; default: the searcher's")
+    p.add_argument("--seed", type=int, help="seed of the search and of the task's data subsets (default 0)")
+    p.add_argument("--space", help="per_task | per_layer | per_block | per_partition:K (default: the searcher's)")
+    p.add_argument("-s", dest="searcher_options", action="append", metavar="KEY=VALUE", help="searcher option (repeatable)")
+    p.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE", help="task option (repeatable)")
+    p.add_argument("--workers", type=int, help="Ray workers (0 = evaluate in this process)")
+    p.add_argument("--address", help="Ray cluster address to join (default: start a local one)")
+    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float)
+    p.add_argument("--gpus-per-worker", dest="gpus_per_worker", type=float)
+    p.add_argument("--parallel", choices=None, help="auto | candidates | data (how Ray workers share the work)")
+    p.add_argument("--device", help="torch device for local evaluation (default cpu)")
+    p.add_argument("--results-dir", dest="results_dir", help="where runs are recorded (default results/)")
+    p.add_argument("--cache-dir", dest="cache_dir", help="zoo cache (default $ATLAS_HARNESS_CACHE or ~/.cache/atlas-harness)")
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
+    p.add_argument("--rerun", action="store_true", default=None, help="run again even if this run is already complete")
+    p.add_argument("--resume", metavar="RUN_ID", help="resume this run id (the same command resumes by itself)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m harness", description="aTLAS harness: learn compositions of task vectors")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    run = sub.add_parser("run", help="run one search and record it")
+    _add_run_flags(run)
+    sub.add_parser("list", help="list searchers and tasks")
+    lb = sub.add_parser("leaderboard", help="rank recorded runs")
+    lb.add_argument("--results-dir", dest="results_dir", default="results")
+    lb.add_argument("--task", help="only this task")
+    lb.add_argument("--searcher", help="only this searcher")
+    zoo = sub.add_parser("zoo", help="build or describe a model zoo")
+    zoo.add_argument("action", choices=["build", "info", "list"])
+    zoo.add_argument("name", nargs="?", default="effnet")
+    zoo.add_argument("--cache-dir", dest="cache_dir")
+    zoo.add_argument("--force", action="store_true", help="rebuild even if cached")
+    return parser
+
+
+def _pairs(values, flag):
+    from harness.config import parse_pairs
+    return parse_pairs(values, flag) if values else None
+
+
+def cmd_run(args) -> int:
+    from harness.config import build_config
+    from harness.runner import run
+    flags = {k: v for k, v in vars(args).items() if k != "command"}
+    flags["searcher_options"] = _pairs(args.searcher_options, "-s")
+    flags["task_options"] = _pairs(args.task_options, "-t")
+    cfg = build_config(flags)
+    record = run(cfg, log=lambda m: print(m, file=sys.stderr))
+    print_run(record)
+    return 0 if record.get("status") == "complete" else 1
+
+
+def print_run(record: dict) -> None:
+    """The references (zero-shot, task arithmetic, ...) and this run, side by side."""
+    import pandas as pd
+    rows = dict(record.get("references") or {})
+    rows[f"this run ({record['searcher']})"] = record.get("final", {})
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 160, "display.max_columns", 30):
+        print(df.to_string())
+    info = record.get("searcher_info") or {}
+    extra = f"; {', '.join(f'{k}={v}' for k, v in info.items())}" if info else ""
+    print(f"\nrun {record['run_id']}: {record['evaluations']} evaluations in {record['wall_time_s']:.1f} s; "
+          f"{record['headline']} = {record['final'].get(record['headline'], float('nan')):.4f}{extra}")
+    if record.get("constraint_ok") is False:
+        print("note: this run breaks the task's constraint and is not ranked")
+    print(f"recorded in {os.path.dirname(record['coefficients'] or '')}")
+
+
+def cmd_list(args) -> int:
+    from harness import registry
+    for kind in ("searcher", "task"):
+        print(f"{kind}s:")
+        for name, desc in registry.describe(kind):
+            print(f"  {name:18s} {desc}")
+    try:
+        from harness.zoo import ZOOS
+        print("zoos:")
+        for name, cfg in ZOOS.items():
+            print(f"  {name:18s} {(type(cfg).__doc__ or '').strip().splitlines()[0]}")
+    except ImportError:
+        pass
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from harness.leaderboard import format_board, leaderboard, write
+    board = leaderboard(args.results_dir, task=args.task, searcher=args.searcher)
+    if board.empty:
+        raise HarnessError(f"no completed runs under {args.results_dir}/runs; run `python -m harness run` first")
+    import pandas as pd
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
+        print(format_board(board).to_string(index=False))
+    for path in write(board, args.results_dir):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from harness import zoo
+    if args.action == "list":
+        for name in zoo.ZOOS:
+            print(name)
+        return 0
+    if args.action == "build":
+        zoo.build_zoo(args.name, cache_dir=args.cache_dir, force=args.force)
+    df = zoo.zoo_info(args.name, cache_dir=args.cache_dir)
+    import pandas as pd
+    with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160):
+        print(df.to_string())
+    for k, v in df.attrs.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130

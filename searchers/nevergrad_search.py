@@ -1,0 +1,107 @@
+"""Any nevergrad optimiser as a black-box searcher over the task's coefficient box."""
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness.api import Candidate, Evaluation, HarnessError, Searcher
+
+
+class NevergradSearcher(Searcher):
+    """A nevergrad optimiser (``-s optimizer=NAME``, default NGOpt).
+
+    Bounds and start come from the task's space, or ``bound=B`` for a symmetric box. The batch
+    size is nevergrad's ``num_workers``: NGOpt picks a different algorithm for batches (a
+    population method) than for one candidate at a time (Cobyla at small budgets), and on the
+    default zoo the sequential choice is much better (see README, "Benchmarks").
+    ``l1`` adds ``l1 × mean|x|`` to the loss the optimiser sees (the paper's optional L1 term).
+    """
+
+    name = "nevergrad"
+    description = "any nevergrad optimiser by name (-s optimizer=NGOpt|CMA|TwoPointsDE|Cobyla|...), black-box"
+    default_budget = 500
+    default_batch = 1
+    default_space = "per_block"
+
+    @dataclass
+    class Options:
+        optimizer: str = "NGOpt"
+        bound: float | None = None
+        l1: float = 0.0
+
+    def __init__(self, space, budget, batch_size, seed, options):
+        super().__init__(space, budget, batch_size, seed, options)
+        import nevergrad as ng
+
+        registry = ng.optimizers.registry
+        if options.optimizer not in registry:
+            close = difflib.get_close_matches(options.optimizer, list(registry), n=5)
+            hint = f"; did you mean {', '.join(close)}" if close else ""
+            raise HarnessError(f"unknown nevergrad optimizer '{options.optimizer}'{hint} "
+                               f"({len(registry)} in nevergrad's registry, e.g. NGOpt, CMA, TwoPointsDE, Cobyla, OnePlusOne)")
+        lower, upper = space.lower, space.upper
+        if options.bound is not None:
+            if options.bound <= 0:
+                raise HarnessError(f"nevergrad option bound must be positive, got {options.bound}")
+            lower, upper = np.full(space.dim, -options.bound), np.full(space.dim, options.bound)
+        param = ng.p.Array(init=np.clip(space.start, lower, upper)).set_bounds(lower, upper)
+        param.random_state = np.random.RandomState(seed % 2**32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.opt = registry[options.optimizer](parametrization=param, budget=budget, num_workers=batch_size)
+        self._pending: dict[int, object] = {}
+        self.info = {"optimizer": options.optimizer, "num_workers": batch_size}
+
+    def _chosen(self) -> str:
+        """The algorithm a meta-optimiser such as NGOpt delegated to (recorded with the run)."""
+        names, o = [], self.opt
+        for _ in range(6):
+            inner = getattr(o, "optim", None)
+            if inner is None or inner is o:
+                break
+            o = inner
+            names.append(getattr(o, "name", type(o).__name__))
+        return " -> ".join(names) if names else self.options.optimizer
+
+    def ask(self, n):
+        out = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(n):
+                cand = self.opt.ask()
+                x = np.asarray(cand.value, dtype=np.float64)
+                self._pending[id(x)] = cand
+                out.append(Candidate(x=x))
+        if "chosen" not in self.info:
+            try:
+                self.info["chosen"] = self._chosen()
+            except Exception:  # introspection only: never fail a run over it
+                self.info["chosen"] = "unknown"
+        return out
+
+    def tell(self, candidates: list[Candidate], evaluations: list[Evaluation]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for c, e in zip(candidates, evaluations):
+                loss = e.loss + self.options.l1 * float(np.abs(c.x).mean())
+                self.opt.tell(self._pending.pop(id(c.x)), loss)
+
+    def close(self):
+        # Recast optimisers (Cobyla, which NGOpt picks for small sequential budgets) run scipy in a
+        # non-daemon thread that waits for the next tell; stop it so the process can exit.
+        o = self.opt
+        for _ in range(8):
+            thread = getattr(o, "_messaging_thread", None)
+            if thread is not None:
+                thread.stop()
+            o = getattr(o, "optim", None)
+            if o is None:
+                break
+
+    def recommend(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.asarray(self.opt.provide_recommendation().value, dtype=np.float64)

@@ -1,0 +1,60 @@
+"""Random search: the baseline every other searcher should beat."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness.api import Candidate, Evaluation, HarnessError, Searcher
+
+
+class RandomSearcher(Searcher):
+    """Random local search: Gaussian samples around the best point so far.
+
+    The step starts at ``sigma`` × the box width and shrinks linearly to a tenth of that over the
+    budget; ``mode=uniform`` samples the whole box instead (pure random search).
+    """
+
+    name = "random"
+    description = "random search: Gaussian samples around the best point so far (or uniform in the box)"
+    default_budget = 200
+    default_batch = 1
+    default_space = "per_task"
+
+    @dataclass
+    class Options:
+        mode: str = "local"
+        sigma: float = 0.2
+
+    def __init__(self, space, budget, batch_size, seed, options):
+        super().__init__(space, budget, batch_size, seed, options)
+        if options.mode not in ("local", "uniform"):
+            raise HarnessError(f"random searcher option mode must be 'local' or 'uniform', got {options.mode!r}")
+        self.rng = np.random.default_rng(seed)
+        self.best_x, self.best_loss = space.start.copy(), np.inf
+        self.asked = 0
+        self.started = False
+
+    def ask(self, n):
+        out = []
+        for _ in range(n):
+            if not self.started:
+                x = self.space.start.copy()  # the start (λ = 0, the pre-trained model) is always scored
+                self.started = True
+            elif self.options.mode == "uniform":
+                x = self.rng.uniform(self.space.lower, self.space.upper)
+            else:
+                frac = min(1.0, self.asked / max(1, self.budget))
+                scale = self.options.sigma * (1.0 - 0.9 * frac) * (self.space.upper - self.space.lower)
+                x = self.space.clip(self.best_x + scale * self.rng.standard_normal(self.space.dim))
+            self.asked += 1
+            out.append(Candidate(x=x))
+        return out
+
+    def tell(self, candidates: list[Candidate], evaluations: list[Evaluation]):
+        for c, e in zip(candidates, evaluations):
+            if e.ok and e.loss < self.best_loss:
+                self.best_x, self.best_loss = np.asarray(c.x, dtype=np.float64).copy(), e.loss
+
+    def recommend(self):
+        return self.best_x.copy()
