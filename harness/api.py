@@ -93,6 +93,10 @@ class Plugin:
         pass
 
     @classmethod
+    def validate(cls, options) -> None:
+        """Raise HarnessError for option values that can never work (checked before a run starts)."""
+
+    @classmethod
     def option_fields(cls) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(cls.Options)}
 

@@ -42,6 +42,8 @@ def plan(cfg: RunConfig) -> Plan:
     task_cls = registry.load("task", cfg.task)
     t_opts = resolve_options(task_cls, cfg.task_options, "task")
     s_opts = resolve_options(searcher_cls, cfg.searcher_options, "searcher")
+    searcher_cls.validate(s_opts)
+    task_cls.validate(t_opts)
     budget = cfg.budget if cfg.budget is not None else searcher_cls.default_budget
     batch = cfg.batch_size if cfg.batch_size is not None else searcher_cls.default_batch
     if budget < 1:

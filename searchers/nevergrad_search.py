@@ -32,8 +32,8 @@ class NevergradSearcher(Searcher):
         bound: float | None = None
         l1: float = 0.0
 
-    def __init__(self, space, budget, batch_size, seed, options):
-        super().__init__(space, budget, batch_size, seed, options)
+    @classmethod
+    def validate(cls, options):
         import nevergrad as ng
 
         registry = ng.optimizers.registry
@@ -42,10 +42,17 @@ class NevergradSearcher(Searcher):
             hint = f"; did you mean {', '.join(close)}" if close else ""
             raise HarnessError(f"unknown nevergrad optimizer '{options.optimizer}'{hint} "
                                f"({len(registry)} in nevergrad's registry, e.g. NGOpt, CMA, TwoPointsDE, Cobyla, OnePlusOne)")
+        if options.bound is not None and options.bound <= 0:
+            raise HarnessError(f"nevergrad option bound must be positive, got {options.bound}")
+
+    def __init__(self, space, budget, batch_size, seed, options):
+        super().__init__(space, budget, batch_size, seed, options)
+        import nevergrad as ng
+
+        self.validate(options)
+        registry = ng.optimizers.registry
         lower, upper = space.lower, space.upper
         if options.bound is not None:
-            if options.bound <= 0:
-                raise HarnessError(f"nevergrad option bound must be positive, got {options.bound}")
             lower, upper = np.full(space.dim, -options.bound), np.full(space.dim, options.bound)
         param = ng.p.Array(init=np.clip(space.start, lower, upper)).set_bounds(lower, upper)
         param.random_state = np.random.RandomState(seed % 2**32)

@@ -26,10 +26,16 @@ class RandomSearcher(Searcher):
         mode: str = "local"
         sigma: float = 0.2
 
-    def __init__(self, space, budget, batch_size, seed, options):
-        super().__init__(space, budget, batch_size, seed, options)
+    @classmethod
+    def validate(cls, options):
         if options.mode not in ("local", "uniform"):
             raise HarnessError(f"random searcher option mode must be 'local' or 'uniform', got {options.mode!r}")
+        if options.sigma <= 0:
+            raise HarnessError(f"random searcher option sigma must be positive, got {options.sigma}")
+
+    def __init__(self, space, budget, batch_size, seed, options):
+        super().__init__(space, budget, batch_size, seed, options)
+        self.validate(options)
         self.rng = np.random.default_rng(seed)
         self.best_x, self.best_loss = space.start.copy(), np.inf
         self.asked = 0

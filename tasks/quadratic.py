@@ -1,6 +1,7 @@
 """A synthetic task with a known optimum: an example of the task protocol and a test fixture."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,10 @@ class QuadraticTask(Task):
     class Options:
         dim: int = 8
         noise: float = 0.0
-        shards: int = 8
+        # Test fixtures: seconds slept per evaluation (to kill a run mid-search), and a region
+        # x[0] > nan_above whose loss is NaN (to exercise failed evaluations).
+        delay: float = 0.0
+        nan_above: float | None = None
 
     def setup(self, device="cpu"):
         if self.options.dim < 1:
@@ -52,7 +56,11 @@ class QuadraticTask(Task):
             if len(idx) == 0:
                 out.append(Evaluation(loss=0.0, grad=np.zeros(dim) if c.grad else None, weight=0.0))
                 continue
+            if self.options.delay:
+                time.sleep(self.options.delay)
             loss, sel, g = self._loss_grad(x, idx)
+            if self.options.nan_above is not None and x[0] > self.options.nan_above:
+                loss = float("nan")
             if c.batch is not None and self.options.noise > 0:
                 loss += float(np.random.default_rng([self.seed, c.batch]).normal(0.0, self.options.noise))
             grad = None
