@@ -149,6 +149,8 @@ class Task(Plugin, ABC):
 
     headline: ClassVar[str] = "score"
     higher_is_better: ClassVar[bool] = True
+    # Whether the task composes task vectors (so ``--space`` applies and is checked up front).
+    composes: ClassVar[bool] = False
 
     def __init__(self, options, space: str = "per_block", seed: int = 0, cache_dir: str | None = None):
         self.options, self.space_kind, self.seed, self.cache_dir = options, space, seed, cache_dir
@@ -169,6 +171,11 @@ class Task(Plugin, ABC):
     @abstractmethod
     def final(self, x: np.ndarray) -> dict[str, float]:
         """Metrics of coefficients ``x`` on the held-out split; must contain ``headline``."""
+
+    def complete(self, candidate: Candidate, evaluation: Evaluation) -> Evaluation:
+        """Called once per candidate on its whole-set result (after shards are reduced): the place
+        for terms that are not sums over samples, e.g. a penalty on an accuracy. Default: as is."""
+        return evaluation
 
     def references(self) -> dict[str, dict[str, float]]:
         """Reference results (e.g. zero-shot, fine-tuned) printed beside a run; optional."""

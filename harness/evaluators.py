@@ -68,7 +68,8 @@ class LocalEvaluator(Evaluator):
         self.task = task
 
     def evaluate(self, candidates: list[Candidate]) -> list[Evaluation]:
-        return [sanitize(e) for e in self.task.evaluate(candidates)]
+        evs = self.task.evaluate(candidates)
+        return [sanitize(self.task.complete(c, e)) for c, e in zip(candidates, evs)]
 
     def describe(self) -> dict:
         return {"evaluator": "local", "workers": 0}

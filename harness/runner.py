@@ -56,6 +56,9 @@ def plan(cfg: RunConfig) -> Plan:
         raise HarnessError(f"--workers must be 0 (local) or more, got {cfg.workers}")
     if cfg.parallel not in ("auto", "candidates", "data"):
         raise HarnessError(f"--parallel must be one of auto, candidates, data; got {cfg.parallel!r}")
+    if task_cls.composes:
+        from harness.composition import parse_space
+        parse_space(cfg.space or searcher_cls.default_space)
     resolved = dataclasses.replace(
         cfg, budget=budget, batch_size=batch, space=cfg.space or searcher_cls.default_space,
         task_options=dataclasses.asdict(t_opts), searcher_options=dataclasses.asdict(s_opts))

@@ -1,0 +1,157 @@
+"""What the benchmarks on a model zoo share: loading the zoo, composing task vectors, fixed
+seeded subsets of the data, and the merged forward.
+
+The search objective of every zoo task is a *weighted mean of per-sample losses*: each sample
+carries a weight so that each data set counts equally, the weights sum to 1 over the search set,
+and the loss of a shard is the weighted mean over its samples. Shard losses (and gradients)
+therefore reduce exactly to the whole-set loss, and the loss is comparable across searchers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.api import Candidate, Evaluation, HarnessError, Space, Task
+from harness.composition import Composition, parse_space
+from harness.config import coerce
+
+
+def parse_zoo_options(zoo: str, spec: str) -> dict:
+    """``"max_n=300;ft_steps=10"`` → typed overrides of the zoo's config (unknown keys are errors)."""
+    from harness.zoo import ZOOS
+    if zoo not in ZOOS:
+        raise HarnessError(f"unknown zoo '{zoo}'; valid zoos: {', '.join(ZOOS)}")
+    cfg_cls = type(ZOOS[zoo])
+    hints = typing.get_type_hints(cfg_cls)
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    out = {}
+    for pair in [p for p in spec.split(";") if p.strip()]:
+        k, sep, v = pair.partition("=")
+        k = k.strip()
+        if not sep or k not in fields:
+            raise HarnessError(f"bad zoo option {pair!r} for zoo '{zoo}'; valid keys: {', '.join(sorted(fields))}")
+        out[k] = coerce(v.strip(), hints[k], f"zoo option '{k}'")
+    return out
+
+
+class ZooTask(Task):
+    """Base class of the tasks that compose a zoo's task vectors. Subclasses pick the data sets and
+    the loss; this class holds the source, the composition and the sampling helpers."""
+
+    composes: typing.ClassVar[bool] = True
+
+    def load_source(self):
+        from harness.zoo import get_zoo
+        o = self.options
+        self.source = get_zoo(o.zoo, cache_dir=self.cache_dir, progress=True, **parse_zoo_options(o.zoo, o.zoo_options))
+        return self.source
+
+    def check_datasets(self, names, what="data set"):
+        missing = [d for d in names if d not in self.source.datasets]
+        if missing:
+            raise HarnessError(f"{what} '{missing[0]}' is not in zoo '{self.options.zoo}'; "
+                               f"valid: {', '.join(self.source.datasets)}")
+
+    def compose(self, names: list[str], signs: list[float] | None = None):
+        """The composition of these data sets' task vectors in the run's space."""
+        parse_space(self.space_kind)
+        signs = signs or [1.0] * len(names)
+        tvs = [{k: s * v for k, v in self.source.task_vectors[d].items()} for d, s in zip(names, signs)]
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[self.options.dtype]
+        self.comp = Composition(self.source.base, tvs, names, space=self.space_kind, dtype=dtype, seed=self.seed)
+        return self.comp
+
+    @classmethod
+    def validate(cls, options):
+        if getattr(options, "dtype", "fp32") not in ("fp32", "fp16"):
+            raise HarnessError(f"task option dtype must be fp32 or fp16, got {options.dtype!r}")
+        if getattr(options, "bound", 1.0) <= 0:
+            raise HarnessError(f"task option bound must be positive, got {options.bound}")
+
+    def space(self) -> Space:
+        b = self.options.bound
+        return Space(dim=self.comp.dim, lower=-b, upper=b, labels=list(self.comp.labels), kind=self.comp.space)
+
+    def expand(self, x):
+        """Per-(task vector, block) coefficients of ``x`` (for records and heat maps)."""
+        return self.comp.expand(np.asarray(x, dtype=np.float32))
+
+    def subset(self, ds: str, split: str, n: int, salt: int = 0) -> torch.Tensor:
+        """A fixed random subset of ``n`` indices of a split (all of it if n <= 0), seeded by the run."""
+        size = len(self.source.labels[ds][split])
+        if n <= 0 or n >= size:
+            return torch.arange(size)
+        gen = torch.Generator().manual_seed(self.seed * 7919 + salt)
+        return torch.randperm(size, generator=gen)[:n].sort().values
+
+    def params(self, x, grad: bool):
+        """Merged parameters for ``x`` and the tensor gradients flow to (None without grad)."""
+        xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        if grad:
+            xt = xt.clone().requires_grad_(True)
+        return self.comp.merge(xt), xt
+
+    def accuracy(self, x, ds: str, split: str = "test") -> float:
+        with torch.no_grad():
+            return self.source.accuracy(self.params(x, False)[0], ds, split)
+
+
+def shard_slice(n: int, shard: tuple[int, int] | None) -> slice:
+    """The i-th of ``k`` contiguous, disjoint, near-equal parts of ``range(n)``."""
+    if shard is None:
+        return slice(0, n)
+    i, k = shard
+    bounds = np.linspace(0, n, k + 1).round().astype(int)
+    return slice(int(bounds[i]), int(bounds[i + 1]))
+
+
+class WeightedSet:
+    """A search set: concatenated tail inputs of several data sets, per-sample labels, data-set
+    ids and weights (summing to 1). ``part(shard)`` gives a disjoint slice of every data set."""
+
+    def __init__(self, source, pieces: list[tuple[str, torch.Tensor, torch.Tensor, float]]):
+        # pieces: (data set, inputs, labels, total weight of this data set)
+        self.names = [p[0] for p in pieces]
+        self.inputs = [p[1] for p in pieces]
+        self.labels = [p[2] for p in pieces]
+        self.weights = [torch.full((len(p[2]),), p[3] / max(len(p[2]), 1)) for p in pieces]
+
+    def part(self, shard):
+        xs, ys, ws, names = [], [], [], []
+        for name, x, y, w in zip(self.names, self.inputs, self.labels, self.weights):
+            s = shard_slice(len(y), shard)
+            xs.append(x[s]), ys.append(y[s]), ws.append(w[s]), names.append(name)
+        return names, xs, ys, ws
+
+
+def per_sample_ce(source, params, names, xs, ys):
+    """Per-sample cross-entropy of each data set's samples under its own frozen head, from one
+    concatenated tail forward (the tail is shared; only the heads differ)."""
+    nonempty = [x for x in xs if len(x)]
+    if not nonempty:
+        return [torch.zeros(0) for _ in xs], [torch.zeros(0, dtype=torch.bool) for _ in xs]
+    z = source.features(params, torch.cat(nonempty))
+    if source.normalize:
+        z = F.normalize(z, dim=-1)
+    losses, correct, i = [], [], 0
+    for name, x, y in zip(names, xs, ys):
+        zi = z[i:i + len(x)]
+        i += len(x)
+        w, b = source.heads[name]
+        logits = F.linear(zi, w, b)
+        losses.append(F.cross_entropy(logits, y, reduction="none") if len(y) else logits.new_zeros(0))
+        correct.append(logits.argmax(1) == y)
+    return losses, correct
+
+
+def evaluation(loss: torch.Tensor, weight: float, xt: torch.Tensor, want_grad: bool, metrics: dict) -> Evaluation:
+    """Package a (weighted-mean) loss: backpropagate to the coefficients when a gradient is wanted."""
+    grad = None
+    if want_grad:
+        loss.backward()
+        grad = xt.grad.detach().double().numpy().copy()
+    return Evaluation(loss=float(loss.detach()), grad=grad, metrics=metrics, weight=float(weight))

@@ -1,0 +1,93 @@
+"""Task addition: one model good at every data set, by composing all their task vectors."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from harness.api import Candidate, HarnessError
+from harness.zootask import WeightedSet, ZooTask, evaluation, per_sample_ce
+
+_GRID = np.linspace(0.0, 1.0, 21)
+
+
+class AdditionTask(ZooTask):
+    """Compose every data set's task vector; search on the validation splits, report on test.
+
+    Search loss (comparable across searchers): the mean over data sets of the mean cross-entropy
+    on a fixed, seeded subset of ``search_n`` validation images per data set (gradient steps use
+    random mini-batches of ``batch_size`` per data set from the whole validation split).
+    Reported: per-data-set test accuracy, the mean absolute accuracy and the mean normalised
+    accuracy (each data set's accuracy ÷ that of its own fine-tuned model), the headline.
+    """
+
+    name = "addition"
+    description = "task addition: compose all task vectors into one multi-task model (validation → test)"
+    headline = "normalized_acc"
+    higher_is_better = True
+
+    @dataclass
+    class Options:
+        zoo: str = "effnet"
+        zoo_options: str = ""
+        datasets: list[str] = field(default_factory=list)
+        search_n: int = 64
+        batch_size: int = 32
+        bound: float = 1.5
+        dtype: str = "fp32"
+
+    def setup(self, device="cpu"):
+        src = self.load_source()
+        self.names = list(self.options.datasets) or src.datasets
+        self.check_datasets(self.names)
+        if len(set(self.names)) != len(self.names):
+            raise HarnessError(f"task option datasets lists a data set twice: {','.join(self.names)}")
+        self.compose(self.names)
+        T = len(self.names)
+        pieces = []
+        for k, ds in enumerate(self.names):
+            idx = self.subset(ds, "val", self.options.search_n, salt=k)
+            pieces.append((ds, src.inputs[ds]["val"][idx], src.labels[ds]["val"][idx], 1.0 / T))
+        self.search = WeightedSet(src, pieces)
+        self.ft_acc = {ds: src.meta["finetuned_acc"][ds] for ds in self.names}
+
+    def _minibatch(self, seed: int):
+        src, gen = self.source, torch.Generator().manual_seed(seed)
+        pieces = []
+        for ds in self.names:
+            n = len(src.labels[ds]["val"])
+            idx = torch.randint(0, n, (min(self.options.batch_size, n),), generator=gen)
+            pieces.append((ds, src.inputs[ds]["val"][idx], src.labels[ds]["val"][idx], 1.0 / len(self.names)))
+        return WeightedSet(src, pieces)
+
+    def evaluate(self, candidates: list[Candidate], shard=None):
+        out = []
+        for c in candidates:
+            data = self.search if c.batch is None else self._minibatch(c.batch)
+            names, xs, ys, ws = data.part(shard)
+            with torch.set_grad_enabled(c.grad):
+                params, xt = self.params(c.x, c.grad)
+                losses, correct = per_sample_ce(self.source, params, names, xs, ys)
+                wsum = float(sum(w.sum() for w in ws))
+                loss = sum((l * w).sum() for l, w in zip(losses, ws)) / max(wsum, 1e-12)
+                acc = float(sum((k.float() * w).sum() for k, w in zip(correct, ws))) / max(wsum, 1e-12)
+                out.append(evaluation(loss, wsum, xt, c.grad, {"acc": acc}))
+        return out
+
+    def final(self, x):
+        acc = {ds: self.accuracy(x, ds, "test") for ds in self.names}
+        out = {f"acc/{ds}": a for ds, a in acc.items()}
+        out["abs_acc"] = float(np.mean(list(acc.values())))
+        out["normalized_acc"] = float(np.mean([acc[ds] / self.ft_acc[ds] for ds in self.names]))
+        return out
+
+    def references(self):
+        """Zero-shot, task arithmetic (α on the paper's grid, chosen by search loss) and fine-tuned."""
+        zero = np.zeros(self.comp.dim)
+        losses = [self.evaluate([Candidate(x=self.comp.isotropic(a))])[0].loss for a in _GRID]
+        alpha = float(_GRID[int(np.argmin(losses))])
+        ft = {f"acc/{ds}": self.ft_acc[ds] for ds in self.names}
+        ft.update(abs_acc=float(np.mean(list(self.ft_acc.values()))), normalized_acc=1.0)
+        return {"zero-shot": self.final(zero), f"task arithmetic (α={alpha:.2f})": self.final(self.comp.isotropic(alpha)),
+                "fine-tuned (each its own)": ft}

@@ -1,0 +1,127 @@
+"""Task negation: make a model forget a target data set while keeping a control data set."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harness.api import Candidate, HarnessError
+from harness.zootask import WeightedSet, ZooTask, evaluation, per_sample_ce
+
+_GRID = np.linspace(0.0, 1.0, 21)
+
+
+class NegationTask(ZooTask):
+    """Compose the *negated* target task vector: θ = θ0 − Σ_b λ_b τ_target,b (λ = 0 is zero-shot,
+    λ = α·1 is task arithmetic's negation).
+
+    Search loss on validation subsets: −min(CE_target, cap) + CE_control + a penalty when control
+    accuracy falls below ``floor`` × its zero-shot accuracy. The raw −CE(target) is unbounded (it
+    rewards pushing the target arbitrarily far past chance), so each target sample's CE is capped
+    at ``cap`` × log(classes), the CE of a uniform guess. The penalty makes every searcher —
+    black-box, gradient (through its validations) and the task-arithmetic grid — honour the
+    paper's constraint: control ≥ 95% of zero-shot. Reported on test: target accuracy (headline,
+    lower is better), control accuracy and the ratio to its zero-shot accuracy; a run whose
+    test control accuracy is below the floor breaks the constraint and is not ranked.
+    """
+
+    name = "negation"
+    description = "task negation: lower a target's accuracy, keep a control's ≥ 95% of zero-shot"
+    headline = "target_acc"
+    higher_is_better = False
+
+    @dataclass
+    class Options:
+        zoo: str = "effnet"
+        zoo_options: str = ""
+        target: str = "cvdigits"
+        control: str = "fashion"
+        search_n: int = 128
+        batch_size: int = 64
+        cap: float = 1.0
+        floor: float = 0.95
+        penalty: float = 10.0
+        bound: float = 1.5
+        dtype: str = "fp32"
+
+    @classmethod
+    def validate(cls, options):
+        super().validate(options)
+        if options.target == options.control:
+            raise HarnessError(f"negation target and control must differ, both are '{options.target}'")
+        if not 0 < options.floor <= 1:
+            raise HarnessError(f"task option floor must be in (0, 1], got {options.floor}")
+
+    def setup(self, device="cpu"):
+        src = self.load_source()
+        o = self.options
+        self.check_datasets([o.target], "target")
+        self.check_datasets([o.control], "control")
+        self.compose([o.target], signs=[-1.0])
+        self.tcap = o.cap * math.log(len(src.classes[o.target]))
+        pieces = []
+        for k, (ds, w) in enumerate([(o.target, 0.5), (o.control, 0.5)]):
+            idx = self.subset(ds, "val", o.search_n, salt=k)
+            pieces.append((ds, src.inputs[ds]["val"][idx], src.labels[ds]["val"][idx], w))
+        self.search = WeightedSet(src, pieces)
+        zero = np.zeros(self.comp.dim)
+        self.zs_control_val = self._control_acc(self.search, zero)
+        self.zs = {"target": self.accuracy(zero, o.target), "control": self.accuracy(zero, o.control)}
+
+    def _control_acc(self, data, x):
+        with torch.no_grad():
+            _, correct = per_sample_ce(self.source, self.params(x, False)[0], data.names[1:], data.inputs[1:], data.labels[1:])
+        return float(correct[0].float().mean())
+
+    def _minibatch(self, seed):
+        src, gen, o = self.source, torch.Generator().manual_seed(seed), self.options
+        pieces = []
+        for ds in (o.target, o.control):
+            n = len(src.labels[ds]["val"])
+            idx = torch.randint(0, n, (min(o.batch_size, n),), generator=gen)
+            pieces.append((ds, src.inputs[ds]["val"][idx], src.labels[ds]["val"][idx], 0.5))
+        return WeightedSet(src, pieces)
+
+    def evaluate(self, candidates: list[Candidate], shard=None):
+        o, out = self.options, []
+        for c in candidates:
+            data = self.search if c.batch is None else self._minibatch(c.batch)
+            names, xs, ys, ws = data.part(shard)
+            with torch.set_grad_enabled(c.grad):
+                params, xt = self.params(c.x, c.grad)
+                (lt, lc), (kt, kc) = per_sample_ce(self.source, params, names, xs, ys)
+                (wt, wc) = ws
+                wsum = float(wt.sum() + wc.sum())
+                loss = ((-lt.clamp(max=self.tcap) * wt).sum() + (lc * wc).sum()) / max(wsum, 1e-12)
+                # Accuracies as weighted sums ÷ the shard's weight, rescaled by each data set's total
+                # weight (0.5): shard metrics then reduce exactly to whole-set accuracies.
+                metrics = {"target_acc": float((kt.float() * wt).sum()) / max(wsum, 1e-12) / 0.5,
+                           "control_acc": float((kc.float() * wc).sum()) / max(wsum, 1e-12) / 0.5}
+                out.append(evaluation(loss, wsum, xt, c.grad, metrics))
+        return out
+
+    def complete(self, candidate, ev):
+        # The accuracy floor is a whole-set property: applied to full validations only (a gradient
+        # step's mini-batch accuracy is too noisy, and gradients flow through CE(control) anyway).
+        if candidate.batch is None and ev.ok:
+            short = max(0.0, self.options.floor * self.zs_control_val - ev.metrics["control_acc"])
+            ev.loss = ev.loss + self.options.penalty * short
+        return ev
+
+    def final(self, x):
+        o = self.options
+        t, c = self.accuracy(x, o.target), self.accuracy(x, o.control)
+        return {"target_acc": t, "control_acc": c, "control_retained": c / max(self.zs["control"], 1e-12)}
+
+    def constraint_ok(self, metrics):
+        return metrics["control_retained"] >= self.options.floor - 1e-9
+
+    def references(self):
+        """Zero-shot and task arithmetic (the α on the paper's grid with the lowest search loss)."""
+        cands = [Candidate(x=self.comp.isotropic(a)) for a in _GRID]
+        losses = [self.complete(c, e).loss for c, e in zip(cands, self.evaluate(cands))]
+        alpha = float(_GRID[int(np.argmin(losses))])
+        return {"zero-shot": self.final(np.zeros(self.comp.dim)),
+                f"task arithmetic (α={alpha:.2f})": self.final(self.comp.isotropic(alpha))}
