@@ -56,7 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("name", nargs="?", default="effnet")
     zoo.add_argument("--cache-dir", dest="cache_dir")
     zoo.add_argument("--force", action="store_true", help="rebuild even if cached")
+    bench = sub.add_parser("bench", help="run a benchmark suite (several searchers, same seeds)")
+    bench.add_argument("suite", help="addition | negation")
+    bench.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    bench.add_argument("--results-dir", dest="results_dir", default=None, help="default results/bench-SUITE")
+    bench.add_argument("--cache-dir", dest="cache_dir")
+    bench.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE", help="task option (repeatable)")
     return parser
+
+
+def cmd_bench(args) -> int:
+    from harness import bench
+    from harness.config import coerce
+    seeds = coerce(args.seeds, list[int], "--seeds")
+    out = bench.main(args.suite, seeds, args.results_dir or f"results/bench-{args.suite}", args.cache_dir,
+                     _pairs(args.task_options, "-t"))
+    print(out)
+    return 0
 
 
 def _pairs(values, flag):
@@ -139,7 +155,7 @@ def cmd_zoo(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo}
+COMMANDS = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
