@@ -51,6 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--results-dir", dest="results_dir", default="results")
     lb.add_argument("--task", help="only this task")
     lb.add_argument("--searcher", help="only this searcher")
+    lb.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG curves and the HTML page")
+    sw = sub.add_parser("sweep", help="run searchers × tasks × seeds (skipping recorded runs), then the leaderboard")
+    sw.add_argument("--file", help="TOML sweep file (see README)")
+    sw.add_argument("--searchers", help="comma-separated searcher names")
+    sw.add_argument("--tasks", help="comma-separated task names")
+    sw.add_argument("--seeds", help="comma-separated seeds (default 0,1)")
+    sw.add_argument("--budget", type=int)
+    sw.add_argument("--space")
+    sw.add_argument("-s", dest="searcher_options", action="append", metavar="KEY=VALUE")
+    sw.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE")
+    sw.add_argument("--results-dir", dest="results_dir", default="results")
+    sw.add_argument("--cache-dir", dest="cache_dir")
+    sw.add_argument("--workers", type=int, default=0)
+    sw.add_argument("--quiet", action="store_true")
+    pl = sub.add_parser("plot", help="heat map of one run's coefficients")
+    pl.add_argument("run_id")
+    pl.add_argument("--results-dir", dest="results_dir", default="results")
     zoo = sub.add_parser("zoo", help="build or describe a model zoo")
     zoo.add_argument("action", choices=["build", "info", "list"])
     zoo.add_argument("name", nargs="?", default="effnet")
@@ -133,8 +150,47 @@ def cmd_leaderboard(args) -> int:
     import pandas as pd
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
         print(format_board(board).to_string(index=False))
-    for path in write(board, args.results_dir):
+    for path in publish(board, args.results_dir, plots=args.plots, task=args.task, searcher=args.searcher):
         print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def publish(board, results_dir, plots=True, **filters):
+    """Markdown + CSV, and (with plots) the curves PNGs and the self-contained HTML page."""
+    from pathlib import Path
+    from harness.leaderboard import write
+    paths = write(board, results_dir)
+    if plots:
+        from harness.plots import html_page, plot_curves
+        pngs = plot_curves(results_dir, Path(results_dir) / "plots", **filters)
+        page = Path(results_dir) / "leaderboard.html"
+        page.write_text(html_page(board, pngs))
+        paths += pngs + [page]
+    return paths
+
+
+def cmd_sweep(args) -> int:
+    from harness.sweep import load_sweep, run_sweep
+    spec = load_sweep(args)
+    board = run_sweep(spec, log=lambda m: print(m, file=sys.stderr))
+    import pandas as pd
+    from harness.leaderboard import format_board
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
+        print(format_board(board).to_string(index=False))
+    for path in publish(board, spec["results_dir"]):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from pathlib import Path
+    from harness.plots import plot_coefficients
+    from harness.results import RunStore
+    rec = RunStore(args.results_dir, args.run_id).record()
+    if not rec or not rec.get("coefficients"):
+        raise HarnessError(f"no completed run '{args.run_id}' under {args.results_dir}/runs")
+    out = plot_coefficients(rec, Path(args.results_dir) / "plots" / f"coefficients-{args.run_id}.png")
+    print(out)
     return 0
 
 
@@ -155,7 +211,8 @@ def cmd_zoo(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench}
+COMMANDS = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench,
+            "sweep": cmd_sweep, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,7 +76,7 @@ def make_evaluator(p: Plan, task: Task) -> Evaluator:
         return LocalEvaluator(task)
     from harness.ray_evaluator import RayEvaluator
     return RayEvaluator(p, workers=c.workers, address=c.address, cpus_per_worker=c.cpus_per_worker,
-                        gpus_per_worker=c.gpus_per_worker, mode=c.parallel, quiet=c.quiet)
+                        gpus_per_worker=c.gpus_per_worker, mode=c.parallel, quiet=c.quiet, task=task)
 
 
 class _Replay:
@@ -190,6 +190,8 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         record["constraint_ok"] = bool(task.constraint_ok(record["final"]))
         expand = getattr(task, "expand", None)
         record["coefficients"] = store.save_coefficients(x, expand(x) if expand else None)
+        comp = getattr(task, "comp", None)
+        record["task_vectors"] = list(comp.task_names) if comp is not None else None
         record.update(status="complete", evaluations=used, failed_evaluations=failed,
                       best_search_loss=best if math.isfinite(best) else None,
                       searcher_info=searcher.info, references=task.references())
