@@ -22,9 +22,11 @@ class NevergradSearcher(Searcher):
 
     name = "nevergrad"
     description = "any nevergrad optimiser by name (-s optimizer=NGOpt|CMA|TwoPointsDE|Cobyla|...), black-box"
-    default_budget = 500
+    # Measured on the default zoo (addition, seed 0, NGOpt → Cobyla, one worker): per_layer with 300
+    # evaluations .870 normalised, per_task 200 .851, per_block 500 .840 (task arithmetic .782).
+    default_budget = 300
     default_batch = 1
-    default_space = "per_block"
+    default_space = "per_layer"
 
     @dataclass
     class Options:

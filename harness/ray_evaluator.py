@@ -1,0 +1,346 @@
+"""Evaluate on Ray workers: candidates across workers, or one candidate's data across workers.
+
+Each worker is a Ray actor that builds the task once (model, task vectors and cached inputs are
+loaded from the zoo cache on disk) and then only ever receives :class:`Candidate` objects and
+returns :class:`Evaluation` objects, so nothing large crosses a process boundary per call.
+
+Two kinds of parallelism (DESIGN.md §2):
+
+- ``candidates``: the batch's candidates are handed out one at a time to whichever worker is free
+  (like ``ray.util.ActorPool``); results come back in candidate order. For population searchers.
+- ``data``: every worker scores every candidate of the batch on its shard ``(i, n)`` of the search
+  data; the shards are reduced with :func:`reduce_shards` (an exact weighted mean) and the task's
+  ``complete`` is applied once on the whole-set result, in the driver. For sequential searchers
+  and the gradient searcher, which ask for one candidate at a time.
+
+``auto`` picks ``data`` when the batch has fewer candidates than there are workers.
+
+A worker that dies mid-batch (killed, out of memory, node lost) is replaced by a fresh actor and
+its unfinished work is handed out again; every candidate gets exactly one evaluation. Work that
+kills its worker ``MAX_ATTEMPTS`` times is returned as a failed evaluation instead of looping.
+
+Example:
+    >>> p = plan(RunConfig(task="quadratic", workers=2))
+    >>> with RayEvaluator(p, workers=2, mode="auto") as ev:
+    ...     evaluations = ev.evaluate([Candidate(x=np.zeros(8))])
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from harness.api import Candidate, Evaluation, HarnessError, Task
+from harness.evaluators import PENALTY, Evaluator, reduce_shards, sanitize
+
+if TYPE_CHECKING:
+    from harness.runner import Plan
+
+MODES = ("auto", "candidates", "data")
+# Times one piece of work may take its worker down before it is reported as failed.
+MAX_ATTEMPTS = 3
+
+
+class HarnessWorker:
+    """The actor: one task instance, set up once. Wrapped with ``ray.remote`` at start-up, so this
+    module imports without starting anything. Its process title is ``ray::HarnessWorker``."""
+
+    def __init__(self, payload: bytes, context: dict):
+        # The plan arrives pickled and is unpickled only after sys.path, the working directory and
+        # the harness's environment match the driver's, so ``module:Class`` plugins and relative
+        # cache paths resolve here as they do there.
+        self.error = None
+        try:
+            for path in reversed(context["sys_path"]):
+                if path not in sys.path:
+                    sys.path.insert(0, path)
+            if os.path.isdir(context["cwd"]):
+                os.chdir(context["cwd"])
+            os.environ.update(context["env"])
+            import torch
+            from ray import cloudpickle
+
+            from harness.runner import make_task
+
+            torch.set_num_threads(context["threads"])
+            plan = cloudpickle.loads(payload)
+            seed = plan.config.seed
+            torch.manual_seed(seed)  # as the runner does before setup, so setup draws the same numbers
+            np.random.seed(seed % 2**32)
+            t0 = time.perf_counter()
+            self.task = make_task(plan)
+            self.task.setup(context["device"])
+            self.setup_s = time.perf_counter() - t0
+        except Exception as e:  # reported by ready(): an actor whose __init__ raises is only "dead"
+            user = isinstance(e, HarnessError)
+            self.error = (user, str(e) if user else f"{type(e).__name__}: {e}")
+
+    def ready(self) -> dict:
+        if self.error:
+            return {"error": self.error}
+        import torch
+        return {"pid": os.getpid(), "threads": torch.get_num_threads(), "setup_s": self.setup_s}
+
+    def evaluate(self, candidates: list[Candidate], shard: tuple[int, int] | None) -> tuple[list[Evaluation], float]:
+        """The evaluations, and the seconds spent computing them (for :meth:`RayEvaluator.stats`)."""
+        t0 = time.perf_counter()
+        evs = self.task.evaluate(candidates, shard=shard)
+        if shard is None:
+            evs = [self.task.complete(c, e) for c, e in zip(candidates, evs)]
+        return evs, time.perf_counter() - t0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def start_local_ray(num_cpus: int, quiet: bool = True) -> None:
+    """Start a private local Ray (no dashboard, warnings only; workers' output hidden if quiet)."""
+    import ray
+
+    # Ray turns on token authentication for a new local cluster and logs a warning saying so on
+    # every start; the behaviour is right for us, the line is noise.
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = auth_log.level
+    auth_log.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
+                 logging_level=logging.WARNING)
+    finally:
+        auth_log.setLevel(level)
+
+
+def _writable(ev: Evaluation) -> Evaluation:
+    """Ray hands numpy arrays back read-only (zero-copy); a local evaluation's are writable."""
+    if ev.grad is not None and not ev.grad.flags.writeable:
+        ev.grad = ev.grad.copy()
+    return ev
+
+
+def _lost_errors():
+    import ray.exceptions as E
+    return (E.RayActorError, E.WorkerCrashedError, E.OutOfMemoryError, E.NodeDiedError, E.ObjectLostError)
+
+
+class RayEvaluator(Evaluator):
+    """Scores candidates on ``workers`` Ray actors, each holding its own set-up task.
+
+    Args:
+        plan: the resolved run (``harness.runner.plan``); workers build the task from it.
+        workers: number of actors; 0 with an ``address`` means one per ``cpus_per_worker`` CPUs
+            of the cluster.
+        address: a Ray cluster to join (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``);
+            ``None`` starts a local Ray, which :meth:`close` shuts down. If Ray is already
+            initialised in this process it is used as is and left running.
+        cpus_per_worker: Ray CPUs per actor; also its torch thread count (at least 1).
+        gpus_per_worker: Ray GPUs per actor; > 0 puts the task on ``cuda``.
+        mode: ``auto``, ``candidates`` or ``data`` (see the module docstring).
+        quiet: keep the workers' output and Ray's log lines out of the terminal.
+        task: a set-up task in this process (the runner's), used for ``complete`` after a
+            data-parallel reduction; built lazily from ``plan`` when needed and not given.
+    """
+
+    def __init__(self, plan: "Plan", workers: int = 2, address: str | None = None, cpus_per_worker: float = 1.0,
+                 gpus_per_worker: float = 0.0, mode: str = "auto", quiet: bool = False, task: Task | None = None):
+        if mode not in MODES:
+            raise HarnessError(f"parallel mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if workers < 0 or cpus_per_worker < 0 or gpus_per_worker < 0:
+            raise HarnessError("--workers, --cpus-per-worker and --gpus-per-worker must not be negative")
+        if workers == 0 and not address:
+            raise HarnessError("RayEvaluator needs --workers of at least 1, or an --address to size from the cluster")
+        self.plan, self.mode, self.address, self.quiet = plan, mode, address, quiet
+        self.cpus, self.gpus = float(cpus_per_worker), float(gpus_per_worker)
+        self._task, self.restarts, self.actors, self._starting, self._owns_ray = task, 0, [], {}, False
+        self._stats = {"calls": 0, "wall_s": 0.0, "worker_s": 0.0}
+        import ray
+        from ray import cloudpickle
+        self._ray = ray
+        try:
+            self._start_ray(workers)
+            self.workers = workers or self._fit_workers()
+            self._check_resources()
+            self._context = {"sys_path": list(sys.path), "cwd": os.getcwd(), "threads": max(1, int(self.cpus)),
+                             "device": "cuda" if self.gpus > 0 else "cpu",
+                             "env": {k: v for k, v in os.environ.items() if k.startswith("ATLAS_HARNESS")}}
+            self._payload = cloudpickle.dumps(plan)  # by value for classes defined in __main__
+            self._remote = ray.remote(HarnessWorker).options(
+                num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0, max_concurrency=1)
+            self.actors = [self._spawn() for _ in range(self.workers)]
+            try:
+                infos = [self._ready(info) for info in ray.get([a.ready.remote() for a in self.actors])]
+            except _lost_errors() as e:
+                raise RuntimeError(f"a Ray worker died while setting up the task: {e}") from None
+            self.worker_info = infos
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ start-up and shutdown
+
+    def _start_ray(self, workers: int) -> None:
+        ray = self._ray
+        if ray.is_initialized():
+            return
+        common = {"log_to_driver": not self.quiet, "logging_level": logging.WARNING}
+        if self.address:
+            try:
+                ray.init(address=self.address, **common)
+            except Exception as e:
+                raise HarnessError(f"cannot join the Ray cluster at {self.address}: {type(e).__name__}: {e}") from None
+        else:
+            start_local_ray(max(1, math.ceil(workers * self.cpus)), quiet=self.quiet)
+        self._owns_ray = True
+
+    def _fit_workers(self) -> int:
+        cpus = self._ray.cluster_resources().get("CPU", 0)
+        return max(1, int(cpus // self.cpus) if self.cpus > 0 else int(cpus))
+
+    def _check_resources(self) -> None:
+        have = self._ray.cluster_resources()
+        for kind, per, flag in (("CPU", self.cpus, "--cpus-per-worker"), ("GPU", self.gpus, "--gpus-per-worker")):
+            need = self.workers * per
+            if need > have.get(kind, 0) + 1e-9:
+                raise HarnessError(f"{self.workers} workers × {flag} {per:g} need {need:g} {kind}s but the Ray cluster has "
+                                   f"{have.get(kind, 0):g}; lower --workers or {flag}")
+
+    def _spawn(self):
+        return self._remote.remote(self._payload, self._context)
+
+    def _ready(self, info: dict) -> dict:
+        if "error" in info:
+            is_user, msg = info["error"]
+            if is_user:
+                raise HarnessError(msg)
+            raise RuntimeError(f"a Ray worker failed to set up the task: {msg}")
+        return info
+
+    def close(self) -> None:
+        """Kill the workers, and shut down the Ray this evaluator started (idempotent)."""
+        ray = getattr(self, "_ray", None)
+        if ray is None:
+            return
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # already dead, or Ray already gone
+                pass
+        self.actors, self._starting = [], {}
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+    def describe(self) -> dict:
+        return {"evaluator": "ray", "mode": self.mode, "workers": self.workers, "address": self.address or "local",
+                "cpus_per_worker": self.cpus, "gpus_per_worker": self.gpus}
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (tests kill them to check recovery)."""
+        return self._ray.get([a.pid.remote() for a in self.actors])
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, candidates: list[Candidate]) -> list[Evaluation]:
+        if not candidates:
+            return []
+        t0 = time.perf_counter()
+        n = len(self.actors)
+        data = self.mode == "data" or (self.mode == "auto" and len(candidates) < n)
+        if not data or n == 1:
+            outs = self._run([([c], None) for c in candidates])
+            result = [sanitize(_writable(o[0])) for o in outs]
+        else:
+            outs = self._run([(candidates, (i, n)) for i in range(n)])
+            task = self._driver_task()
+            result = []
+            for j, c in enumerate(candidates):
+                ev = reduce_shards([outs[i][j] for i in range(n)])
+                result.append(sanitize(task.complete(c, ev) if task is not None else ev))
+        self._stats["calls"] += 1
+        self._stats["wall_s"] += time.perf_counter() - t0
+        return result
+
+    def stats(self) -> dict:
+        """Where the time went: batches, wall seconds in :meth:`evaluate`, seconds the workers spent
+        computing (summed over workers) and restarts. ``worker_s / (wall_s × workers)`` is the
+        workers' utilisation; the rest is waiting, transport and the driver's reduction."""
+        return {**self._stats, "workers": len(self.actors), "restarts": self.restarts}
+
+    def _driver_task(self) -> Task | None:
+        """The task ``complete`` runs on after a reduction; None when the task keeps the default."""
+        if self.plan.task_cls.complete is Task.complete:
+            return None
+        if self._task is None:
+            import torch
+
+            from harness.runner import make_task
+            c = self.plan.config
+            torch.manual_seed(c.seed)
+            np.random.seed(c.seed % 2**32)
+            self._task = make_task(self.plan)
+            self._task.setup(c.device)
+        return self._task
+
+    def _run(self, work: list[tuple[list[Candidate], tuple[int, int] | None]]) -> list[list[Evaluation]]:
+        """Hand out work items to free workers until every item has a result (in item order).
+
+        A worker lost mid-item is replaced (the new actor sets up while the others keep working)
+        and the item goes back to the front of the queue.
+        """
+        ray, lost = self._ray, _lost_errors()
+        results: list[list[Evaluation] | None] = [None] * len(work)
+        queue = deque((k, 1) for k in range(len(work)))
+        starting = self._starting  # ready ref of a replacement actor → slot (may outlive a batch)
+        idle = deque(s for s in range(len(self.actors)) if s not in starting.values())
+        running: dict = {}   # object ref → (slot, item, attempt)
+        done = 0
+        while done < len(work):
+            while idle and queue:
+                slot, (k, attempt) = idle.popleft(), queue.popleft()
+                cands, shard = work[k]
+                running[self.actors[slot].evaluate.remote(cands, shard)] = (slot, k, attempt)
+            if not running and not starting:
+                raise RuntimeError("no Ray worker is left to evaluate on")
+            (ref,), _ = ray.wait(list(running) + list(starting), num_returns=1)
+            if ref in starting:
+                slot = starting.pop(ref)
+                try:
+                    self._ready(ray.get(ref))
+                except lost as e:
+                    raise RuntimeError(f"a replacement Ray worker died while setting up: {e}") from None
+                idle.append(slot)
+                continue
+            slot, k, attempt = running.pop(ref)
+            try:
+                results[k], busy = ray.get(ref)
+                self._stats["worker_s"] += busy
+            except lost as e:
+                if attempt >= MAX_ATTEMPTS:
+                    msg = f"Ray worker lost {attempt} times on this work: {type(e).__name__}"
+                    cands, _ = work[k]
+                    results[k] = [Evaluation(loss=PENALTY, weight=0.0, ok=False, error=msg) for _ in cands]
+                    done += 1
+                else:
+                    queue.appendleft((k, attempt + 1))
+                if not self.quiet:
+                    print(f"ray evaluator: worker {slot} lost ({type(e).__name__}); starting a new one and "
+                          "handing its work out again", file=sys.stderr, flush=True)
+                starting[self._replace(slot)] = slot
+                continue
+            done += 1
+            idle.append(slot)
+        return results
+
+    def _replace(self, slot: int):
+        """Start a fresh actor in ``slot`` (the old one is dead or killed); returns its ready ref."""
+        try:
+            self._ray.kill(self.actors[slot])
+        except Exception:
+            pass
+        self.restarts += 1
+        self.actors[slot] = self._spawn()
+        return self.actors[slot].ready.remote()

@@ -1,0 +1,111 @@
+"""Few-shot adaptation: learn a composition of the *other* data sets' task vectors from k labelled
+shots per class of a target (aTLAS §4.2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harness.api import Candidate, HarnessError
+from harness.models import few_shot_indices
+from harness.zootask import WeightedSet, ZooTask, evaluation, per_sample_ce
+from tasks.tta import augment
+
+
+class FewShotTask(ZooTask):
+    """Compose every data set's task vector except the target's own; search on ``shots`` labelled
+    samples per class of the target's train split, drawn with the run seed; report on its test split.
+
+    Search loss: mean cross-entropy of the shots (and of ``augment`` extra augmented views of each
+    shot, drawn once in setup) under the target's frozen head, plus ``l1`` × mean|λ| (the paper's
+    optional L1 term). Whole-set scores use every shot; a gradient step uses a random mini-batch
+    of ``batch_size`` of them (all of them when there are fewer). Reported on test: ``acc``
+    (headline) and ``zero_shot_acc`` of the target, and their difference ``gain``.
+    """
+
+    name = "few_shot"
+    description = "few-shot: k labelled shots per class of a target, other data sets' task vectors (train shots → test)"
+    headline = "acc"
+    higher_is_better = True
+
+    @dataclass
+    class Options:
+        zoo: str = "effnet"
+        zoo_options: str = ""
+        target: str = "animals"
+        shots: int = 4
+        augment: int = 0
+        flip: bool = True
+        l1: float = 0.0
+        batch_size: int = 64
+        bound: float = 1.5
+        dtype: str = "fp32"
+
+    @classmethod
+    def validate(cls, options):
+        super().validate(options)
+        if options.shots < 1:
+            raise HarnessError(f"task option shots must be at least 1, got {options.shots}")
+        if options.augment < 0 or options.l1 < 0 or options.batch_size < 1:
+            raise HarnessError(f"few_shot needs augment >= 0, l1 >= 0 and batch_size >= 1, got "
+                               f"{options.augment}, {options.l1} and {options.batch_size}")
+
+    def setup(self, device="cpu"):
+        src, o = self.load_source(), self.options
+        self.check_datasets([o.target], "target")
+        others = [d for d in src.datasets if d != o.target]
+        if not others:
+            raise HarnessError(f"few_shot composes the other data sets' task vectors, but zoo '{o.zoo}' has only '{o.target}'")
+        self.compose(others)
+        y = src.labels[o.target]["train"]
+        # Seeded by the run seed (and salted so the shots differ from those the zoo's heads saw).
+        self.shot_idx = few_shot_indices(y, o.shots, seed=self.seed * 7919 + 101).sort().values
+        x, ys = src.inputs[o.target]["train"][self.shot_idx], y[self.shot_idx]
+        if o.augment:
+            raw = src.images[o.target]["train"][self.shot_idx.numpy()]
+            rng = np.random.default_rng([self.seed, 102])
+            views = [src.encode(augment(raw, rng, "strong", o.flip)) for _ in range(o.augment)]
+            x, ys = torch.cat([x, *views]), ys.repeat(1 + o.augment)
+        self.search = WeightedSet(src, [(o.target, x, ys, 1.0)])
+        self.zero = np.zeros(self.comp.dim)
+        self.zero_shot_acc = self.accuracy(self.zero, o.target, "test")
+
+    def _minibatch(self, seed: int) -> WeightedSet:
+        x, y = self.search.inputs[0], self.search.labels[0]
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:self.options.batch_size]
+        return WeightedSet(self.source, [(self.options.target, x[idx], y[idx], 1.0)])
+
+    def evaluate(self, candidates: list[Candidate], shard=None):
+        out = []
+        for c in candidates:
+            data = self.search if c.batch is None else self._minibatch(c.batch)
+            names, xs, ys, ws = data.part(shard)
+            with torch.set_grad_enabled(c.grad):
+                params, xt = self.params(c.x, c.grad)
+                wsum = float(ws[0].sum())
+                if not len(ys[0]):  # an empty shard: weight 0, zero gradient
+                    out.append(evaluation(xt.sum() * 0, 0.0, xt, c.grad, {"acc": 0.0}))
+                    continue
+                (losses,), (correct,) = per_sample_ce(self.source, params, names, xs, ys)
+                loss = (losses * ws[0]).sum() / wsum
+                if self.options.l1:
+                    # A constant per candidate: added to every shard, it survives the weighted reduction.
+                    loss = loss + self.options.l1 * xt.abs().mean()
+                acc = float((correct.float() * ws[0]).sum()) / wsum
+                out.append(evaluation(loss, wsum, xt, c.grad, {"acc": acc}))
+        return out
+
+    def final(self, x):
+        acc = self.accuracy(x, self.options.target, "test")
+        return {"acc": acc, "zero_shot_acc": self.zero_shot_acc, "gain": acc - self.zero_shot_acc}
+
+    def references(self):
+        """Zero-shot, and (for scale only: the search never sees it) the target's own fine-tuned tail."""
+        t = self.options.target
+        ft = self.source.meta.get("finetuned_acc", {}).get(t)
+        refs = {"zero-shot": self.final(self.zero)}
+        if ft is not None:
+            refs["fine-tuned on the target (not used)"] = {"acc": ft, "zero_shot_acc": self.zero_shot_acc,
+                                                         "gain": ft - self.zero_shot_acc}
+        return refs
