@@ -56,7 +56,8 @@ class FewShotTask(ZooTask):
         self.check_datasets([o.target], "target")
         others = [d for d in src.datasets if d != o.target]
         if not others:
-            raise HarnessError(f"few_shot composes the other data sets' task vectors, but zoo '{o.zoo}' has only '{o.target}'")
+            raise HarnessError(f"few_shot composes the other data sets' task vectors, "
+                               f"but zoo '{o.zoo}' has only '{o.target}'")
         self.compose(others)
         y = src.labels[o.target]["train"]
         # Seeded by the run seed (and salted so the shots differ from those the zoo's heads saw).

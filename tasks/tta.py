@@ -176,7 +176,8 @@ class TTATask(ZooTask):
     """
 
     name = "tta"
-    description = "test-time adaptation: unlabelled target test split, other data sets' task vectors (ufm|entropy|simclr)"
+    description = ("test-time adaptation: unlabelled target test split, other data sets' task vectors "
+                   "(ufm|entropy|simclr)")
     headline = "acc"
     higher_is_better = True
 
@@ -217,7 +218,8 @@ class TTATask(ZooTask):
         self.check_datasets([o.target], "target")
         others = [d for d in src.datasets if d != o.target]
         if not others:
-            raise HarnessError(f"tta composes the other data sets' task vectors, but zoo '{o.zoo}' has only '{o.target}'")
+            raise HarnessError(f"tta composes the other data sets' task vectors, "
+                               f"but zoo '{o.zoo}' has only '{o.target}'")
         self.compose(others)
         n_all = len(src.inputs[o.target]["test"])
         self.idx = torch.arange(n_all)
