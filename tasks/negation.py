@@ -42,7 +42,7 @@ class NegationTask(ZooTask):
         batch_size: int = 64
         cap: float = 1.0
         floor: float = 0.95
-        penalty: float = 10.0
+        penalty: float = 100.0
         bound: float = 1.5
         dtype: str = "fp32"
 
