@@ -28,6 +28,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", help="per_task | per_layer | per_block | per_partition:K (default: the searcher's)")
     p.add_argument("-s", dest="searcher_options", action="append", metavar="KEY=VALUE", help="searcher option (repeatable)")
     p.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE", help="task option (repeatable)")
+    p.add_argument("--data-root", dest="data_root", metavar="DIR",
+                   help="image folders DIR/<data set>/<split>/<class>/*.png for your own model "
+                        "(same as -t data_root=DIR; see -t checkpoints)")
     p.add_argument("--workers", type=int, help="Ray workers (0 = evaluate in this process)")
     p.add_argument("--address", help="Ray cluster address to join (default: start a local one)")
     p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float)
@@ -73,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("name", nargs="?", default="effnet")
     zoo.add_argument("--cache-dir", dest="cache_dir")
     zoo.add_argument("--force", action="store_true", help="rebuild even if cached")
+    ft = sub.add_parser("finetune", help="fine-tune your open_clip model per data set: checkpoints for -t checkpoints")
+    ft.add_argument("--model", default="", help="open_clip architecture, e.g. ViT-B-32 (not needed with local-dir:)")
+    ft.add_argument("--pretrained", default="", help="pre-trained weights: a local file or local-dir:DIR")
+    ft.add_argument("--datasets", required=True, help="comma-separated data sets (built-in or folders under --data-root)")
+    ft.add_argument("--data-root", dest="data_root", help="image folders DIR/<data set>/<split>/<class>/*.png")
+    ft.add_argument("--out", required=True, help="folder for the fine-tuned checkpoints (<data set>.safetensors)")
+    ft.add_argument("--steps", type=int, default=500)
+    ft.add_argument("--batch-size", dest="batch_size", type=int, default=128)
+    ft.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of AdamW, one-cycle (default 1e-5)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--max-n", dest="max_n", type=int, default=4000, help="images per built-in data set")
     bench = sub.add_parser("bench", help="run a benchmark suite (several searchers, same seeds)")
     bench.add_argument("suite", help="addition | negation")
     bench.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
@@ -80,6 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-dir", dest="cache_dir")
     bench.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE", help="task option (repeatable)")
     return parser
+
+
+def cmd_finetune(args) -> int:
+    """Fine-tune the image tower on each data set's train split (heads frozen) and save
+    ``<out>/<data set>.safetensors`` with the fine-tuned image-tower weights."""
+    from pathlib import Path
+    from harness.checkpoints import save_state_dict
+    from harness.config import coerce
+    from harness.finetune import finetune
+    from harness.models import from_checkpoints
+    datasets = coerce(args.datasets, list[str], "--datasets")
+    if not args.model and not args.pretrained.startswith("local-dir:"):
+        raise HarnessError("finetune needs --model (an open_clip architecture) or --pretrained local-dir:DIR")
+    if args.data_root and not os.path.isdir(args.data_root):
+        raise HarnessError(f"data root not found: {args.data_root}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise HarnessError(f"--out {out} exists and is not a folder")
+    source = from_checkpoints(args.model, args.pretrained or None, None, datasets, args.data_root,
+                              seed=args.seed, max_n=args.max_n)
+    out.mkdir(parents=True, exist_ok=True)
+    for ds in datasets:
+        tv = finetune(source, ds, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        source.task_vectors[ds] = tv
+        path = out / f"{ds}.safetensors"
+        save_state_dict({f"visual.{k}": source.base[k] + v for k, v in tv.items()}, path)
+        zs, ft = source.accuracy(source.base, ds, "test"), source.accuracy(source.finetuned(ds), ds, "test")
+        print(f"{ds}: test accuracy {zs:.4f} -> {ft:.4f}; wrote {path}")
+    print(f"use them with: -t checkpoints={out}")
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -103,6 +147,8 @@ def cmd_run(args) -> int:
     flags = {k: v for k, v in vars(args).items() if k != "command"}
     flags["searcher_options"] = _pairs(args.searcher_options, "-s")
     flags["task_options"] = _pairs(args.task_options, "-t")
+    if args.data_root is not None:
+        flags["task_options"] = {**(flags["task_options"] or {}), "data_root": args.data_root}
     cfg = build_config(flags)
     record = run(cfg, log=lambda m: print(m, file=sys.stderr))
     print_run(record)
@@ -211,7 +257,7 @@ def cmd_zoo(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench,
+COMMANDS = {"finetune": cmd_finetune, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench,
             "sweep": cmd_sweep, "plot": cmd_plot}
 
 

@@ -329,6 +329,9 @@ def _load_split_data(ds: str, data_root: str | None, image_size: int, seed: int,
     if data_root is None:
         raise HarnessError(f"data set '{ds}' is not built in ({', '.join(OFFLINE)}); "
                            "give data_root, a folder holding <data_root>/<ds>/<split>/<class>/*.png")
+    if not os.path.isdir(os.path.join(data_root, ds)):
+        raise HarnessError(f"data set '{ds}' not found: no folder {os.path.join(data_root, ds)} and it is not "
+                           f"built in ({', '.join(OFFLINE)})")
     data = load_image_folder(os.path.join(data_root, ds), name=ds, size=image_size)
     missing = [s for s in ("val", "test") if s not in data.splits]
     if missing:

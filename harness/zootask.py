@@ -9,7 +9,9 @@ therefore reduce exactly to the whole-set loss, and the loss is comparable acros
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,12 +22,70 @@ from harness.composition import Composition, parse_space
 from harness.config import coerce
 
 
-def parse_zoo_options(zoo: str, spec: str) -> dict:
-    """``"max_n=300;ft_steps=10"`` → typed overrides of the zoo's config (unknown keys are errors)."""
-    from harness.zoo import ZOOS
-    if zoo not in ZOOS:
-        raise HarnessError(f"unknown zoo '{zoo}'; valid zoos: {', '.join(ZOOS)}")
-    cfg_cls = type(ZOOS[zoo])
+@dataclass
+class ZooOptions:
+    """Options every zoo task takes: where the model and its task vectors come from.
+
+    By default a built-in zoo (``zoo``, tuned with ``zoo_options="key=value;key=value"``). With
+    ``checkpoints`` the model is the user's own open_clip model instead: ``model`` names the
+    architecture, ``pretrained`` its weights (a local file, ``local-dir:DIR``, or empty for random
+    init), ``checkpoints`` lists one fine-tuned checkpoint per data set as ``NAME=PATH`` (or a
+    path whose file stem is the data set name, or a folder of such files), and ``data_root``
+    holds image folders ``<data_root>/<NAME>/<split>/<class>/*.png`` for data sets that are not
+    built in. ``zoo_options`` then takes ``max_n`` (images per built-in data set).
+    """
+
+    zoo: str = "effnet"
+    zoo_options: str = ""
+    model: str = ""
+    pretrained: str = ""
+    checkpoints: list[str] = field(default_factory=list)
+    data_root: str = ""
+    bound: float = 1.5
+    dtype: str = "fp32"
+
+
+@dataclass
+class UserModelConfig:
+    """``zoo_options`` of a user's own model (``checkpoints`` given)."""
+
+    max_n: int = 4000
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def checkpoint_list(entries: list[str]) -> list[tuple[str, str]]:
+    """``["mnist=ft/mnist.pt", "ft/cars.safetensors", "ft/"]`` → ``[(data set, absolute path)]``.
+
+    A bare path names its data set by its file stem; a folder contributes every checkpoint file in
+    it. A path that does not exist, or a data set named twice, is an error.
+    """
+    out: list[tuple[str, str]] = []
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep:
+            name, path = "", entry
+        path = os.path.abspath(os.path.expanduser(path.strip()))
+        if os.path.isdir(path) and not name:
+            files = sorted(f for f in os.listdir(path) if f.endswith(CHECKPOINT_SUFFIXES))
+            if not files:
+                raise HarnessError(f"checkpoint folder {path} holds no {'/'.join(CHECKPOINT_SUFFIXES)} files")
+            out += [(os.path.splitext(f)[0], os.path.join(path, f)) for f in files]
+            continue
+        if not os.path.isfile(path):
+            raise HarnessError(f"checkpoint not found: {path} (task option checkpoints)")
+        out.append((name.strip() or os.path.splitext(os.path.basename(path))[0], path))
+    seen: set[str] = set()
+    for name, path in out:
+        if name in seen:
+            raise HarnessError(f"data set '{name}' has two checkpoints (task option checkpoints); "
+                               "name each as NAME=PATH")
+        seen.add(name)
+    return out
+
+
+def _config_overrides(cfg_cls, spec: str, what: str) -> dict:
     hints = typing.get_type_hints(cfg_cls)
     fields = {f.name for f in dataclasses.fields(cfg_cls)}
     out = {}
@@ -33,9 +93,17 @@ def parse_zoo_options(zoo: str, spec: str) -> dict:
         k, sep, v = pair.partition("=")
         k = k.strip()
         if not sep or k not in fields:
-            raise HarnessError(f"bad zoo option {pair!r} for zoo '{zoo}'; valid keys: {', '.join(sorted(fields))}")
+            raise HarnessError(f"bad zoo option {pair!r} for {what}; valid keys: {', '.join(sorted(fields))}")
         out[k] = coerce(v.strip(), hints[k], f"zoo option '{k}'")
     return out
+
+
+def parse_zoo_options(zoo: str, spec: str) -> dict:
+    """``"max_n=300;ft_steps=10"`` → typed overrides of the zoo's config (unknown keys are errors)."""
+    from harness.zoo import ZOOS
+    if zoo not in ZOOS:
+        raise HarnessError(f"unknown zoo '{zoo}'; valid zoos: {', '.join(ZOOS)}")
+    return _config_overrides(type(ZOOS[zoo]), spec, f"zoo '{zoo}'")
 
 
 class ZooTask(Task):
@@ -45,15 +113,28 @@ class ZooTask(Task):
     composes: typing.ClassVar[bool] = True
 
     def load_source(self):
-        from harness.zoo import get_zoo
         o = self.options
+        if o.checkpoints:
+            from harness.models import from_checkpoints
+            pairs = checkpoint_list(o.checkpoints)
+            cfg = UserModelConfig(**_config_overrides(UserModelConfig, o.zoo_options, "your own model"))
+            self.source = from_checkpoints(o.model, o.pretrained or None, [p for _, p in pairs],
+                                           [n for n, _ in pairs], data_root=o.data_root or None,
+                                           max_n=cfg.max_n)
+            return self.source
+        from harness.zoo import get_zoo
         self.source = get_zoo(o.zoo, cache_dir=self.cache_dir, progress=True, **parse_zoo_options(o.zoo, o.zoo_options))
         return self.source
+
+    @property
+    def source_name(self) -> str:
+        o = self.options
+        return f"your model {o.model or o.pretrained}" if o.checkpoints else f"zoo '{o.zoo}'"
 
     def check_datasets(self, names, what="data set"):
         missing = [d for d in names if d not in self.source.datasets]
         if missing:
-            raise HarnessError(f"{what} '{missing[0]}' is not in zoo '{self.options.zoo}'; "
+            raise HarnessError(f"{what} '{missing[0]}' is not in {self.source_name}; "
                                f"valid: {', '.join(self.source.datasets)}")
 
     def compose(self, names: list[str], signs: list[float] | None = None):
@@ -67,10 +148,30 @@ class ZooTask(Task):
 
     @classmethod
     def validate(cls, options):
-        if getattr(options, "dtype", "fp32") not in ("fp32", "fp16"):
+        """Cheap checks before anything is built or recorded (files exist, values in range)."""
+        if options.dtype not in ("fp32", "fp16"):
             raise HarnessError(f"task option dtype must be fp32 or fp16, got {options.dtype!r}")
-        if getattr(options, "bound", 1.0) <= 0:
+        if options.bound <= 0:
             raise HarnessError(f"task option bound must be positive, got {options.bound}")
+        if options.checkpoints:
+            if not options.model and not options.pretrained.startswith("local-dir:"):
+                raise HarnessError("task option checkpoints needs model (an open_clip architecture, e.g. "
+                                   "-t model=ViT-B-32) or pretrained=local-dir:DIR")
+            options.checkpoints = [f"{n}={p}" for n, p in checkpoint_list(options.checkpoints)]
+            _config_overrides(UserModelConfig, options.zoo_options, "your own model")
+        elif options.model or options.pretrained:
+            raise HarnessError("task options model/pretrained need checkpoints (one fine-tuned checkpoint "
+                               "per data set, -t checkpoints=NAME=PATH,NAME=PATH)")
+        else:
+            parse_zoo_options(options.zoo, options.zoo_options)
+        if options.data_root:
+            if not options.checkpoints:
+                raise HarnessError("data_root (--data-root) is for your own model: give checkpoints too "
+                                   "(-t checkpoints=NAME=PATH,...); the built-in zoos use the built-in data")
+            if not os.path.isdir(options.data_root):
+                raise HarnessError(f"data root not found: {options.data_root} (a folder holding "
+                                   "<data_root>/<data set>/<split>/<class>/*.png)")
+            options.data_root = os.path.abspath(options.data_root)
 
     def space(self) -> Space:
         b = self.options.bound

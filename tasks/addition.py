@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from harness.api import Candidate, HarnessError
-from harness.zootask import WeightedSet, ZooTask, evaluation, per_sample_ce
+from harness.zootask import ZooOptions, WeightedSet, ZooTask, evaluation, per_sample_ce
 
 _GRID = np.linspace(0.0, 1.0, 21)
 
@@ -28,14 +28,10 @@ class AdditionTask(ZooTask):
     higher_is_better = True
 
     @dataclass
-    class Options:
-        zoo: str = "effnet"
-        zoo_options: str = ""
+    class Options(ZooOptions):
         datasets: list[str] = field(default_factory=list)
         search_n: int = 64
         batch_size: int = 32
-        bound: float = 1.5
-        dtype: str = "fp32"
 
     def setup(self, device="cpu"):
         src = self.load_source()
@@ -79,7 +75,9 @@ class AdditionTask(ZooTask):
         acc = {ds: self.accuracy(x, ds, "test") for ds in self.names}
         out = {f"acc/{ds}": a for ds, a in acc.items()}
         out["abs_acc"] = float(np.mean(list(acc.values())))
-        out["normalized_acc"] = float(np.mean([acc[ds] / self.ft_acc[ds] for ds in self.names]))
+        # A data set whose fine-tuned model scores 0 has no normalised accuracy; the mean skips it.
+        norm = [acc[ds] / self.ft_acc[ds] for ds in self.names if self.ft_acc[ds] > 0]
+        out["normalized_acc"] = float(np.mean(norm)) if norm else float("nan")
         return out
 
     def references(self):

@@ -9,7 +9,7 @@ import torch
 
 from harness.api import Candidate, HarnessError
 from harness.models import few_shot_indices
-from harness.zootask import WeightedSet, ZooTask, evaluation, per_sample_ce
+from harness.zootask import ZooOptions, WeightedSet, ZooTask, evaluation, per_sample_ce
 from tasks.tta import augment
 
 
@@ -30,17 +30,13 @@ class FewShotTask(ZooTask):
     higher_is_better = True
 
     @dataclass
-    class Options:
-        zoo: str = "effnet"
-        zoo_options: str = ""
+    class Options(ZooOptions):
         target: str = "animals"
         shots: int = 4
         augment: int = 0
         flip: bool = True
         l1: float = 0.0
         batch_size: int = 64
-        bound: float = 1.5
-        dtype: str = "fp32"
 
     @classmethod
     def validate(cls, options):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from harness.api import Candidate, HarnessError
-from harness.zootask import WeightedSet, ZooTask, evaluation, per_sample_ce
+from harness.zootask import ZooOptions, WeightedSet, ZooTask, evaluation, per_sample_ce
 
 _GRID = np.linspace(0.0, 1.0, 21)
 
@@ -33,9 +33,7 @@ class NegationTask(ZooTask):
     higher_is_better = False
 
     @dataclass
-    class Options:
-        zoo: str = "effnet"
-        zoo_options: str = ""
+    class Options(ZooOptions):
         target: str = "cvdigits"
         control: str = "fashion"
         search_n: int = 128
@@ -43,8 +41,6 @@ class NegationTask(ZooTask):
         cap: float = 1.0
         floor: float = 0.95
         penalty: float = 100.0
-        bound: float = 1.5
-        dtype: str = "fp32"
 
     @classmethod
     def validate(cls, options):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness.api import Candidate, Evaluation, HarnessError
-from harness.zootask import ZooTask, shard_slice
+from harness.zootask import ZooOptions, ZooTask, shard_slice
 
 OBJECTIVES = ("ufm", "entropy", "simclr")
 
@@ -182,9 +182,7 @@ class TTATask(ZooTask):
     higher_is_better = True
 
     @dataclass
-    class Options:
-        zoo: str = "effnet"
-        zoo_options: str = ""
+    class Options(ZooOptions):
         target: str = "animals"
         objective: str = "ufm"
         max_n: int = 0
@@ -196,8 +194,6 @@ class TTATask(ZooTask):
         trusted_share: float = 0.25
         temperature: float = 0.1
         flip: bool = True
-        bound: float = 1.5
-        dtype: str = "fp32"
 
     @classmethod
     def validate(cls, options):
