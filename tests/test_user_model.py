@@ -7,6 +7,7 @@ safetensors and one as a torch state dict; one data set is an image folder under
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,19 @@ def test_finetune_command_makes_checkpoints_a_run_uses(user, tmp_path):
     # the finetune command printed.
     assert refs["fine-tuned (each its own)"]["acc/skdigits"] == pytest.approx(after, abs=1e-4)
     assert refs["zero-shot"]["acc/skdigits"] == pytest.approx(before, abs=1e-4)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_checkpoint_is_refused_from_the_command_line(user, tmp_path):
+    evil = _Evil()
+    evil.marker = str(tmp_path / "pwned")
+    path = tmp_path / "skdigits.pt"
+    torch.save({"state_dict": dict(user["tuned"][0]), "hook": evil}, path)
+    line = _one_line_error(_run(user, "-t", f"checkpoints={path}", results=tmp_path / "r"))
+    assert line == (f"error: checkpoint {path} was refused: it is a pickle that would run code; "
+                    "save it with safetensors or as a plain state dict")
+    assert not (tmp_path / "pwned").exists()
