@@ -142,6 +142,8 @@ class Composition:
                                        f"expected {tuple(self.base[k].shape)}")
         # One (T, *shape) tensor per block: the merge is then a single contraction per block.
         self.tau = [torch.stack([tv[k].detach().to(dtype) for tv in task_vectors]) for k in self.blocks]
+        # After :meth:`select`: per block, the task indices whose τ rows ``tau[b]`` holds.
+        self.keep: list[Tensor] | None = None
 
         self.groups: list[str] = []
         self.partitions: list[Tensor] | None = None
@@ -203,14 +205,44 @@ class Composition:
         merged = {}
         for b, name in enumerate(self.blocks):
             tau = self.tau[b].to(self.compute_dtype)
+            lam_b = lam[:, b] if self.keep is None else lam[self.keep[b], b]
             if self.partitions is None:
-                delta = torch.tensordot(lam[:, b], tau, dims=1)
+                delta = torch.tensordot(lam_b, tau, dims=1)
             else:
                 # Gather each element's coefficient from its partition: (T, K)[:, idx] → (T, *shape).
-                per_elem = lam[:, b][:, self.partitions[b].long()]
+                per_elem = lam_b[:, self.partitions[b].long()]
                 delta = (per_elem * tau).sum(0)
             merged[name] = self.base[name] + delta
         return merged
+
+    def select(self, keep: Sequence[Sequence[int]]) -> "Composition":
+        """Hold only some task vectors per block (informative block selection, paper App. D.6).
+
+        Block b keeps the task vectors ``keep[b]`` (indices into the tasks) and frees the others;
+        their coefficients stay in ``x`` but no longer change the merge (their gradient is 0).
+        The space and its dimension are unchanged, so any searcher runs as before. In place.
+
+        Args:
+            keep: one list of task indices per block, in block order (may be empty).
+        """
+        if len(keep) != self.B:
+            raise HarnessError(f"block selection needs one list of task indices per block: "
+                               f"got {len(keep)} lists for {self.B} blocks")
+        current = self.keep or [torch.arange(self.T)] * self.B
+        new_tau, new_keep = [], []
+        for b, idx in enumerate(keep):
+            idx = sorted({int(i) for i in idx})
+            if any(not 0 <= i < self.T for i in idx):
+                raise HarnessError(f"block '{self.blocks[b]}': task index out of range 0..{self.T - 1} in {idx}")
+            held = current[b].tolist()
+            missing = [i for i in idx if i not in held]
+            if missing:
+                raise HarnessError(f"block '{self.blocks[b]}': task vector(s) {missing} were already dropped")
+            rows = torch.tensor([held.index(i) for i in idx], dtype=torch.long)
+            new_tau.append(self.tau[b][rows.to(self.tau[b].device)])  # indexing copies: the rest is freed
+            new_keep.append(torch.tensor(idx, dtype=torch.long, device=self.tau[b].device))
+        self.tau, self.keep = new_tau, new_keep
+        return self
 
     def isotropic(self, alpha: float) -> np.ndarray:
         """The ``x`` giving λ = α for every (task, block): task arithmetic θ_0 + α Σ_i τ_i."""
@@ -238,9 +270,23 @@ class Composition:
         """Move θ_0, the task vectors and the partition assignments to ``device`` (in place)."""
         self.base = {k: v.to(device) for k, v in self.base.items()}
         self.tau = [t.to(device) for t in self.tau]
+        if self.keep is not None:
+            self.keep = [k.to(device) for k in self.keep]
         if self.partitions is not None:
             self.partitions = [p.to(device) for p in self.partitions]
         return self
+
+
+def top_tasks_per_block(scores: np.ndarray, b: int) -> list[list[int]]:
+    """For each block (column of ``scores``, shape (T, B)), the ``b`` tasks with the largest score.
+
+    Ties break towards the lower task index, so the choice is deterministic.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise HarnessError(f"block scores must be a (tasks, blocks) array, got shape {scores.shape}")
+    b = max(0, min(int(b), scores.shape[0]))
+    return [sorted(np.argsort(-scores[:, j], kind="stable")[:b].tolist()) for j in range(scores.shape[1])]
 
 
 def functional_forward(module: nn.Module, params: dict[str, Tensor], *args, **kwargs):

@@ -61,14 +61,41 @@ class Evaluator(ABC):
         self.close()
 
 
+def fidelity_shard(fidelity: float) -> tuple[int, int] | None:
+    """The part of the search set a candidate of this ``fidelity`` is scored on.
+
+    Fidelity f < 1 is served by the first of k = round(1/f) shards, i.e. the same fixed
+    ``1/k`` of every data set's search samples for every candidate: low-fidelity losses of two
+    candidates are paired (same images), and the parts are nested (1/4 ⊂ 1/2 ⊂ all), so a
+    searcher can compare them with the full-set losses of the same points.
+    """
+    if not fidelity < 1.0:
+        return None
+    if fidelity <= 0:
+        raise ValueError(f"candidate fidelity must be in (0, 1], got {fidelity}")
+    return (0, max(1, round(1.0 / fidelity)))
+
+
 class LocalEvaluator(Evaluator):
-    """Evaluates in this process on a task whose ``setup`` has already run."""
+    """Evaluates in this process on a task whose ``setup`` has already run.
+
+    Candidates with ``fidelity < 1`` are scored on a fixed part of the search set (see
+    :func:`fidelity_shard`); their ``weight`` is the fraction of the set actually used.
+    """
 
     def __init__(self, task: Task):
         self.task = task
 
     def evaluate(self, candidates: list[Candidate]) -> list[Evaluation]:
-        evs = self.task.evaluate(candidates)
+        groups: dict[tuple[int, int] | None, list[int]] = {}
+        for i, c in enumerate(candidates):
+            groups.setdefault(fidelity_shard(c.fidelity), []).append(i)
+        evs: list[Evaluation | None] = [None] * len(candidates)
+        for shard, idx in groups.items():
+            part = [candidates[i] for i in idx]
+            out = self.task.evaluate(part) if shard is None else self.task.evaluate(part, shard=shard)
+            for i, e in zip(idx, out):
+                evs[i] = e
         return [sanitize(self.task.complete(c, e)) for c, e in zip(candidates, evs)]
 
     def describe(self) -> dict:

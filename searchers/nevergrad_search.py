@@ -18,6 +18,12 @@ class NevergradSearcher(Searcher):
     population method) than for one candidate at a time (Cobyla at small budgets), and on the
     default zoo the sequential choice is much better (see README, "Benchmarks").
     ``l1`` adds ``l1 × mean|x|`` to the loss the optimiser sees (the paper's optional L1 term).
+
+    Multi-fidelity (``screen=F`` with F < 1, e.g. 0.25): the optimiser runs on a fixed fraction F
+    of the search set (the same images for every proposal, so its losses stay comparable), and
+    only the ``finalists`` best distinct points it found are scored on the whole set at the end;
+    the best of those is recommended. Every score counts as one evaluation of the run's budget,
+    so the evaluation compute is ``(budget − finalists) × F + finalists`` full evaluations.
     """
 
     name = "nevergrad"
@@ -33,6 +39,8 @@ class NevergradSearcher(Searcher):
         optimizer: str = "NGOpt"
         bound: float | None = None
         l1: float = 0.0
+        screen: float = 1.0
+        finalists: int = 8
 
     @classmethod
     def validate(cls, options):
@@ -46,6 +54,10 @@ class NevergradSearcher(Searcher):
                                f"({len(registry)} in nevergrad's registry, e.g. NGOpt, CMA, TwoPointsDE, Cobyla, OnePlusOne)")
         if options.bound is not None and options.bound <= 0:
             raise HarnessError(f"nevergrad option bound must be positive, got {options.bound}")
+        if not 0 < options.screen <= 1:
+            raise HarnessError(f"nevergrad option screen must be in (0, 1] (fraction of the search set), got {options.screen}")
+        if options.finalists < 1:
+            raise HarnessError(f"nevergrad option finalists must be at least 1, got {options.finalists}")
 
     def __init__(self, space, budget, batch_size, seed, options):
         super().__init__(space, budget, batch_size, seed, options)
@@ -58,11 +70,21 @@ class NevergradSearcher(Searcher):
             lower, upper = np.full(space.dim, -options.bound), np.full(space.dim, options.bound)
         param = ng.p.Array(init=np.clip(space.start, lower, upper)).set_bounds(lower, upper)
         param.random_state = np.random.RandomState(seed % 2**32)
+        # Multi-fidelity: the optimiser's own budget is the screens; then come the finalists.
+        self._screens_left = max(budget - options.finalists, 1) if options.screen < 1 else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.opt = registry[options.optimizer](parametrization=param, budget=budget, num_workers=batch_size)
+            self.opt = registry[options.optimizer](parametrization=param, budget=self._screens_left or budget,
+                                                   num_workers=batch_size)
         self._pending: dict[int, object] = {}
         self.info = {"optimizer": options.optimizer, "num_workers": batch_size}
+        # Screened (loss, x) pairs, the finalists still to score on the whole set (chosen once the
+        # screening budget is spent) and the best fully scored (loss, x).
+        self._screened: list[tuple[float, np.ndarray]] = []
+        self._finalists: list[np.ndarray] | None = None
+        self._best: tuple[float, np.ndarray] | None = None
+        if options.screen < 1:
+            self.info.update(screen=options.screen, finalists=options.finalists)
 
     def _chosen(self) -> str:
         """The algorithm a meta-optimiser such as NGOpt delegated to (recorded with the run)."""
@@ -76,14 +98,20 @@ class NevergradSearcher(Searcher):
         return " -> ".join(names) if names else self.options.optimizer
 
     def ask(self, n):
+        if self._screens_left is not None:
+            if self._screens_left <= 0:
+                return self._ask_finalists(n)
+            n = min(n, self._screens_left)
+            self._screens_left -= n
         out = []
+        fidelity = self.options.screen
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for _ in range(n):
                 cand = self.opt.ask()
                 x = np.asarray(cand.value, dtype=np.float64)
                 self._pending[id(x)] = cand
-                out.append(Candidate(x=x))
+                out.append(Candidate(x=x, fidelity=fidelity))
         if "chosen" not in self.info:
             try:
                 self.info["chosen"] = self._chosen()
@@ -91,10 +119,29 @@ class NevergradSearcher(Searcher):
                 self.info["chosen"] = "unknown"
         return out
 
+    def _ask_finalists(self, n: int) -> list[Candidate]:
+        """The best distinct screened points, best first, to be scored on the whole set."""
+        if self._finalists is None:
+            chosen: list[np.ndarray] = []
+            for _, x in sorted(self._screened, key=lambda t: t[0]):
+                if len(chosen) == self.options.finalists:
+                    break
+                if not any(np.array_equal(x, y) for y in chosen):
+                    chosen.append(x)
+            self._finalists = chosen
+        out, self._finalists = self._finalists[:n], self._finalists[n:]
+        return [Candidate(x=x.copy()) for x in out]
+
     def tell(self, candidates: list[Candidate], evaluations: list[Evaluation]):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for c, e in zip(candidates, evaluations):
+                if self._screens_left is not None and c.fidelity >= 1:  # a finalist's full score
+                    if e.ok and (self._best is None or e.loss < self._best[0]):
+                        self._best = (e.loss, c.x.copy())
+                    continue
+                if self._screens_left is not None and e.ok:
+                    self._screened.append((e.loss, c.x.copy()))
                 loss = e.loss + self.options.l1 * float(np.abs(c.x).mean())
                 self.opt.tell(self._pending.pop(id(c.x)), loss)
 
@@ -111,6 +158,8 @@ class NevergradSearcher(Searcher):
                 break
 
     def recommend(self):
+        if self._best is not None:
+            return self._best[1].copy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return np.asarray(self.opt.provide_recommendation().value, dtype=np.float64)
