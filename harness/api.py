@@ -155,6 +155,14 @@ class Task(Plugin, ABC):
     def __init__(self, options, space: str = "per_block", seed: int = 0, cache_dir: str | None = None):
         self.options, self.space_kind, self.seed, self.cache_dir = options, space, seed, cache_dir
 
+    @classmethod
+    def shardable(cls, options) -> bool:
+        """Whether ``evaluate(..., shard=(i, k))`` splits the search data so that shard results
+        reduce exactly (a weighted mean). A task whose loss is not a mean over samples (e.g. it
+        has a term on the whole batch's mean prediction) returns False; Ray then sends whole
+        candidates to workers instead of shards."""
+        return True
+
     @abstractmethod
     def setup(self, device: str = "cpu") -> None:
         """Build everything expensive (model, task vectors, cached inputs). Called once per process."""

@@ -154,6 +154,10 @@ class RayEvaluator(Evaluator):
         if workers == 0 and not address:
             raise HarnessError("RayEvaluator needs --workers of at least 1, or an --address to size from the cluster")
         self.plan, self.mode, self.address, self.quiet = plan, mode, address, quiet
+        self.shardable = plan.task_cls.shardable(plan.task_options)
+        if mode == "data" and not self.shardable:
+            raise HarnessError(f"task '{plan.config.task}' with these options cannot split its data across "
+                               "workers; use --parallel candidates or auto")
         self.cpus, self.gpus = float(cpus_per_worker), float(gpus_per_worker)
         self._task, self.restarts, self.actors, self._starting, self._owns_ray = task, 0, [], {}, False
         self._stats = {"calls": 0, "wall_s": 0.0, "worker_s": 0.0}
@@ -249,7 +253,7 @@ class RayEvaluator(Evaluator):
             return []
         t0 = time.perf_counter()
         n = len(self.actors)
-        data = self.mode == "data" or (self.mode == "auto" and len(candidates) < n)
+        data = self.shardable and (self.mode == "data" or (self.mode == "auto" and len(candidates) < n))
         if not data or n == 1:
             outs = self._run([([c], None) for c in candidates])
             result = [sanitize(_writable(o[0])) for o in outs]

@@ -17,14 +17,20 @@ class NegationTask(ZooTask):
     """Compose the *negated* target task vector: θ = θ0 − Σ_b λ_b τ_target,b (λ = 0 is zero-shot,
     λ = α·1 is task arithmetic's negation).
 
-    Search loss on validation subsets: −min(CE_target, cap) + CE_control + a penalty when control
-    accuracy falls below ``floor`` × its zero-shot accuracy. The raw −CE(target) is unbounded (it
+    Search loss on validation subsets (``search_n`` target images, ``control_n`` control images,
+    0 = the whole split): −min(CE_target, cap) + CE_control + a penalty when control accuracy falls
+    below (``floor`` + ``margin``) × its zero-shot accuracy. The raw −CE(target) is unbounded (it
     rewards pushing the target arbitrarily far past chance), so each target sample's CE is capped
     at ``cap`` × log(classes), the CE of a uniform guess. The penalty makes every searcher —
     black-box, gradient (through its validations) and the task-arithmetic grid — honour the
     paper's constraint: control ≥ 95% of zero-shot. Reported on test: target accuracy (headline,
     lower is better), control accuracy and the ratio to its zero-shot accuracy; a run whose
     test control accuracy is below the floor breaks the constraint and is not ranked.
+
+    Holding the floor on test: searchers push the control accuracy down to the floor on validation,
+    so validation noise decides the test side. Measured on the effnet zoo (3 seeds) with 128
+    control images and no margin, the test floor held in 1 of 6 aTLAS runs (control retained
+    .911–.950); the whole validation split (600 images) plus a 2-point margin is the default.
     """
 
     name = "negation"
@@ -37,6 +43,8 @@ class NegationTask(ZooTask):
         target: str = "cvdigits"
         control: str = "fashion"
         search_n: int = 128
+        control_n: int = 0
+        margin: float = 0.02
         batch_size: int = 64
         cap: float = 1.0
         floor: float = 0.95
@@ -49,6 +57,9 @@ class NegationTask(ZooTask):
             raise HarnessError(f"negation target and control must differ, both are '{options.target}'")
         if not 0 < options.floor <= 1:
             raise HarnessError(f"task option floor must be in (0, 1], got {options.floor}")
+        if not 0 <= options.margin < 1 or options.control_n < 0:
+            raise HarnessError(f"task options margin must be in [0, 1) and control_n >= 0 (0 = the whole "
+                               f"validation split), got {options.margin} and {options.control_n}")
 
     def setup(self, device="cpu"):
         src = self.load_source()
@@ -58,8 +69,8 @@ class NegationTask(ZooTask):
         self.compose([o.target], signs=[-1.0])
         self.tcap = o.cap * math.log(len(src.classes[o.target]))
         pieces = []
-        for k, (ds, w) in enumerate([(o.target, 0.5), (o.control, 0.5)]):
-            idx = self.subset(ds, "val", o.search_n, salt=k)
+        for k, (ds, w, n) in enumerate([(o.target, 0.5, o.search_n), (o.control, 0.5, o.control_n)]):
+            idx = self.subset(ds, "val", n, salt=k)
             pieces.append((ds, src.inputs[ds]["val"][idx], src.labels[ds]["val"][idx], w))
         self.search = WeightedSet(src, pieces)
         zero = np.zeros(self.comp.dim)
@@ -102,7 +113,8 @@ class NegationTask(ZooTask):
         # The accuracy floor is a whole-set property: applied to full validations only (a gradient
         # step's mini-batch accuracy is too noisy, and gradients flow through CE(control) anyway).
         if candidate.batch is None and ev.ok:
-            short = max(0.0, self.options.floor * self.zs_control_val - ev.metrics["control_acc"])
+            short = max(0.0, (self.options.floor + self.options.margin) * self.zs_control_val
+                        - ev.metrics["control_acc"])
             ev.loss = ev.loss + self.options.penalty * short
         return ev
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.api import Candidate
+from harness.api import Candidate, HarnessError
 from harness.config import RunConfig, resolve_options
 from harness.runner import run
 from tasks.few_shot import FewShotTask
@@ -187,7 +187,25 @@ def test_ufm_trusted_set_and_batches(ufm):
     assert set(t.tolist()) <= set(ufm.trusted.tolist())
 
 
-@pytest.mark.parametrize("objective", ["entropy", "simclr", "ufm"])
+def test_im_objective_is_entropy_minus_entropy_of_the_mean(cache_dir, tta_tasks):
+    """The information-maximisation loss, recomputed by hand from the zero-shot logits."""
+    task = _tta(cache_dir, tta_tasks, "im")
+    x = np.zeros(task.space().dim)
+    ev = task.evaluate([Candidate(x=x)])[0]
+    with torch.no_grad():
+        p = task._logits(task.params(x, False)[0], task.clean).softmax(1).double()
+    mean_ent = float(-(p * p.log()).sum(1).mean())
+    pbar = p.mean(0)
+    div = float(-(pbar * pbar.log()).sum())
+    assert ev.loss == pytest.approx(mean_ent - div, abs=1e-5)
+    assert ev.metrics["diversity"] == pytest.approx(div, abs=1e-5)
+    assert not TTATask.shardable(task.options)
+    assert TTATask.shardable(resolve_options(TTATask, {"objective": "entropy"}, "task"))
+    with pytest.raises(HarnessError, match="not split across data shards"):
+        task.evaluate([Candidate(x=x)], shard=(0, 2))
+
+
+@pytest.mark.parametrize("objective", ["entropy", "im", "simclr", "ufm"])
 def test_tta_gradient_run_through_the_runner(cache_dir, tmp_path, tta_tasks, objective):
     """A short gradient run lowers the entropy and SimCLR objectives on the search set. UFM's targets
     move with the model (pseudo-labels of the current coefficients), so its whole-set loss need not

@@ -324,3 +324,19 @@ def test_same_seed_same_coefficients_and_metrics_locally_and_on_ray(ray_session,
         assert rec["final"] == ref["final"]
         assert coef.keys() == ref_coef.keys()
         assert all(np.array_equal(coef[k], ref_coef[k]) for k in coef)
+
+
+def test_a_task_that_cannot_shard_gets_whole_candidates(ray_session, cache_dir):
+    """TTA's im objective has a whole-batch term: auto mode sends whole candidates (equal to local)
+    even for one candidate on two workers, and forcing data-parallel is a clear error."""
+    p = _plan(task="tta", options={**ZOO, "target": "skdigits", "objective": "im", "max_n": 32},
+              cache_dir=cache_dir, space="per_block")
+    driver = _setup(p)
+    cands = [Candidate(x=np.full(driver.space().dim, 0.3), grad=True)]
+    want = LocalEvaluator(driver).evaluate(cands)
+    with RayEvaluator(p, workers=2, mode="auto", quiet=True, task=driver) as ev:
+        got = ev.evaluate(cands)
+    assert got[0].loss == want[0].loss and got[0].weight == want[0].weight
+    from harness.api import HarnessError
+    with pytest.raises(HarnessError, match="cannot split its data across workers"):
+        RayEvaluator(p, workers=2, mode="data", quiet=True, task=driver)
