@@ -43,11 +43,11 @@ def _args(argv):
     p.add_argument("--fs-nevergrad-budget", type=int, default=150)
     p.add_argument("--fs-nevergrad-space", default="per_layer",
                    help="NGOpt's space (per_block = 150 coefficients needs ~500 evaluations; DESIGN.md §3)")
-    p.add_argument("--tta-objectives", default="ufm,entropy,simclr")
+    p.add_argument("--tta-objectives", default="im,ufm,entropy,simclr")
     p.add_argument("--tta-seeds", default="0")
     p.add_argument("--tta-max-n", type=int, default=500)
     p.add_argument("--tta-gradient-budget", type=int, default=60)
-    p.add_argument("--tta-nevergrad-objectives", default="ufm,entropy,simclr")
+    p.add_argument("--tta-nevergrad-objectives", default="im,ufm,entropy,simclr")
     p.add_argument("--tta-nevergrad-budget", type=int, default=80)
     p.add_argument("--space", default="per_block", help="the gradient searcher's space (the paper's)")
     p.add_argument("--results-dir", default="results/bench-few-shot")
@@ -196,6 +196,8 @@ def main(argv=None) -> int:
         print(md + "\n")
         for s, g in gains.items():
             print(f"- {s}: mean gain over zero-shot {100 * np.mean(g):+.2f} points over {len(g)} runs")
+        for (s, obj), g in tt.groupby(["searcher", "objective"], sort=False):
+            print(f"- {s}, {obj}: mean gain {100 * (g.acc - g.zero_shot).mean():+.2f} points over {len(g)} runs")
         print(f"- wall time: {walls['tta']:.0f} s for {len(tt)} runs\n")
     print(f"total wall time {time.time() - t0:.0f} s ({a.threads} threads); runs recorded in {a.results_dir}")
     return 0
