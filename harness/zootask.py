@@ -196,6 +196,23 @@ class ZooTask(Task):
             xt = xt.clone().requires_grad_(True)
         return self.comp.merge(xt), xt
 
+    def weighted_ce(self, c: Candidate, data: "WeightedSet", shard=None, regularizer=None) -> Evaluation:
+        """Candidate ``c`` on shard ``shard`` of ``data``: the weighted mean cross-entropy (plus
+        ``regularizer(coefficients)``, a per-candidate constant that survives the shard reduction)
+        and the weighted accuracy. An empty shard has weight 0 and a zero gradient."""
+        names, xs, ys, ws = data.part(shard)
+        with torch.set_grad_enabled(c.grad):
+            params, xt = self.params(c.x, c.grad)
+            wsum = float(sum(w.sum() for w in ws))
+            if not any(len(y) for y in ys):
+                return evaluation(xt.sum() * 0, 0.0, xt, c.grad, {"acc": 0.0})
+            losses, correct = per_sample_ce(self.source, params, names, xs, ys)
+            loss = sum((l * w).sum() for l, w in zip(losses, ws)) / wsum
+            if regularizer is not None:
+                loss = loss + regularizer(xt)
+            acc = float(sum((k.float() * w).sum() for k, w in zip(correct, ws))) / wsum
+            return evaluation(loss, wsum, xt, c.grad, {"acc": acc})
+
     def accuracy(self, x, ds: str, split: str = "test") -> float:
         with torch.no_grad():
             return self.source.accuracy(self.params(x, False)[0], ds, split)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from harness.api import Candidate, HarnessError
-from harness.zootask import ZooOptions, WeightedSet, ZooTask, evaluation, per_sample_ce
+from harness.zootask import WeightedSet, ZooOptions, ZooTask
 
 _GRID = np.linspace(0.0, 1.0, 21)
 
@@ -58,18 +58,8 @@ class AdditionTask(ZooTask):
         return WeightedSet(src, pieces)
 
     def evaluate(self, candidates: list[Candidate], shard=None):
-        out = []
-        for c in candidates:
-            data = self.search if c.batch is None else self._minibatch(c.batch)
-            names, xs, ys, ws = data.part(shard)
-            with torch.set_grad_enabled(c.grad):
-                params, xt = self.params(c.x, c.grad)
-                losses, correct = per_sample_ce(self.source, params, names, xs, ys)
-                wsum = float(sum(w.sum() for w in ws))
-                loss = sum((l * w).sum() for l, w in zip(losses, ws)) / max(wsum, 1e-12)
-                acc = float(sum((k.float() * w).sum() for k, w in zip(correct, ws))) / max(wsum, 1e-12)
-                out.append(evaluation(loss, wsum, xt, c.grad, {"acc": acc}))
-        return out
+        return [self.weighted_ce(c, self.search if c.batch is None else self._minibatch(c.batch), shard)
+                for c in candidates]
 
     def final(self, x):
         acc = {ds: self.accuracy(x, ds, "test") for ds in self.names}

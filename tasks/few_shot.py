@@ -9,7 +9,7 @@ import torch
 
 from harness.api import Candidate, HarnessError
 from harness.models import few_shot_indices
-from harness.zootask import ZooOptions, WeightedSet, ZooTask, evaluation, per_sample_ce
+from harness.zootask import WeightedSet, ZooOptions, ZooTask
 from tasks.tta import augment
 
 
@@ -74,24 +74,10 @@ class FewShotTask(ZooTask):
         return WeightedSet(self.source, [(self.options.target, x[idx], y[idx], 1.0)])
 
     def evaluate(self, candidates: list[Candidate], shard=None):
-        out = []
-        for c in candidates:
-            data = self.search if c.batch is None else self._minibatch(c.batch)
-            names, xs, ys, ws = data.part(shard)
-            with torch.set_grad_enabled(c.grad):
-                params, xt = self.params(c.x, c.grad)
-                wsum = float(ws[0].sum())
-                if not len(ys[0]):  # an empty shard: weight 0, zero gradient
-                    out.append(evaluation(xt.sum() * 0, 0.0, xt, c.grad, {"acc": 0.0}))
-                    continue
-                (losses,), (correct,) = per_sample_ce(self.source, params, names, xs, ys)
-                loss = (losses * ws[0]).sum() / wsum
-                if self.options.l1:
-                    # A constant per candidate: added to every shard, it survives the weighted reduction.
-                    loss = loss + self.options.l1 * xt.abs().mean()
-                acc = float((correct.float() * ws[0]).sum()) / wsum
-                out.append(evaluation(loss, wsum, xt, c.grad, {"acc": acc}))
-        return out
+        l1 = self.options.l1
+        reg = (lambda xt: l1 * xt.abs().mean()) if l1 else None
+        return [self.weighted_ce(c, self.search if c.batch is None else self._minibatch(c.batch), shard, reg)
+                for c in candidates]
 
     def final(self, x):
         acc = self.accuracy(x, self.options.target, "test")
