@@ -178,13 +178,16 @@ def fidelity(seeds: list[int], results_dir: str) -> None:
           f"(per seed {', '.join(f'{100 * g:+.1f}' for g in gaps)}; target: the same)")
 
 
-_MEM_CHILD = """
-import json, resource, sys
+# VmHWM, not getrusage's ru_maxrss: a child started from this (large) process inherits its
+# ru_maxrss across exec, VmHWM belongs to the child's own address space.
+_PEAK = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024.0"
+_MEM_CHILD = f"""
+import json, sys
 from harness.config import RunConfig
 from harness.runner import run
 cfg = RunConfig(**json.loads(sys.argv[1]))
 rec = run(cfg, log=lambda m: None)
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
+print(json.dumps({{"peak": {_PEAK}}}))
 """
 
 
@@ -195,8 +198,7 @@ def _child(code: str, *args) -> dict:
 
 def memory(results_dir: str, budget: int) -> None:
     peaks = {}
-    floor = _child("import json, resource, torch; print(json.dumps({'peak': "
-                   "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))")["peak"]
+    floor = _child(f"import json, torch; print(json.dumps({{'peak': {_PEAK}}}))")["peak"]
     for searcher, space in (("nevergrad", "per_layer"), ("gradient", "per_block")):
         cfg = {"task": "addition", "searcher": searcher, "space": space, "budget": budget, "seed": 0,
                "results_dir": results_dir, "quiet": True, "rerun": True}
