@@ -178,5 +178,14 @@ def now() -> str:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB. Linux's VmHWM starts afresh at exec, unlike
+    ``ru_maxrss``, which a process started by a large parent inherits from it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
