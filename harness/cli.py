@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--space")
     sw.add_argument("-s", dest="searcher_options", action="append", metavar="KEY=VALUE")
     sw.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE")
-    sw.add_argument("--results-dir", dest="results_dir", default="results")
+    sw.add_argument("--results-dir", dest="results_dir", help="default: the sweep file's, else results")
     sw.add_argument("--cache-dir", dest="cache_dir")
     sw.add_argument("--workers", type=int, default=0)
     sw.add_argument("--quiet", action="store_true")

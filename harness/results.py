@@ -177,6 +177,16 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak-memory count afresh (Linux: ``5`` to /proc/self/clear_refs resets
+    VmHWM), so runs that share a process (sweeps, benches) each record their own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB. Linux's VmHWM starts afresh at exec, unlike
     ``ru_maxrss``, which a process started by a large parent inherits from it."""

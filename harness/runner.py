@@ -22,7 +22,7 @@ from harness import registry
 from harness.api import Candidate, Evaluation, HarnessError, Searcher, Task
 from harness.config import RunConfig, resolve_options
 from harness.evaluators import Evaluator, LocalEvaluator
-from harness.results import RunStore, git_sha, now, peak_rss_mb, versions
+from harness.results import RunStore, git_sha, now, peak_rss_mb, reset_peak_rss, versions
 
 
 @dataclass
@@ -136,6 +136,7 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         log(f"resuming run {store.run_id} from {len(prior)} recorded evaluations")
     torch.manual_seed(c.seed)
     np.random.seed(c.seed % 2**32)
+    reset_peak_rss()
     t0 = time.time()
     task = make_task(p)
     evaluator = searcher = None
