@@ -47,7 +47,8 @@ def _args(argv):
     p.add_argument("--tta-seeds", default="0")
     p.add_argument("--tta-max-n", type=int, default=500)
     p.add_argument("--tta-gradient-budget", type=int, default=60)
-    p.add_argument("--tta-nevergrad-objectives", default="im,ufm,entropy,simclr")
+    p.add_argument("--tta-nevergrad-objectives", default="im,entropy",
+                   help="objectives also run with nevergrad (ufm and simclr add 128 s and lose 10-24 points)")
     p.add_argument("--tta-nevergrad-budget", type=int, default=80)
     p.add_argument("--space", default="per_block", help="the gradient searcher's space (the paper's)")
     p.add_argument("--results-dir", default="results/bench-few-shot")
