@@ -312,7 +312,9 @@ class TTATask(ZooTask):
 
     @classmethod
     def shardable(cls, options) -> bool:
-        return options.objective != "im"  # its diversity term is on the mean over the whole batch
+        # im's diversity term is on the mean prediction of the whole batch: shard losses are valid
+        # losses of their own samples but do not average to the whole batch's.
+        return options.objective != "im"
 
     def _batch(self, c: Candidate) -> Tensor:
         """All samples for a whole-set score, else a random mini-batch seeded by ``c.batch``."""
@@ -330,10 +332,10 @@ class TTATask(ZooTask):
                     t, u, w_t, w_u = self._ufm_data(c, shard)
                     num, wsum, metrics = self._ufm(params, t, u, w_t, w_u)
                 elif o.objective == "im":
-                    if shard is not None and shard[1] > 1:
-                        raise HarnessError("the im objective is not split across data shards; "
-                                           "use --parallel candidates")
-                    num, wsum, metrics = self._im(params, self._batch(c))
+                    # A shard is scored as a batch of its own (what a low-fidelity score needs); its
+                    # results do not reduce exactly to the whole batch's, see shardable().
+                    batch = self._batch(c)
+                    num, wsum, metrics = self._im(params, batch[shard_slice(len(batch), shard)])
                 elif o.objective == "entropy":
                     batch = self._batch(c)
                     idx = batch[shard_slice(len(batch), shard)]
