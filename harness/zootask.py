@@ -137,6 +137,15 @@ class ZooTask(Task):
             raise HarnessError(f"{what} '{missing[0]}' is not in {self.source_name}; "
                                f"valid: {', '.join(self.source.datasets)}")
 
+    def compose_others(self, target: str):
+        """Check ``target`` and compose every *other* data set's task vector (few-shot, TTA)."""
+        self.check_datasets([target], "target")
+        others = [d for d in self.source.datasets if d != target]
+        if not others:
+            raise HarnessError(f"{self.name} composes the other data sets' task vectors, "
+                               f"but {self.source_name} has only '{target}'")
+        return self.compose(others)
+
     def compose(self, names: list[str], signs: list[float] | None = None):
         """The composition of these data sets' task vectors in the run's space."""
         parse_space(self.space_kind)

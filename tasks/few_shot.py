@@ -49,12 +49,7 @@ class FewShotTask(ZooTask):
 
     def setup(self, device="cpu"):
         src, o = self.load_source(), self.options
-        self.check_datasets([o.target], "target")
-        others = [d for d in src.datasets if d != o.target]
-        if not others:
-            raise HarnessError(f"few_shot composes the other data sets' task vectors, "
-                               f"but zoo '{o.zoo}' has only '{o.target}'")
-        self.compose(others)
+        self.compose_others(o.target)
         y = src.labels[o.target]["train"]
         # Seeded by the run seed (and salted so the shots differ from those the zoo's heads saw).
         self.shot_idx = few_shot_indices(y, o.shots, seed=self.seed * 7919 + 101).sort().values

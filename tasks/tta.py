@@ -185,7 +185,7 @@ class TTATask(ZooTask):
 
     name = "tta"
     description = ("test-time adaptation: unlabelled target test split, other data sets' task vectors "
-                   "(ufm|entropy|simclr)")
+                   "(im|ufm|entropy|simclr)")
     headline = "acc"
     higher_is_better = True
 
@@ -219,12 +219,7 @@ class TTATask(ZooTask):
 
     def setup(self, device="cpu"):
         src, o = self.load_source(), self.options
-        self.check_datasets([o.target], "target")
-        others = [d for d in src.datasets if d != o.target]
-        if not others:
-            raise HarnessError(f"tta composes the other data sets' task vectors, "
-                               f"but zoo '{o.zoo}' has only '{o.target}'")
-        self.compose(others)
+        self.compose_others(o.target)
         n_all = len(src.inputs[o.target]["test"])
         self.idx = torch.arange(n_all)
         if 0 < o.max_n < n_all:
