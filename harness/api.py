@@ -167,6 +167,15 @@ class Task(Plugin, ABC):
     def setup(self, device: str = "cpu") -> None:
         """Build everything expensive (model, task vectors, cached inputs). Called once per process."""
 
+    @classmethod
+    def check_space(cls, options, space: str) -> None:
+        """Raise HarnessError when the options cannot work with ``--space`` (checked before a run)."""
+
+    def after_setup(self) -> dict:
+        """Called right after :meth:`setup` in every process that evaluates (the runner and each Ray
+        worker), e.g. to drop task vectors. Returns facts to keep in the run record."""
+        return {}
+
     @abstractmethod
     def space(self) -> Space:
         """The coefficient space (valid after :meth:`setup`)."""

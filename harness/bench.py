@@ -87,7 +87,7 @@ def main(name: str, seeds: list[int], results_dir: str, cache_dir: str | None, t
     from harness.api import HarnessError
     from harness.leaderboard import markdown
     if name not in SUITES:
-        raise HarnessError(f"unknown benchmark '{name}'; valid: {', '.join(SUITES)}")
+        raise HarnessError(f"unknown benchmark '{name}'; valid: {', '.join(SUITES)}, perf")
     t0 = time.time()
     df = run_suite(name, seeds, results_dir, cache_dir, task_options)
     table = summarize(df)

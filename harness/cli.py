@@ -88,11 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--max-n", dest="max_n", type=int, default=4000, help="images per built-in data set")
     bench = sub.add_parser("bench", help="run a benchmark suite (several searchers, same seeds)")
-    bench.add_argument("suite", help="addition | negation")
+    bench.add_argument("suite", help="addition | negation | perf (issue #10's performance figures)")
     bench.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     bench.add_argument("--results-dir", dest="results_dir", default=None, help="default results/bench-SUITE")
     bench.add_argument("--cache-dir", dest="cache_dir")
     bench.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE", help="task option (repeatable)")
+    bench.add_argument("--only", default=None, help="perf only: comma-separated subset of "
+                       "throughput,overhead,fidelity,memory,selection (default all)")
     return parser
 
 
@@ -130,7 +132,17 @@ def cmd_bench(args) -> int:
     from harness import bench
     from harness.config import coerce
     seeds = coerce(args.seeds, list[int], "--seeds")
-    out = bench.main(args.suite, seeds, args.results_dir or f"results/bench-{args.suite}", args.cache_dir,
+    results_dir = args.results_dir or f"results/bench-{args.suite}"
+    if args.suite == "perf":
+        from harness import perf
+        if args.task_options:
+            raise HarnessError("bench perf takes no task options (-t); it measures the default zoo's addition task")
+        perf.main(["--seeds", ",".join(map(str, seeds)), "--results-dir", results_dir]
+                  + (["--only", args.only] if args.only else []))
+        return 0
+    if args.only:
+        raise HarnessError(f"--only applies to bench perf, not bench {args.suite}")
+    out = bench.main(args.suite, seeds, results_dir, args.cache_dir,
                      _pairs(args.task_options, "-t"))
     print(out)
     return 0

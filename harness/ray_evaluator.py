@@ -13,7 +13,9 @@ Two kinds of parallelism (DESIGN.md §2):
   ``complete`` is applied once on the whole-set result, in the driver. For sequential searchers
   and the gradient searcher, which ask for one candidate at a time.
 
-``auto`` picks ``data`` when the batch has fewer candidates than there are workers.
+``auto`` picks ``data`` when the batch has fewer candidates than there are workers. A candidate of
+low fidelity (``Candidate.fidelity < 1``) is scored whole by one worker on its fixed part of the
+search set (:func:`harness.evaluators.fidelity_shard`), exactly as the local evaluator does.
 
 A worker that dies mid-batch (killed, out of memory, node lost) is replaced by a fresh actor and
 its unfinished work is handed out again; every candidate gets exactly one evaluation. Work that
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from harness.api import Candidate, Evaluation, HarnessError, Task
-from harness.evaluators import PENALTY, Evaluator, reduce_shards, sanitize
+from harness.evaluators import PENALTY, Evaluator, fidelity_shard, reduce_shards, sanitize
 
 if TYPE_CHECKING:
     from harness.runner import Plan
@@ -66,7 +68,7 @@ class HarnessWorker:
             import torch
             from ray import cloudpickle
 
-            from harness.runner import make_task
+            from harness.runner import make_task, setup_task
 
             torch.set_num_threads(context["threads"])
             plan = cloudpickle.loads(payload)
@@ -75,7 +77,7 @@ class HarnessWorker:
             np.random.seed(seed % 2**32)
             t0 = time.perf_counter()
             self.task = make_task(plan)
-            self.task.setup(context["device"])
+            setup_task(self.task, context["device"])
             self.setup_s = time.perf_counter() - t0
         except Exception as e:  # reported by ready(): an actor whose __init__ raises is only "dead"
             user = isinstance(e, HarnessError)
@@ -87,11 +89,13 @@ class HarnessWorker:
         import torch
         return {"pid": os.getpid(), "threads": torch.get_num_threads(), "setup_s": self.setup_s}
 
-    def evaluate(self, candidates: list[Candidate], shard: tuple[int, int] | None) -> tuple[list[Evaluation], float]:
-        """The evaluations, and the seconds spent computing them (for :meth:`RayEvaluator.stats`)."""
+    def evaluate(self, candidates: list[Candidate], shard: tuple[int, int] | None,
+                 whole: bool = False) -> tuple[list[Evaluation], float]:
+        """The evaluations, and the seconds spent computing them (for :meth:`RayEvaluator.stats`).
+        ``whole``: the shard is all the candidate is scored on (low fidelity), so ``complete`` it."""
         t0 = time.perf_counter()
         evs = self.task.evaluate(candidates, shard=shard)
-        if shard is None:
+        if shard is None or whole:
             evs = [self.task.complete(c, e) for c, e in zip(candidates, evs)]
         return evs, time.perf_counter() - t0
 
@@ -253,17 +257,29 @@ class RayEvaluator(Evaluator):
             return []
         t0 = time.perf_counter()
         n = len(self.actors)
-        data = self.shardable and (self.mode == "data" or (self.mode == "auto" and len(candidates) < n))
-        if not data or n == 1:
-            outs = self._run([([c], None) for c in candidates])
-            result = [sanitize(_writable(o[0])) for o in outs]
+        # Low-fidelity candidates are scored, one per work item, on their fixed part of the search
+        # set (as the local evaluator does); full ones by candidate or split into data shards.
+        low = [i for i, c in enumerate(candidates) if fidelity_shard(c.fidelity) is not None]
+        full = [i for i in range(len(candidates)) if fidelity_shard(candidates[i].fidelity) is None]
+        data = self.shardable and (self.mode == "data" or (self.mode == "auto" and len(full) < n)) and n > 1
+        work = [([candidates[i]], fidelity_shard(candidates[i].fidelity), True) for i in low]
+        if data and full:
+            work += [([candidates[i] for i in full], (k, n), False) for k in range(n)]
         else:
-            outs = self._run([(candidates, (i, n)) for i in range(n)])
+            work += [([candidates[i]], None, False) for i in full]
+        outs = self._run(work)
+        result: list[Evaluation | None] = [None] * len(candidates)
+        for i, o in zip(low, outs):
+            result[i] = sanitize(_writable(o[0]))
+        outs = outs[len(low):]
+        if data and full:
             task = self._driver_task()
-            result = []
-            for j, c in enumerate(candidates):
-                ev = reduce_shards([outs[i][j] for i in range(n)])
-                result.append(sanitize(task.complete(c, ev) if task is not None else ev))
+            for j, i in enumerate(full):
+                ev = reduce_shards([outs[k][j] for k in range(n)])
+                result[i] = sanitize(task.complete(candidates[i], ev) if task is not None else ev)
+        else:
+            for i, o in zip(full, outs):
+                result[i] = sanitize(_writable(o[0]))
         self._stats["calls"] += 1
         self._stats["wall_s"] += time.perf_counter() - t0
         return result
@@ -281,15 +297,15 @@ class RayEvaluator(Evaluator):
         if self._task is None:
             import torch
 
-            from harness.runner import make_task
+            from harness.runner import make_task, setup_task
             c = self.plan.config
             torch.manual_seed(c.seed)
             np.random.seed(c.seed % 2**32)
             self._task = make_task(self.plan)
-            self._task.setup(c.device)
+            setup_task(self._task, c.device)
         return self._task
 
-    def _run(self, work: list[tuple[list[Candidate], tuple[int, int] | None]]) -> list[list[Evaluation]]:
+    def _run(self, work: list[tuple[list[Candidate], tuple[int, int] | None, bool]]) -> list[list[Evaluation]]:
         """Hand out work items to free workers until every item has a result (in item order).
 
         A worker lost mid-item is replaced (the new actor sets up while the others keep working)
@@ -305,8 +321,8 @@ class RayEvaluator(Evaluator):
         while done < len(work):
             while idle and queue:
                 slot, (k, attempt) = idle.popleft(), queue.popleft()
-                cands, shard = work[k]
-                running[self.actors[slot].evaluate.remote(cands, shard)] = (slot, k, attempt)
+                cands, shard, whole = work[k]
+                running[self.actors[slot].evaluate.remote(cands, shard, whole)] = (slot, k, attempt)
             if not running and not starting:
                 raise RuntimeError("no Ray worker is left to evaluate on")
             (ref,), _ = ray.wait(list(running) + list(starting), num_returns=1)
@@ -325,7 +341,7 @@ class RayEvaluator(Evaluator):
             except lost as e:
                 if attempt >= MAX_ATTEMPTS:
                     msg = f"Ray worker lost {attempt} times on this work: {type(e).__name__}"
-                    cands, _ = work[k]
+                    cands = work[k][0]
                     results[k] = [Evaluation(loss=PENALTY, weight=0.0, ok=False, error=msg) for _ in cands]
                     done += 1
                 else:

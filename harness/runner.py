@@ -59,6 +59,7 @@ def plan(cfg: RunConfig) -> Plan:
     if task_cls.composes:
         from harness.composition import parse_space
         parse_space(cfg.space or searcher_cls.default_space)
+    task_cls.check_space(t_opts, cfg.space or searcher_cls.default_space)
     resolved = dataclasses.replace(
         cfg, budget=budget, batch_size=batch, space=cfg.space or searcher_cls.default_space,
         task_options=dataclasses.asdict(t_opts), searcher_options=dataclasses.asdict(s_opts))
@@ -68,6 +69,12 @@ def plan(cfg: RunConfig) -> Plan:
 def make_task(p: Plan) -> Task:
     c = p.config
     return p.task_cls(p.task_options, space=c.space, seed=c.seed, cache_dir=c.cache_dir)
+
+
+def setup_task(task: Task, device: str) -> dict:
+    """``task.setup`` then its ``after_setup`` hook; returns what the hook reports."""
+    task.setup(device)
+    return task.after_setup() or {}
 
 
 def make_evaluator(p: Plan, task: Task) -> Evaluator:
@@ -141,7 +148,7 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
     task = make_task(p)
     evaluator = searcher = None
     try:
-        task.setup(c.device)
+        record.update(setup_task(task, c.device))
         space = task.space()
         searcher = p.searcher_cls(space, c.budget, c.batch_size, c.seed, p.searcher_options)
         evaluator = make_evaluator(p, task)

@@ -40,7 +40,7 @@ def select_informative(task, b: int, x: np.ndarray | None = None) -> dict:
     """Keep the top-``b`` task vectors per block of ``task.comp`` by |∂L/∂λ| (in place).
 
     Returns:
-        ``{"b", "T", "bytes_before", "bytes_after", "kept": {task name: blocks kept}}``.
+        ``{"b", "T", "B", "bytes_before", "bytes_after", "kept": {task name: blocks kept}}``.
     """
     comp = task.comp
     if not 1 <= b <= comp.T:
@@ -49,4 +49,4 @@ def select_informative(task, b: int, x: np.ndarray | None = None) -> dict:
     keep = top_tasks_per_block(block_scores(task, x), b)
     comp.select(keep)
     kept = {name: sum(t in k for k in keep) for t, name in enumerate(comp.task_names)}
-    return {"b": b, "T": comp.T, "bytes_before": before, "bytes_after": comp.memory_bytes(), "kept": kept}
+    return {"b": b, "T": comp.T, "B": comp.B, "bytes_before": before, "bytes_after": comp.memory_bytes(), "kept": kept}

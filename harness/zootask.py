@@ -33,6 +33,10 @@ class ZooOptions:
     path whose file stem is the data set name, or a folder of such files), and ``data_root``
     holds image folders ``<data_root>/<NAME>/<split>/<class>/*.png`` for data sets that are not
     built in. ``zoo_options`` then takes ``max_n`` (images per built-in data set).
+
+    ``select=b`` (b ≥ 1) keeps only the ``b`` most informative task vectors per block, ranked by
+    |∂L/∂λ| at the start point before any search (informative block selection, paper App. D.6;
+    needs ``--space per_block`` or ``per_partition:K``); 0 keeps them all.
     """
 
     zoo: str = "effnet"
@@ -43,6 +47,7 @@ class ZooOptions:
     data_root: str = ""
     bound: float = 1.5
     dtype: str = "fp32"
+    select: int = 0
 
 
 @dataclass
@@ -162,6 +167,8 @@ class ZooTask(Task):
             raise HarnessError(f"task option dtype must be fp32 or fp16, got {options.dtype!r}")
         if options.bound <= 0:
             raise HarnessError(f"task option bound must be positive, got {options.bound}")
+        if options.select < 0:
+            raise HarnessError(f"task option select keeps b task vectors per block: b >= 1, or 0 for all; got {options.select}")
         if options.checkpoints:
             if not options.model and not options.pretrained.startswith("local-dir:"):
                 raise HarnessError("task option checkpoints needs model (an open_clip architecture, e.g. "
@@ -181,6 +188,19 @@ class ZooTask(Task):
                 raise HarnessError(f"data root not found: {options.data_root} (a folder holding "
                                    "<data_root>/<data set>/<split>/<class>/*.png)")
             options.data_root = os.path.abspath(options.data_root)
+
+    @classmethod
+    def check_space(cls, options, space: str) -> None:
+        if options.select and not space.startswith(("per_block", "per_partition")):
+            raise HarnessError(f"task option select (informative block selection) needs --space per_block or "
+                               f"per_partition:K, not {space}")
+
+    def after_setup(self) -> dict:
+        if not self.options.select:
+            return {}
+        from harness.selection import select_informative
+        rep = select_informative(self, min(self.options.select, self.comp.T))
+        return {"selection": rep}
 
     def space(self) -> Space:
         b = self.options.bound

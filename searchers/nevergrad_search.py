@@ -24,6 +24,11 @@ class NevergradSearcher(Searcher):
     only the ``finalists`` best distinct points it found are scored on the whole set at the end;
     the best of those is recommended. Every score counts as one evaluation of the run's budget,
     so the evaluation compute is ``(budget − finalists) × F + finalists`` full evaluations.
+
+    Warm start (``warm=K``, K ≥ 2): the first K evaluations score the isotropic line
+    ``x = α·1`` for α in ``linspace(0, 1, K)`` (task arithmetic's search, clipped to the box), and
+    the optimiser then starts from the best of them instead of the space's start. They count
+    towards the budget.
     """
 
     name = "nevergrad"
@@ -41,6 +46,7 @@ class NevergradSearcher(Searcher):
         l1: float = 0.0
         screen: float = 1.0
         finalists: int = 8
+        warm: int = 0
 
     @classmethod
     def validate(cls, options):
@@ -58,24 +64,25 @@ class NevergradSearcher(Searcher):
             raise HarnessError(f"nevergrad option screen must be in (0, 1] (fraction of the search set), got {options.screen}")
         if options.finalists < 1:
             raise HarnessError(f"nevergrad option finalists must be at least 1, got {options.finalists}")
+        if options.warm == 1 or options.warm < 0:
+            raise HarnessError(f"nevergrad option warm must be 0 (off) or at least 2 (points on the α line), got {options.warm}")
 
     def __init__(self, space, budget, batch_size, seed, options):
         super().__init__(space, budget, batch_size, seed, options)
-        import nevergrad as ng
-
         self.validate(options)
-        registry = ng.optimizers.registry
-        lower, upper = space.lower, space.upper
+        self._lower, self._upper = space.lower, space.upper
         if options.bound is not None:
-            lower, upper = np.full(space.dim, -options.bound), np.full(space.dim, options.bound)
-        param = ng.p.Array(init=np.clip(space.start, lower, upper)).set_bounds(lower, upper)
-        param.random_state = np.random.RandomState(seed % 2**32)
+            self._lower, self._upper = np.full(space.dim, -options.bound), np.full(space.dim, options.bound)
+        # Warm start: points of the isotropic line still to ask, and the scored ones.
+        warm = min(options.warm, max(budget - 1, 0))
+        self._line = [np.clip(np.full(space.dim, a), self._lower, self._upper) for a in np.linspace(0, 1, warm)] if warm >= 2 else []
+        self._line_scores: list[tuple[float, np.ndarray]] = []
+        self._line_out = 0
+        optimiser_budget = budget - len(self._line)
         # Multi-fidelity: the optimiser's own budget is the screens; then come the finalists.
-        self._screens_left = max(budget - options.finalists, 1) if options.screen < 1 else None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.opt = registry[options.optimizer](parametrization=param, budget=self._screens_left or budget,
-                                                   num_workers=batch_size)
+        self._screens_left = max(optimiser_budget - options.finalists, 1) if options.screen < 1 else None
+        self._optimiser_budget = self._screens_left or optimiser_budget
+        self.opt = None
         self._pending: dict[int, object] = {}
         self.info = {"optimizer": options.optimizer, "num_workers": batch_size}
         # Screened (loss, x) pairs, the finalists still to score on the whole set (chosen once the
@@ -85,6 +92,24 @@ class NevergradSearcher(Searcher):
         self._best: tuple[float, np.ndarray] | None = None
         if options.screen < 1:
             self.info.update(screen=options.screen, finalists=options.finalists)
+        if not self._line:
+            self._start_optimiser(self.space.start)
+
+    def _start_optimiser(self, start: np.ndarray) -> None:
+        import nevergrad as ng
+
+        param = ng.p.Array(init=np.clip(start, self._lower, self._upper)).set_bounds(self._lower, self._upper)
+        param.random_state = np.random.RandomState(self.seed % 2**32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.opt = ng.optimizers.registry[self.options.optimizer](
+                parametrization=param, budget=self._optimiser_budget, num_workers=self.batch_size)
+
+    def _ask_line(self, n: int) -> list[Candidate]:
+        """The next points of the warm-start line (whole search set: they pick the optimiser's start)."""
+        out = self._line[self._line_out:self._line_out + n]
+        self._line_out += len(out)
+        return [Candidate(x=x.copy()) for x in out]
 
     def _chosen(self) -> str:
         """The algorithm a meta-optimiser such as NGOpt delegated to (recorded with the run)."""
@@ -98,6 +123,15 @@ class NevergradSearcher(Searcher):
         return " -> ".join(names) if names else self.options.optimizer
 
     def ask(self, n):
+        if self.opt is None:
+            if self._line_out < len(self._line):
+                return self._ask_line(n)
+            if len(self._line_scores) < len(self._line):
+                return []  # the line's scores are still out (asynchronous runners)
+            ok = [t for t in self._line_scores if np.isfinite(t[0])]
+            start = min(ok, key=lambda t: t[0])[1] if ok else self.space.start
+            self.info["warm_start"] = float(start.mean())
+            self._start_optimiser(start)
         if self._screens_left is not None:
             if self._screens_left <= 0:
                 return self._ask_finalists(n)
@@ -136,6 +170,9 @@ class NevergradSearcher(Searcher):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for c, e in zip(candidates, evaluations):
+                if self.opt is None:  # a warm-start line point
+                    self._line_scores.append((e.loss if e.ok else float("inf"), c.x.copy()))
+                    continue
                 if self._screens_left is not None and c.fidelity >= 1:  # a finalist's full score
                     if e.ok and (self._best is None or e.loss < self._best[0]):
                         self._best = (e.loss, c.x.copy())
@@ -149,7 +186,7 @@ class NevergradSearcher(Searcher):
         # Recast optimisers (Cobyla, which NGOpt picks for small sequential budgets) run scipy in a
         # non-daemon thread that waits for the next tell; stop it so the process can exit.
         o = self.opt
-        for _ in range(8):
+        for _ in range(8 if o is not None else 0):
             thread = getattr(o, "_messaging_thread", None)
             if thread is not None:
                 thread.stop()
@@ -160,6 +197,9 @@ class NevergradSearcher(Searcher):
     def recommend(self):
         if self._best is not None:
             return self._best[1].copy()
+        if self.opt is None:  # the whole budget went to the warm-start line
+            ok = [t for t in self._line_scores if np.isfinite(t[0])]
+            return (min(ok, key=lambda t: t[0])[1] if ok else self.space.start).copy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return np.asarray(self.opt.provide_recommendation().value, dtype=np.float64)

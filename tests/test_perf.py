@@ -151,3 +151,50 @@ def test_screen_option_is_checked():
     cls = registry.load("searcher", "nevergrad")
     with pytest.raises(HarnessError, match="screen"):
         cls.validate(resolve_options(cls, {"screen": 1.5}, "searcher"))
+
+
+def test_select_task_option_records_the_selection_and_ray_workers_select_alike(tmp_path):
+    opts = dict(TASK_OPTIONS["addition"], select=1)
+    common = dict(task="addition", searcher="random", space="per_block", budget=3, seed=0, task_options=opts,
+                  results_dir=str(tmp_path), quiet=True)
+    local = run(RunConfig(**common), log=lambda m: None)
+    sel = local["selection"]
+    assert sel["b"] == 1 and sel["bytes_after"] == pytest.approx(sel["bytes_before"] / sel["T"], rel=1e-9)
+    assert sum(sel["kept"].values()) == sel["B"]  # one task vector per block
+    full = run(RunConfig(**dict(common, task_options=dict(TASK_OPTIONS["addition"]))), log=lambda m: None)
+    assert full["run_id"] != local["run_id"] and "selection" not in full
+    # Each Ray worker selects on its own; a sharded run scores every candidate as the local one does.
+    ray_rec = run(RunConfig(**dict(common, workers=2, parallel="data", rerun=True)), log=lambda m: None)
+    assert ray_rec["selection"]["kept"] == sel["kept"]
+    rows = lambda rec: [json.loads(l)["loss"] for l in open(tmp_path / "runs" / rec["run_id"] / "trace.jsonl")]
+    assert rows(ray_rec) == pytest.approx(rows(local), rel=1e-5)
+    assert rows(local) != pytest.approx(rows(full), rel=1e-4)  # selection changed the model
+
+
+def test_select_needs_a_per_block_space(tmp_path):
+    cfg = RunConfig(task="addition", searcher="random", space="per_layer", budget=2,
+                    task_options=dict(TASK_OPTIONS["addition"], select=2), results_dir=str(tmp_path), quiet=True)
+    with pytest.raises(HarnessError, match="select .*needs --space per_block"):
+        run(cfg, log=lambda m: None)
+    with pytest.raises(HarnessError, match="select keeps b task vectors"):
+        run(RunConfig(**dict(vars(cfg), space="per_block", task_options=dict(TASK_OPTIONS["addition"], select=-1))),
+            log=lambda m: None)
+    assert not (tmp_path / "runs").exists()  # checked before anything is recorded
+
+
+def test_nevergrad_warm_start_walks_the_isotropic_line_first(tmp_path):
+    K = 5
+    cfg = RunConfig(task="quadratic", searcher="nevergrad", budget=40, seed=0, task_options={"dim": 6},
+                    searcher_options={"warm": K, "optimizer": "Cobyla"}, results_dir=str(tmp_path), quiet=True)
+    rec = run(cfg, log=lambda m: None)
+    rows = [json.loads(line) for line in open(tmp_path / "runs" / rec["run_id"] / "trace.jsonl")]
+    assert len(rows) == 40
+    for a, r in zip(np.linspace(0, 1, K), rows[:K]):
+        assert r["x"] == pytest.approx([a] * 6)
+    best_line = min(rows[:K], key=lambda r: r["loss"])
+    assert rows[K]["x"] == pytest.approx(best_line["x"])  # Cobyla starts where the line was best
+    assert rec["searcher_info"]["warm_start"] == pytest.approx(best_line["x"][0])
+    assert rec["final"]["loss"] <= best_line["loss"]
+    cls = registry.load("searcher", "nevergrad")
+    with pytest.raises(HarnessError, match="warm"):
+        cls.validate(resolve_options(cls, {"warm": 1}, "searcher"))

@@ -172,6 +172,12 @@ def test_ray_equals_local_on_quadratic(quad, mode):
     one = ev.evaluate(cands[1:2])  # in auto mode one candidate on two workers is split by data
     _same(one, want[1:2], exact=(mode == "candidates"))
     assert one[0].metrics["completed"] == 1.0
+    # Low fidelity: scored whole on the fixed part of the data, mixed with full candidates.
+    mixed = [Candidate(x=c.x, fidelity=f) for c, f in zip(cands[:4], (0.5, 1.0, 0.25, 0.5))]
+    got, want = ev.evaluate(mixed), local.evaluate(mixed)
+    _same(got, want, exact=False)
+    assert got[0].loss != pytest.approx(ev.evaluate([Candidate(x=cands[0].x)])[0].loss, rel=1e-6)
+    assert all(e.metrics["completed"] == 1.0 for e in got)
 
 
 def test_a_worker_killed_mid_batch_is_replaced(quad):
@@ -237,6 +243,7 @@ def test_ray_equals_local_on_addition(ray_session, cache_dir):
     ("nevergrad", 1, {}),                                # sequential → data-parallel
     ("nevergrad", 4, {"optimizer": "TwoPointsDE"}),      # population → candidate-parallel
     ("gradient", 1, {"lr": 0.05, "validate_every": 10}),  # gradient steps → data-parallel
+    ("nevergrad", 1, {"screen": 0.5, "finalists": 4, "warm": 5}),  # low-fidelity screens on workers
 ])
 def test_run_on_two_workers_gives_the_local_result(ray_session, tmp_path, searcher, batch, options):
     def go(workers):
