@@ -212,7 +212,10 @@ class ZooTask(Task):
 
     def subset(self, ds: str, split: str, n: int, salt: int = 0) -> torch.Tensor:
         """A fixed random subset of ``n`` indices of a split (all of it if n <= 0), seeded by the run."""
-        size = len(self.source.labels[ds][split])
+        return self.pick(len(self.source.labels[ds][split]), n, salt)
+
+    def pick(self, size: int, n: int, salt: int = 0) -> torch.Tensor:
+        """A fixed random subset of ``n`` of ``size`` indices (all if n <= 0), seeded by the run."""
         if n <= 0 or n >= size:
             return torch.arange(size)
         gen = torch.Generator().manual_seed(self.seed * 7919 + salt)

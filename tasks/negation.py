@@ -44,6 +44,7 @@ class NegationTask(ZooTask):
         control: str = "fashion"
         search_n: int = 128
         control_n: int = 0
+        control_split: str = "val"
         margin: float = 0.02
         batch_size: int = 64
         cap: float = 1.0
@@ -57,6 +58,8 @@ class NegationTask(ZooTask):
             raise HarnessError(f"negation target and control must differ, both are '{options.target}'")
         if not 0 < options.floor <= 1:
             raise HarnessError(f"task option floor must be in (0, 1], got {options.floor}")
+        if options.control_split not in ("val", "train+val"):
+            raise HarnessError(f"task option control_split must be val or train+val, got {options.control_split!r}")
         if not 0 <= options.margin < 1 or options.control_n < 0:
             raise HarnessError(f"task options margin must be in [0, 1) and control_n >= 0 (0 = the whole "
                                f"validation split), got {options.margin} and {options.control_n}")
@@ -68,10 +71,17 @@ class NegationTask(ZooTask):
         self.check_datasets([o.control], "control")
         self.compose([o.target], signs=[-1.0])
         self.tcap = o.cap * math.log(len(src.classes[o.target]))
+        # The control's validation pool: its val split, or train and val together (the control's
+        # train split is unseen by the negated model, which only moves along the target's vector).
+        splits = ["train", "val"] if o.control_split == "train+val" else ["val"]
+        self.pools = {o.target: (src.inputs[o.target]["val"], src.labels[o.target]["val"]),
+                      o.control: (torch.cat([src.inputs[o.control][s] for s in splits]),
+                                  torch.cat([src.labels[o.control][s] for s in splits]))}
         pieces = []
         for k, (ds, w, n) in enumerate([(o.target, 0.5, o.search_n), (o.control, 0.5, o.control_n)]):
-            idx = self.subset(ds, "val", n, salt=k)
-            pieces.append((ds, src.inputs[ds]["val"][idx], src.labels[ds]["val"][idx], w))
+            xs, ys = self.pools[ds]
+            idx = self.pick(len(ys), n, salt=k)
+            pieces.append((ds, xs[idx], ys[idx], w))
         self.search = WeightedSet(src, pieces)
         zero = np.zeros(self.comp.dim)
         self.zs_control_val = self._control_acc(self.search, zero)
@@ -86,9 +96,9 @@ class NegationTask(ZooTask):
         src, gen, o = self.source, torch.Generator().manual_seed(seed), self.options
         pieces = []
         for ds in (o.target, o.control):
-            n = len(src.labels[ds]["val"])
-            idx = torch.randint(0, n, (min(o.batch_size, n),), generator=gen)
-            pieces.append((ds, src.inputs[ds]["val"][idx], src.labels[ds]["val"][idx], 0.5))
+            xs, ys = self.pools[ds]
+            idx = torch.randint(0, len(ys), (min(o.batch_size, len(ys)),), generator=gen)
+            pieces.append((ds, xs[idx], ys[idx], 0.5))
         return WeightedSet(src, pieces)
 
     def evaluate(self, candidates: list[Candidate], shard=None):
