@@ -17,20 +17,23 @@ class NegationTask(ZooTask):
     """Compose the *negated* target task vector: θ = θ0 − Σ_b λ_b τ_target,b (λ = 0 is zero-shot,
     λ = α·1 is task arithmetic's negation).
 
-    Search loss on validation subsets (``search_n`` target images, ``control_n`` control images,
-    0 = the whole split): −min(CE_target, cap) + CE_control + a penalty when control accuracy falls
-    below (``floor`` + ``margin``) × its zero-shot accuracy. The raw −CE(target) is unbounded (it
-    rewards pushing the target arbitrarily far past chance), so each target sample's CE is capped
-    at ``cap`` × log(classes), the CE of a uniform guess. The penalty makes every searcher —
-    black-box, gradient (through its validations) and the task-arithmetic grid — honour the
-    paper's constraint: control ≥ 95% of zero-shot. Reported on test: target accuracy (headline,
-    lower is better), control accuracy and the ratio to its zero-shot accuracy; a run whose
-    test control accuracy is below the floor breaks the constraint and is not ranked.
+    Search loss on held-out subsets (``search_n`` target validation images; ``control_n`` images
+    of the control's pool, 0 = all of it): −min(CE_target, cap) + CE_control + a penalty when
+    control accuracy falls below (``floor`` + ``margin``) × its zero-shot accuracy. The raw
+    −CE(target) is unbounded (it rewards pushing the target arbitrarily far past chance), so each
+    target sample's CE is capped at ``cap`` × log(classes), the CE of a uniform guess. The penalty
+    makes every searcher — black-box, gradient (through its validations) and the task-arithmetic
+    grid — honour the paper's constraint: control ≥ 95% of zero-shot. Reported on test: target
+    accuracy (headline, lower is better), control accuracy and the ratio to its zero-shot accuracy;
+    a run whose test control accuracy is below the floor breaks the constraint and is not ranked.
 
-    Holding the floor on test: searchers push the control accuracy down to the floor on validation,
-    so validation noise decides the test side. Measured on the effnet zoo (3 seeds) with 128
-    control images and no margin, the test floor held in 1 of 6 aTLAS runs (control retained
-    .911–.950); the whole validation split (600 images) plus a 2-point margin is the default.
+    Holding the floor on test: searchers push the control accuracy down to the floor on the search
+    set, so that set's noise decides the test side. Measured on the effnet zoo (3 seeds): with 128
+    control validation images and no margin the test floor held in 1 of 6 aTLAS runs; with the
+    whole validation split (600) and a 2-point margin in 4 of 6 (seed 1 missed: .947 and .927).
+    The control's pool is therefore its train and validation splits together (``control_split``,
+    2400 images on effnet; the negated model only moves along the target's task vector, so the
+    control's train split is as unseen as its validation split).
     """
 
     name = "negation"
@@ -44,7 +47,7 @@ class NegationTask(ZooTask):
         control: str = "fashion"
         search_n: int = 128
         control_n: int = 0
-        control_split: str = "val"
+        control_split: str = "train+val"
         margin: float = 0.02
         batch_size: int = 64
         cap: float = 1.0
@@ -73,7 +76,7 @@ class NegationTask(ZooTask):
         self.tcap = o.cap * math.log(len(src.classes[o.target]))
         # The control's validation pool: its val split, or train and val together (the control's
         # train split is unseen by the negated model, which only moves along the target's vector).
-        splits = ["train", "val"] if o.control_split == "train+val" else ["val"]
+        splits = [sp for sp in ("train", "val") if sp in src.labels[o.control]] if o.control_split == "train+val" else ["val"]
         self.pools = {o.target: (src.inputs[o.target]["val"], src.labels[o.target]["val"]),
                       o.control: (torch.cat([src.inputs[o.control][s] for s in splits]),
                                   torch.cat([src.labels[o.control][s] for s in splits]))}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness import registry
-from harness.api import Candidate, Evaluation
+from harness.api import Candidate, Evaluation, HarnessError
 from harness.config import resolve_options
 from harness.leaderboard import leaderboard
 from harness.zootask import per_sample_ce
@@ -19,8 +19,9 @@ from tests.test_conformance import TASK_OPTIONS
 
 def _negation(cache_dir, **extra):
     cls = registry.load("task", "negation")
-    task = cls(resolve_options(cls, dict(TASK_OPTIONS["negation"], **extra), "task"), space="per_block", seed=0,
-               cache_dir=cache_dir)
+    opts = resolve_options(cls, dict(TASK_OPTIONS["negation"], **extra), "task")
+    cls.validate(opts)
+    task = cls(opts, space="per_block", seed=0, cache_dir=cache_dir)
     task.setup("cpu")
     return task
 
@@ -60,13 +61,16 @@ def test_penalty_below_the_floor_plus_margin_and_the_constraint(negation):
 
 
 def test_control_pool_train_and_val(cache_dir, negation):
-    both = _negation(cache_dir, control_split="train+val")
+    both, val = negation, _negation(cache_dir, control_split="val")
+    assert both.options.control_split == "train+val"  # the default
     src = both.source
     want = torch.cat([src.labels["lfw"]["train"], src.labels["lfw"]["val"]])
     assert torch.equal(both.search.labels[1], want)
-    assert torch.equal(negation.search.labels[1], src.labels["lfw"]["val"])
-    assert torch.equal(both.search.labels[0], negation.search.labels[0])  # the target part is unchanged
-    assert both.zs == negation.zs  # test-side references do not depend on the pool
+    assert torch.equal(val.search.labels[1], src.labels["lfw"]["val"])
+    assert torch.equal(both.search.labels[0], val.search.labels[0])  # the target part is unchanged
+    assert both.zs == val.zs  # test-side references do not depend on the pool
+    with pytest.raises(HarnessError, match="control_split must be val or train"):
+        _negation(cache_dir, control_split="test")
 
 
 def _record(root, run_id, searcher, seed, value, ok):
