@@ -154,6 +154,8 @@ class Task(Plugin, ABC):
 
     def __init__(self, options, space: str = "per_block", seed: int = 0, cache_dir: str | None = None):
         self.options, self.space_kind, self.seed, self.cache_dir = options, space, seed, cache_dir
+        # Facts the task learns while it runs (e.g. which evaluation path measured faster); recorded.
+        self.task_info: dict[str, Any] = {}
 
     @classmethod
     def shardable(cls, options) -> bool:

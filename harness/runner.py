@@ -203,6 +203,8 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         record.update(status="complete", evaluations=used, failed_evaluations=failed,
                       best_search_loss=best if math.isfinite(best) else None,
                       searcher_info=searcher.info, references=task.references())
+        if getattr(task, "task_info", None):
+            record["task_info"] = task.task_info
     except KeyboardInterrupt:
         record.update(status="interrupted", error="interrupted by the user; run the same command to resume")
         raise

@@ -58,8 +58,11 @@ class AdditionTask(ZooTask):
         return WeightedSet(src, pieces)
 
     def evaluate(self, candidates: list[Candidate], shard=None):
-        return [self.weighted_ce(c, self.search if c.batch is None else self._minibatch(c.batch), shard)
-                for c in candidates]
+        full = [i for i, c in enumerate(candidates) if c.batch is None and not c.grad]
+        out = dict(zip(full, self.score_batch([candidates[i] for i in full], self.search, shard)))
+        return [out[i] if i in out else self.weighted_ce(c, self._minibatch(c.batch) if c.batch is not None
+                                                         else self.search, shard)
+                for i, c in enumerate(candidates)]
 
     def final(self, x):
         acc = {ds: self.accuracy(x, ds, "test") for ds in self.names}

@@ -198,3 +198,29 @@ def test_nevergrad_warm_start_walks_the_isotropic_line_first(tmp_path):
     cls = registry.load("searcher", "nevergrad")
     with pytest.raises(HarnessError, match="warm"):
         cls.validate(resolve_options(cls, {"warm": 1}, "searcher"))
+
+
+def test_population_scores_equal_sequential_ones_and_auto_records_its_choice(small_addition):
+    task = small_addition
+    rng = np.random.default_rng(2)
+    cands = [Candidate(x=rng.uniform(-0.4, 0.4, task.space().dim)) for _ in range(4)]
+    seq = [task.weighted_ce(c, task.search) for c in cands]
+    pop = task.population_ce(cands, task.search)
+    for a, b in zip(seq, pop):
+        assert b.loss == pytest.approx(a.loss, rel=1e-5) and b.metrics["acc"] == pytest.approx(a.metrics["acc"])
+        assert b.weight == a.weight
+    half = task.population_ce(cands, task.search, shard=(1, 2))
+    assert half[2].loss == pytest.approx(task.weighted_ce(cands[2], task.search, shard=(1, 2)).loss, rel=1e-5)
+    task.task_info.pop("population", None)
+    task.__dict__.pop("_vmap_faster", None)
+    try:
+        first = task.evaluate(cands)  # times both paths once, returns the sequential scores
+        note = task.task_info["population"]
+        assert note["chosen"] in ("vmap", "sequential") and note["candidates"] == 4
+        assert note["chosen"] == ("vmap" if note["vmap_s"] < note["sequential_s"] else "sequential")
+        assert [e.loss for e in first] == [e.loss for e in seq]
+        again = task.evaluate(cands)  # the chosen path from now on
+        assert [e.loss for e in again] == pytest.approx([e.loss for e in seq], rel=1e-5)
+    finally:
+        task.task_info.pop("population", None)
+        task.__dict__.pop("_vmap_faster", None)
