@@ -111,6 +111,11 @@ class NevergradSearcher(Searcher):
         self._line_out += len(out)
         return [Candidate(x=x.copy()) for x in out]
 
+    def _line_best(self) -> np.ndarray:
+        """The best-scoring point of the warm-start line (the space's start if none scored)."""
+        ok = [t for t in self._line_scores if np.isfinite(t[0])]
+        return (min(ok, key=lambda t: t[0])[1] if ok else self.space.start).copy()
+
     def _chosen(self) -> str:
         """The algorithm a meta-optimiser such as NGOpt delegated to (recorded with the run)."""
         names, o = [], self.opt
@@ -128,8 +133,7 @@ class NevergradSearcher(Searcher):
                 return self._ask_line(n)
             if len(self._line_scores) < len(self._line):
                 return []  # the line's scores are still out (asynchronous runners)
-            ok = [t for t in self._line_scores if np.isfinite(t[0])]
-            start = min(ok, key=lambda t: t[0])[1] if ok else self.space.start
+            start = self._line_best()
             self.info["warm_start"] = float(start.mean())
             self._start_optimiser(start)
         if self._screens_left is not None:
@@ -198,8 +202,7 @@ class NevergradSearcher(Searcher):
         if self._best is not None:
             return self._best[1].copy()
         if self.opt is None:  # the whole budget went to the warm-start line
-            ok = [t for t in self._line_scores if np.isfinite(t[0])]
-            return (min(ok, key=lambda t: t[0])[1] if ok else self.space.start).copy()
+            return self._line_best()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return np.asarray(self.opt.provide_recommendation().value, dtype=np.float64)
