@@ -40,7 +40,7 @@ SUITES: dict[str, tuple[str, list[Entry]]] = {
     "negation": ("negation", [
         Entry("zero-shot", label="zero-shot"),
         Entry("task-arithmetic", label="task arithmetic"),
-        Entry("gradient", "per_block", 200, {"lr": 1e-2, "validate_every": 10}, "gradient per_block (200 steps)"),
+        Entry("gradient", "per_block", 300, {"lr": 1e-2}, "gradient per_block (300 steps)"),
         Entry("nevergrad", "per_block", 300, {}, "nevergrad NGOpt per_block (300)"),
     ]),
 }
