@@ -248,11 +248,9 @@ class ZooTask(Task):
             wsum = float(sum(w.sum() for w in ws))
             if not any(len(y) for y in ys):
                 return evaluation(xt.sum() * 0, 0.0, xt, c.grad, {"acc": 0.0})
-            losses, correct = per_sample_ce(self.source, params, names, xs, ys)
-            loss = sum((l * w).sum() for l, w in zip(losses, ws)) / wsum
+            loss, acc = _weighted_means(*per_sample_ce(self.source, params, names, xs, ys), ws, wsum)
             if regularizer is not None:
                 loss = loss + regularizer(xt)
-            acc = float(sum((k.float() * w).sum() for k, w in zip(correct, ws))) / wsum
             return evaluation(loss, wsum, xt, c.grad, {"acc": acc})
 
     def population_ce(self, cands: list[Candidate], data: "WeightedSet", shard=None) -> list[Evaluation]:
@@ -266,9 +264,7 @@ class ZooTask(Task):
             z = self.source.population_features(params, torch.cat([x for x in xs if len(x)]))
             out = []
             for k in range(len(cands)):
-                losses, correct = ce_from_features(self.source, z[k], names, xs, ys)
-                loss = sum((l * w).sum() for l, w in zip(losses, ws)) / wsum
-                acc = float(sum((c.float() * w).sum() for c, w in zip(correct, ws))) / wsum
+                loss, acc = _weighted_means(*ce_from_features(self.source, z[k], names, xs, ys), ws, wsum)
                 out.append(evaluation(loss, wsum, None, False, {"acc": acc}))
         return out
 
@@ -299,6 +295,12 @@ class ZooTask(Task):
     def accuracy(self, x, ds: str, split: str = "test") -> float:
         with torch.no_grad():
             return self.source.accuracy(self.params(x, False)[0], ds, split)
+
+
+def _weighted_means(losses, correct, ws, wsum: float):
+    """The weighted mean loss (a tensor) and accuracy (a float) of per-sample results."""
+    loss = sum((l * w).sum() for l, w in zip(losses, ws)) / wsum
+    return loss, float(sum((k.float() * w).sum() for k, w in zip(correct, ws))) / wsum
 
 
 def shard_slice(n: int, shard: tuple[int, int] | None) -> slice:

@@ -131,8 +131,6 @@ class NevergradSearcher(Searcher):
         if self.opt is None:
             if self._line_out < len(self._line):
                 return self._ask_line(n)
-            if len(self._line_scores) < len(self._line):
-                return []  # the line's scores are still out (asynchronous runners)
             start = self._line_best()
             self.info["warm_start"] = float(start.mean())
             self._start_optimiser(start)

@@ -65,7 +65,7 @@ class NegationTask(ZooTask):
             raise HarnessError(f"task option control_split must be val or train+val, got {options.control_split!r}")
         if not 0 <= options.margin < 1 or options.control_n < 0:
             raise HarnessError(f"task options margin must be in [0, 1) and control_n >= 0 (0 = the whole "
-                               f"validation split), got {options.margin} and {options.control_n}")
+                               f"control pool), got {options.margin} and {options.control_n}")
 
     def setup(self, device="cpu"):
         src = self.load_source()
