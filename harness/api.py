@@ -1,8 +1,17 @@
-"""The seams of the harness: what a searcher and a task must provide.
+"""The seams of the harness: what searchers, tasks, model sources and engines provide.
 
-A *task* owns a model (or a synthetic function), defines the coefficient space and scores
-coefficient vectors. A *searcher* proposes coefficient vectors and learns from their scores.
-The runner (``harness.runner``) joins them; neither knows about the other.
+Four kinds of plugins, each found through its own entry-point group:
+
+- a *searcher* (``harness.searchers``) proposes coefficient vectors and learns from their scores;
+- a *task* (``harness.tasks``) is an objective: which data sets and splits, the task vectors'
+  signs, the per-sample loss, the final metrics and references. A composing task does not build
+  a model: it asks a source for one and an engine to score candidates on it;
+- a *model source* (``harness.sources``) builds θ0, the task vectors, the frozen heads and the
+  inputs (a :class:`harness.sources.ModelSource`), and knows nothing about objectives or searchers;
+- an *engine* (``harness.engines``) turns candidates into losses (and gradients) on a device:
+  merge, forward, chunking, sequential or population evaluation.
+
+The runner (``harness.runner``) joins a searcher and a task; neither knows about the other.
 """
 from __future__ import annotations
 
@@ -203,3 +212,49 @@ class Task(Plugin, ABC):
     def constraint_ok(self, metrics: dict[str, float]) -> bool:
         """Whether a final result satisfies the task's constraint (negation's control floor)."""
         return True
+
+
+class Source(Plugin, ABC):
+    """A model source plugin: builds a :class:`harness.sources.ModelSource` (θ0 as ``base``, one
+    task vector per data set, frozen heads, cached inputs and labels per split) on the CPU.
+
+    ``Options`` are set with ``-t source_options="key=value;key=value"``. Fields named ``model``,
+    ``pretrained``, ``checkpoints`` or ``data_root`` also receive the task options of the same
+    name (``-t checkpoints=...``), so a user's files reach the source without the task knowing it.
+    ``cached`` sources (the built-in zoos) are built once and cached; ``python -m harness zoo``
+    builds and describes them.
+    """
+
+    cached: ClassVar[bool] = False
+
+    @classmethod
+    @abstractmethod
+    def load(cls, options, *, cache_dir: str | None = None, progress: bool = True):
+        """Build (or load from a cache) and return the ModelSource, on the CPU."""
+
+
+class Engine(Plugin, ABC):
+    """Turns candidates into losses on a device, for a composing task.
+
+    An engine holds a model source and a composition (θ0 and the stacked task vectors), moved to
+    its device once in ``__init__``. The task hands it candidates with a search set and a
+    per-sample loss; the engine merges, runs the forward pass (chunked, sequentially or as a
+    population) and returns Evaluations whose numbers are on the host. ``info`` holds what it
+    chose (recorded with the run).
+    """
+
+    def __init__(self, source, composition, device: str, options):
+        self.source, self.comp, self.device, self.options = source, composition, device, options
+        self.info: dict[str, Any] = {}
+
+    @abstractmethod
+    def params(self, x, grad: bool):
+        """Merged parameters for coefficients ``x`` and the tensor gradients flow to (None without grad)."""
+
+    @abstractmethod
+    def score(self, candidates: list[Candidate], data, shard=None, regularizer=None) -> list[Evaluation]:
+        """The weighted mean cross-entropy (and accuracy) of each candidate on ``data``."""
+
+    @abstractmethod
+    def accuracy(self, x, ds: str, split: str = "test") -> float:
+        """Top-1 accuracy of coefficients ``x`` on one split of the source."""

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", help="run one search and record it")
     _add_run_flags(run)
-    sub.add_parser("list", help="list searchers and tasks")
+    sub.add_parser("list", help="list searchers, tasks, model sources and engines")
     lb = sub.add_parser("leaderboard", help="rank recorded runs")
     lb.add_argument("--results-dir", dest="results_dir", default="results")
     lb.add_argument("--task", help="only this task")
@@ -105,7 +105,7 @@ def cmd_finetune(args) -> int:
     from harness.checkpoints import save_state_dict
     from harness.config import coerce
     from harness.finetune import finetune
-    from harness.models import from_checkpoints
+    from harness.sources.open_clip import from_checkpoints
     datasets = coerce(args.datasets, list[str], "--datasets")
     if not args.model and not args.pretrained.startswith("local-dir:"):
         raise HarnessError("finetune needs --model (an open_clip architecture) or --pretrained local-dir:DIR")
@@ -186,17 +186,10 @@ def print_run(record: dict) -> None:
 
 def cmd_list(args) -> int:
     from harness import registry
-    for kind in ("searcher", "task"):
+    for kind in ("searcher", "task", "source", "engine"):
         print(f"{kind}s:")
         for name, desc in registry.describe(kind):
             print(f"  {name:18s} {desc}")
-    try:
-        from harness.zoo import ZOOS
-        print("zoos:")
-        for name, cfg in ZOOS.items():
-            print(f"  {name:18s} {(type(cfg).__doc__ or '').strip().splitlines()[0]}")
-    except ImportError:
-        pass
     return 0
 
 
@@ -253,10 +246,12 @@ def cmd_plot(args) -> int:
 
 
 def cmd_zoo(args) -> int:
-    from harness import zoo
+    from harness import registry
+    from harness.sources import cache as zoo
     if args.action == "list":
-        for name in zoo.ZOOS:
-            print(name)
+        for name in registry.names("source"):
+            if getattr(registry.load("source", name), "cached", False):
+                print(name)
         return 0
     if args.action == "build":
         zoo.build_zoo(args.name, cache_dir=args.cache_dir, force=args.force)

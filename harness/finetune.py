@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness.api import HarnessError
-from harness.models import ModelSource
+from harness.sources.base import ModelSource
 
 
 def one_cycle(opt: torch.optim.Optimizer, steps: int, warmup: float = 0.1):

@@ -42,7 +42,7 @@ from harness.api import Candidate, Evaluation, HarnessError, Task
 from harness.evaluators import PENALTY, Evaluator, fidelity_shard, reduce_shards, sanitize
 
 if TYPE_CHECKING:
-    from harness.runner import Plan
+    from harness.problem import Plan
 
 MODES = ("auto", "candidates", "data")
 # Times one piece of work may take its worker down before it is reported as failed.
@@ -68,16 +68,12 @@ class HarnessWorker:
             import torch
             from ray import cloudpickle
 
-            from harness.runner import make_task, setup_task
+            from harness.problem import build_task
 
             torch.set_num_threads(context["threads"])
             plan = cloudpickle.loads(payload)
-            seed = plan.config.seed
-            torch.manual_seed(seed)  # as the runner does before setup, so setup draws the same numbers
-            np.random.seed(seed % 2**32)
             t0 = time.perf_counter()
-            self.task = make_task(plan)
-            setup_task(self.task, context["device"])
+            self.task, _ = build_task(plan, context["device"])
             self.setup_s = time.perf_counter() - t0
         except Exception as e:  # reported by ready(): an actor whose __init__ raises is only "dead"
             user = isinstance(e, HarnessError)
@@ -172,6 +168,8 @@ class RayEvaluator(Evaluator):
             self._start_ray(workers)
             self.workers = workers or self._fit_workers()
             self._check_resources()
+            # A worker with a GPU computes on the one Ray assigned it (Ray sets CUDA_VISIBLE_DEVICES,
+            # so it is "cuda" there); without one, on its CPUs.
             self._context = {"sys_path": list(sys.path), "cwd": os.getcwd(), "threads": max(1, int(self.cpus)),
                              "device": "cuda" if self.gpus > 0 else "cpu",
                              "env": {k: v for k, v in os.environ.items() if k.startswith("ATLAS_HARNESS")}}
@@ -295,14 +293,8 @@ class RayEvaluator(Evaluator):
         if self.plan.task_cls.complete is Task.complete:
             return None
         if self._task is None:
-            import torch
-
-            from harness.runner import make_task, setup_task
-            c = self.plan.config
-            torch.manual_seed(c.seed)
-            np.random.seed(c.seed % 2**32)
-            self._task = make_task(self.plan)
-            setup_task(self._task, c.device)
+            from harness.problem import build_task
+            self._task, _ = build_task(self.plan)
         return self._task
 
     def _run(self, work: list[tuple[list[Candidate], tuple[int, int] | None, bool]]) -> list[list[Evaluation]]:

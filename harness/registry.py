@@ -10,14 +10,15 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from harness.api import HarnessError, Searcher, Task
+from harness.api import Engine, HarnessError, Searcher, Source, Task
 
-GROUPS = {"searcher": "harness.searchers", "task": "harness.tasks"}
-_BASES = {"searcher": Searcher, "task": Task}
+GROUPS = {"searcher": "harness.searchers", "task": "harness.tasks", "source": "harness.sources",
+          "engine": "harness.engines"}
+_BASES = {"searcher": Searcher, "task": Task, "source": Source, "engine": Engine}
 
 
 def names(kind: str) -> list[str]:
-    """Sorted names of every registered plugin of ``kind`` ("searcher" or "task")."""
+    """Sorted names of every registered plugin of ``kind`` (searcher, task, source or engine)."""
     return sorted({ep.name for ep in entry_points(group=GROUPS[kind])})
 
 

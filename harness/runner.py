@@ -13,68 +13,15 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from harness import registry
-from harness.api import Candidate, Evaluation, HarnessError, Searcher, Task
-from harness.config import RunConfig, resolve_options
+from harness.api import Candidate, Evaluation, HarnessError
+from harness.config import RunConfig
 from harness.evaluators import Evaluator, LocalEvaluator
+from harness.problem import Plan, build_task, plan
 from harness.results import RunStore, git_sha, now, peak_rss_mb, reset_peak_rss, versions
-
-
-@dataclass
-class Plan:
-    """A run config resolved against its plugins: every default filled in, options typed."""
-
-    config: RunConfig
-    task_cls: type[Task]
-    searcher_cls: type[Searcher]
-    task_options: object
-    searcher_options: object
-
-
-def plan(cfg: RunConfig) -> Plan:
-    """Check the config against the plugins and fill every default; raises HarnessError."""
-    searcher_cls = registry.load("searcher", cfg.searcher)
-    task_cls = registry.load("task", cfg.task)
-    t_opts = resolve_options(task_cls, cfg.task_options, "task")
-    s_opts = resolve_options(searcher_cls, cfg.searcher_options, "searcher")
-    searcher_cls.validate(s_opts)
-    task_cls.validate(t_opts)
-    budget = cfg.budget if cfg.budget is not None else searcher_cls.default_budget
-    batch = cfg.batch_size if cfg.batch_size is not None else searcher_cls.default_batch
-    if budget < 1:
-        raise HarnessError(f"--budget must be at least 1, got {budget}")
-    if batch < 1:
-        raise HarnessError(f"--batch-size must be at least 1, got {batch}")
-    if searcher_cls.max_batch is not None and batch > searcher_cls.max_batch:
-        raise HarnessError(f"searcher '{cfg.searcher}' takes at most {searcher_cls.max_batch} candidate(s) per batch, got --batch-size {batch}")
-    if cfg.workers < 0:
-        raise HarnessError(f"--workers must be 0 (local) or more, got {cfg.workers}")
-    if cfg.parallel not in ("auto", "candidates", "data"):
-        raise HarnessError(f"--parallel must be one of auto, candidates, data; got {cfg.parallel!r}")
-    if task_cls.composes:
-        from harness.composition import parse_space
-        parse_space(cfg.space or searcher_cls.default_space)
-    task_cls.check_space(t_opts, cfg.space or searcher_cls.default_space)
-    resolved = dataclasses.replace(
-        cfg, budget=budget, batch_size=batch, space=cfg.space or searcher_cls.default_space,
-        task_options=dataclasses.asdict(t_opts), searcher_options=dataclasses.asdict(s_opts))
-    return Plan(resolved, task_cls, searcher_cls, t_opts, s_opts)
-
-
-def make_task(p: Plan) -> Task:
-    c = p.config
-    return p.task_cls(p.task_options, space=c.space, seed=c.seed, cache_dir=c.cache_dir)
-
-
-def setup_task(task: Task, device: str) -> dict:
-    """``task.setup`` then its ``after_setup`` hook; returns what the hook reports."""
-    task.setup(device)
-    return task.after_setup() or {}
 
 
 def make_evaluator(p: Plan, task: Task) -> Evaluator:
@@ -141,14 +88,12 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
     store.write_json("record.json", record)
     if prior:
         log(f"resuming run {store.run_id} from {len(prior)} recorded evaluations")
-    torch.manual_seed(c.seed)
-    np.random.seed(c.seed % 2**32)
     reset_peak_rss()
     t0 = time.time()
-    task = make_task(p)
-    evaluator = searcher = None
+    task = evaluator = searcher = None
     try:
-        record.update(setup_task(task, c.device))
+        task, setup_info = build_task(p)
+        record.update(setup_info)
         space = task.space()
         searcher = p.searcher_cls(space, c.budget, c.batch_size, c.seed, p.searcher_options)
         evaluator = make_evaluator(p, task)

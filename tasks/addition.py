@@ -7,12 +7,12 @@ import numpy as np
 import torch
 
 from harness.api import Candidate, HarnessError
-from harness.zootask import WeightedSet, ZooOptions, ZooTask
+from harness.objective import ComposeOptions, ComposingTask, WeightedSet
 
 _GRID = np.linspace(0.0, 1.0, 21)
 
 
-class AdditionTask(ZooTask):
+class AdditionTask(ComposingTask):
     """Compose every data set's task vector; search on the validation splits, report on test.
 
     Search loss (comparable across searchers): the mean over data sets of the mean cross-entropy
@@ -28,12 +28,12 @@ class AdditionTask(ZooTask):
     higher_is_better = True
 
     @dataclass
-    class Options(ZooOptions):
+    class Options(ComposeOptions):
         datasets: list[str] = field(default_factory=list)
         search_n: int = 64
         batch_size: int = 32
 
-    def setup(self, device="cpu"):
+    def prepare(self):
         src = self.load_source()
         self.names = list(self.options.datasets) or src.datasets
         self.check_datasets(self.names)
@@ -45,7 +45,7 @@ class AdditionTask(ZooTask):
         for k, ds in enumerate(self.names):
             idx = self.subset(ds, "val", self.options.search_n, salt=k)
             pieces.append((ds, src.inputs[ds]["val"][idx], src.labels[ds]["val"][idx], 1.0 / T))
-        self.search = WeightedSet(src, pieces)
+        self.search = WeightedSet(pieces)
         self.ft_acc = {ds: src.meta["finetuned_acc"][ds] for ds in self.names}
 
     def _minibatch(self, seed: int):
@@ -55,12 +55,12 @@ class AdditionTask(ZooTask):
             n = len(src.labels[ds]["val"])
             idx = torch.randint(0, n, (min(self.options.batch_size, n),), generator=gen)
             pieces.append((ds, src.inputs[ds]["val"][idx], src.labels[ds]["val"][idx], 1.0 / len(self.names)))
-        return WeightedSet(src, pieces)
+        return WeightedSet(pieces)
 
     def evaluate(self, candidates: list[Candidate], shard=None):
         full = [i for i, c in enumerate(candidates) if c.batch is None and not c.grad]
-        out = dict(zip(full, self.score_batch([candidates[i] for i in full], self.search, shard)))
-        return [out[i] if i in out else self.weighted_ce(c, self._minibatch(c.batch) if c.batch is not None
+        out = dict(zip(full, self.engine.score([candidates[i] for i in full], self.search, shard)))
+        return [out[i] if i in out else self.engine.weighted_ce(c, self._minibatch(c.batch) if c.batch is not None
                                                          else self.search, shard)
                 for i, c in enumerate(candidates)]
 

@@ -8,12 +8,12 @@ import numpy as np
 import torch
 
 from harness.api import Candidate, HarnessError
-from harness.models import few_shot_indices
-from harness.zootask import WeightedSet, ZooOptions, ZooTask
+from harness.objective import ComposeOptions, ComposingTask, WeightedSet
+from harness.sources.base import few_shot_indices
 from tasks.tta import augment
 
 
-class FewShotTask(ZooTask):
+class FewShotTask(ComposingTask):
     """Compose every data set's task vector except the target's own; search on ``shots`` labelled
     samples per class of the target's train split, drawn with the run seed; report on its test split.
 
@@ -30,7 +30,7 @@ class FewShotTask(ZooTask):
     higher_is_better = True
 
     @dataclass
-    class Options(ZooOptions):
+    class Options(ComposeOptions):
         target: str = "animals"
         shots: int = 4
         augment: int = 0
@@ -47,7 +47,7 @@ class FewShotTask(ZooTask):
             raise HarnessError(f"few_shot needs augment >= 0, l1 >= 0 and batch_size >= 1, got "
                                f"{options.augment}, {options.l1} and {options.batch_size}")
 
-    def setup(self, device="cpu"):
+    def prepare(self):
         src, o = self.load_source(), self.options
         self.compose_others(o.target)
         y = src.labels[o.target]["train"]
@@ -59,19 +59,21 @@ class FewShotTask(ZooTask):
             rng = np.random.default_rng([self.seed, 102])
             views = [src.encode(augment(raw, rng, "strong", o.flip)) for _ in range(o.augment)]
             x, ys = torch.cat([x, *views]), ys.repeat(1 + o.augment)
-        self.search = WeightedSet(src, [(o.target, x, ys, 1.0)])
+        self.search = WeightedSet([(o.target, x, ys, 1.0)])
         self.zero = np.zeros(self.comp.dim)
         self.zero_shot_acc = self.accuracy(self.zero, o.target, "test")
 
     def _minibatch(self, seed: int) -> WeightedSet:
         x, y = self.search.inputs[0], self.search.labels[0]
         idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:self.options.batch_size]
-        return WeightedSet(self.source, [(self.options.target, x[idx], y[idx], 1.0)])
+        return WeightedSet([(self.options.target, x[idx], y[idx], 1.0)])
 
     def evaluate(self, candidates: list[Candidate], shard=None):
         l1 = self.options.l1
         reg = (lambda xt: l1 * xt.abs().mean()) if l1 else None
-        return [self.weighted_ce(c, self.search if c.batch is None else self._minibatch(c.batch), shard, reg)
+        full = [c for c in candidates if c.batch is None]
+        out = iter(self.engine.score(full, self.search, shard, reg))
+        return [next(out) if c.batch is None else self.engine.weighted_ce(c, self._minibatch(c.batch), shard, reg)
                 for c in candidates]
 
     def final(self, x):

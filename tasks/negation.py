@@ -8,12 +8,14 @@ import numpy as np
 import torch
 
 from harness.api import Candidate, HarnessError
-from harness.zootask import ZooOptions, WeightedSet, ZooTask, evaluation, per_sample_ce
+from harness.engines.local import package
+from harness.objective import ComposeOptions, ComposingTask, WeightedSet
+from harness.sources.base import scalar
 
 _GRID = np.linspace(0.0, 1.0, 21)
 
 
-class NegationTask(ZooTask):
+class NegationTask(ComposingTask):
     """Compose the *negated* target task vector: θ = θ0 − Σ_b λ_b τ_target,b (λ = 0 is zero-shot,
     λ = α·1 is task arithmetic's negation).
 
@@ -42,7 +44,7 @@ class NegationTask(ZooTask):
     higher_is_better = False
 
     @dataclass
-    class Options(ZooOptions):
+    class Options(ComposeOptions):
         target: str = "cvdigits"
         control: str = "fashion"
         search_n: int = 128
@@ -67,7 +69,7 @@ class NegationTask(ZooTask):
             raise HarnessError(f"task options margin must be in [0, 1) and control_n >= 0 (0 = the whole "
                                f"control pool), got {options.margin} and {options.control_n}")
 
-    def setup(self, device="cpu"):
+    def prepare(self):
         src = self.load_source()
         o = self.options
         self.check_datasets([o.target], "target")
@@ -85,15 +87,15 @@ class NegationTask(ZooTask):
             xs, ys = self.pools[ds]
             idx = self.pick(len(ys), n, salt=k)
             pieces.append((ds, xs[idx], ys[idx], w))
-        self.search = WeightedSet(src, pieces)
+        self.search = WeightedSet(pieces)
         zero = np.zeros(self.comp.dim)
         self.zs_control_val = self._control_acc(self.search, zero)
         self.zs = {"target": self.accuracy(zero, o.target), "control": self.accuracy(zero, o.control)}
 
     def _control_acc(self, data, x):
         with torch.no_grad():
-            _, correct = per_sample_ce(self.source, self.params(x, False)[0], data.names[1:], data.inputs[1:], data.labels[1:])
-        return float(correct[0].float().mean())
+            _, correct = self.engine.per_sample_ce(self.params(x, False)[0], data.names[1:], data.inputs[1:], data.labels[1:])
+        return scalar(correct[0].float().mean())
 
     def _minibatch(self, seed):
         src, gen, o = self.source, torch.Generator().manual_seed(seed), self.options
@@ -102,7 +104,7 @@ class NegationTask(ZooTask):
             xs, ys = self.pools[ds]
             idx = torch.randint(0, len(ys), (min(o.batch_size, len(ys)),), generator=gen)
             pieces.append((ds, xs[idx], ys[idx], 0.5))
-        return WeightedSet(src, pieces)
+        return WeightedSet(pieces)
 
     def evaluate(self, candidates: list[Candidate], shard=None):
         o, out = self.options, []
@@ -111,15 +113,15 @@ class NegationTask(ZooTask):
             names, xs, ys, ws = data.part(shard)
             with torch.set_grad_enabled(c.grad):
                 params, xt = self.params(c.x, c.grad)
-                (lt, lc), (kt, kc) = per_sample_ce(self.source, params, names, xs, ys)
+                (lt, lc), (kt, kc) = self.engine.per_sample_ce(params, names, xs, ys)
                 (wt, wc) = ws
-                wsum = float(wt.sum() + wc.sum())
+                wsum = scalar(wt.sum() + wc.sum())
                 loss = ((-lt.clamp(max=self.tcap) * wt).sum() + (lc * wc).sum()) / max(wsum, 1e-12)
                 # Accuracies as weighted sums ÷ the shard's weight, rescaled by each data set's total
                 # weight (0.5): shard metrics then reduce exactly to whole-set accuracies.
-                metrics = {"target_acc": float((kt.float() * wt).sum()) / max(wsum, 1e-12) / 0.5,
-                           "control_acc": float((kc.float() * wc).sum()) / max(wsum, 1e-12) / 0.5}
-                out.append(evaluation(loss, wsum, xt, c.grad, metrics))
+                metrics = {"target_acc": scalar((kt.float() * wt).sum()) / max(wsum, 1e-12) / 0.5,
+                           "control_acc": scalar((kc.float() * wc).sum()) / max(wsum, 1e-12) / 0.5}
+                out.append(package(loss, wsum, xt, c.grad, metrics))
         return out
 
     def complete(self, candidate, ev):

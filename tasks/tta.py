@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness.api import Candidate, Evaluation, HarnessError
-from harness.zootask import ZooOptions, ZooTask, shard_slice
+from harness.objective import ComposeOptions, ComposingTask, shard_slice
+from harness.sources.base import scalar
 
 OBJECTIVES = ("ufm", "entropy", "im", "simclr")
 
@@ -125,8 +126,8 @@ def info_nce(za: Tensor, zb: Tensor, temperature: float) -> Tensor:
     g = len(za)
     z = torch.cat([za, zb])
     sim = z @ z.T / temperature
-    sim = sim.masked_fill(torch.eye(2 * g, dtype=torch.bool), float("-inf"))
-    partner = torch.cat([torch.arange(g, 2 * g), torch.arange(g)])
+    sim = sim.masked_fill(torch.eye(2 * g, dtype=torch.bool, device=sim.device), float("-inf"))
+    partner = torch.cat([torch.arange(g, 2 * g), torch.arange(g)]).to(sim.device)
     per = F.cross_entropy(sim, partner, reduction="none")
     return (per[:g] + per[g:]) / 2
 
@@ -138,7 +139,7 @@ def _entropy(logits: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- the task
 
-class TTATask(ZooTask):
+class TTATask(ComposingTask):
     """Compose every data set's task vector except the target's; search on the target's test images
     without their labels; report test accuracy on those same images (transductive, as in the paper).
 
@@ -190,7 +191,7 @@ class TTATask(ZooTask):
     higher_is_better = True
 
     @dataclass
-    class Options(ZooOptions):
+    class Options(ComposeOptions):
         target: str = "animals"
         objective: str = "im"
         max_n: int = 0
@@ -217,7 +218,7 @@ class TTATask(ZooTask):
         if o.trusted_cap < 0 or not 0 <= o.trusted_fraction <= 1 or not 0 <= o.trusted_share <= 1:
             raise HarnessError("tta needs trusted_cap >= 0 and trusted_fraction, trusted_share in [0, 1]")
 
-    def setup(self, device="cpu"):
+    def prepare(self):
         src, o = self.load_source(), self.options
         self.compose_others(o.target)
         n_all = len(src.inputs[o.target]["test"])
@@ -268,7 +269,7 @@ class TTATask(ZooTask):
             parts.append(w_u * (mask * ce).sum())
             wsum += w_u * len(untrusted)
             # Scaled so that the reduced metric is the fraction of untrusted samples that count.
-            confident = float(mask.sum()) * w_u / max(1 - self._share, 1e-12)
+            confident = scalar(mask.sum()) * w_u / max(1 - self._share, 1e-12)
         return sum(parts), wsum, {"confident": confident}
 
     def _ufm_data(self, c: Candidate, shard):
@@ -303,7 +304,7 @@ class TTATask(ZooTask):
         logits = self._logits(params, self.clean[idx])
         mean_p = logits.softmax(1).mean(0)
         diversity = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
-        return _entropy(logits).mean() - diversity, 1.0, {"diversity": float(diversity.detach())}
+        return _entropy(logits).mean() - diversity, 1.0, {"diversity": scalar(diversity.detach())}
 
     @classmethod
     def shardable(cls, options) -> bool:
@@ -354,8 +355,8 @@ class TTATask(ZooTask):
         grad = None
         if want_grad:
             loss.backward()
-            grad = xt.grad.detach().double().numpy().copy()
-        return Evaluation(loss=float(loss.detach()), grad=grad, metrics=metrics, weight=float(wsum))
+            grad = xt.grad.detach().cpu().double().numpy().copy()
+        return Evaluation(loss=scalar(loss.detach()), grad=grad, metrics=metrics, weight=float(wsum))
 
     # ---- reporting (the only place test labels are read)
 
@@ -364,7 +365,7 @@ class TTATask(ZooTask):
         with torch.no_grad():
             params = self.params(x, False)[0]
             pred = torch.cat([self._logits(params, xb).argmax(1) for xb in self.clean.split(512)])
-        return float((pred == y).float().mean())
+        return scalar((pred == y).float().mean())
 
     def final(self, x):
         if self._zs_acc is None:

@@ -1,0 +1,35 @@
+"""Engines: what turns candidates into losses on a device (see :class:`harness.api.Engine`).
+
+``local`` (:mod:`harness.engines.local`) is the built-in one: merge, chunked forward, and a
+population (vmap) pass chosen by measurement. Engines are plugins (entry-point group
+``harness.engines``); a task picks one with ``-t engine=NAME``.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from harness.api import HarnessError
+
+_DEVICE = re.compile(r"(cpu|cuda|meta)(:\d+)?")
+
+
+def check_device(spec: str) -> str:
+    """``spec`` if this machine can compute on it, else a HarnessError naming what is valid here.
+
+    Valid forms: ``cpu``, ``cuda``, ``cuda:N``. ``meta`` (shapes only, no values) is accepted for
+    tests of the device plumbing; a run on it records NaN metrics.
+    """
+    spec = str(spec).strip()
+    if not _DEVICE.fullmatch(spec) or spec.startswith(("cpu:", "meta:")):
+        raise HarnessError(f"unknown device {spec!r}; valid forms: cpu, cuda, cuda:N")
+    if spec.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        here = "cpu" + "".join(f", cuda:{i}" for i in range(n))
+        if n == 0:
+            raise HarnessError(f"device {spec!r} asked for, but CUDA is not available here "
+                               f"(torch {torch.__version__}, no usable GPU); valid devices here: {here}")
+        if ":" in spec and int(spec.split(":")[1]) >= n:
+            raise HarnessError(f"device {spec!r} does not exist; valid devices here: {here}")
+    return spec

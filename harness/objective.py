@@ -1,0 +1,266 @@
+"""What the composing tasks (objectives) share: choosing a model source and an engine, composing
+the source's task vectors, fixed seeded subsets of the data, and the search-set container.
+
+A composing task never builds a model. ``setup`` asks the source plugin for a
+:class:`harness.sources.ModelSource` (``-t source=NAME``), composes the task vectors the
+objective wants (with their signs), and hands both to an engine (``-t engine=NAME``), which
+merges and runs the forward pass on the run's device. The task keeps what is objective: the data
+sets and splits, the per-sample loss, the final metrics and the references.
+
+The search objective of every composing task is a *weighted mean of per-sample losses*: each
+sample carries a weight so that each data set counts equally, the weights sum to 1 over the
+search set, and the loss of a shard is the weighted mean over its samples. Shard losses (and
+gradients) therefore reduce exactly to the whole-set loss, and the loss is comparable across
+searchers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from harness import registry
+from harness.api import HarnessError, Space, Task
+from harness.composition import Composition, parse_space
+from harness.config import coerce, resolve_options
+
+# Task options forwarded to the source / the engine when their Options have a field of that name.
+SOURCE_FIELDS = ("model", "pretrained", "checkpoints", "data_root")
+ENGINE_FIELDS = ("population",)
+
+
+@dataclass
+class ComposeOptions:
+    """Options every composing task takes.
+
+    ``source`` names the model source plugin (``effnet``, the default; ``tiny-clip``;
+    ``open_clip``, chosen by itself when ``checkpoints`` are given; or any installed one) and
+    ``source_options`` its own options as ``"key=value;key=value"``. ``model``, ``pretrained``,
+    ``checkpoints`` and ``data_root`` go to sources that take them (your own open_clip model).
+
+    ``engine`` names the engine plugin (``local``); ``population`` (``auto`` or ``off``) is its
+    choice of vmap evaluation for batches of candidates.
+
+    ``select=b`` (b ≥ 1) keeps only the ``b`` most informative task vectors per block, ranked by
+    |∂L/∂λ| at the start point before any search (informative block selection, paper App. D.6;
+    needs ``--space per_block`` or ``per_partition:K``); 0 keeps them all.
+    """
+
+    source: str = ""
+    source_options: str = ""
+    model: str = ""
+    pretrained: str = ""
+    checkpoints: list[str] = field(default_factory=list)
+    data_root: str = ""
+    engine: str = "local"
+    bound: float = 1.5
+    dtype: str = "fp32"
+    select: int = 0
+    population: str = "auto"
+
+
+def source_name(options) -> str:
+    """The source plugin a task's options pick (``open_clip`` when checkpoints are given)."""
+    return options.source or ("open_clip" if options.checkpoints else "effnet")
+
+
+def _pairs(spec: str, what: str) -> dict[str, str]:
+    out = {}
+    for pair in [p for p in spec.split(";") if p.strip()]:
+        k, sep, v = pair.partition("=")
+        if not sep or not k.strip():
+            raise HarnessError(f"bad {what} {pair!r}: expected key=value;key=value")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def resolve_source(options):
+    """``(source class, its typed Options)`` for a task's options; raises HarnessError."""
+    cls = registry.load("source", source_name(options))
+    given = _pairs(options.source_options, f"source option for '{cls.name}'")
+    fields = cls.option_fields()
+    for k in SOURCE_FIELDS:
+        value = getattr(options, k)
+        if not value:
+            continue
+        if k not in fields:
+            raise HarnessError(f"task option {k} is for sources that load your files (open_clip); "
+                               f"source '{cls.name}' does not take it")
+        given[k] = value
+    opts = resolve_options(cls, given, f"source '{cls.name}'")
+    cls.validate(opts)
+    return cls, opts
+
+
+def resolve_engine(options):
+    """``(engine class, its typed Options)`` for a task's options; raises HarnessError."""
+    cls = registry.load("engine", options.engine)
+    fields = cls.option_fields()
+    given = {k: getattr(options, k) for k in ENGINE_FIELDS if k in fields}
+    opts = resolve_options(cls, given, f"engine '{cls.name}'")
+    cls.validate(opts)
+    return cls, opts
+
+
+class ComposingTask(Task):
+    """Base class of the objectives that compose a source's task vectors. Subclasses implement
+    :meth:`prepare` (pick data sets, call :meth:`compose`, build search sets on the CPU) and the
+    loss; :meth:`setup` then moves the engine and the task's own tensors to the run's device."""
+
+    composes: typing.ClassVar[bool] = True
+
+    def prepare(self) -> None:
+        """Build the composition and the search data, on the CPU (subclasses)."""
+        raise NotImplementedError
+
+    def setup(self, device: str = "cpu") -> None:
+        self.prepare()
+        self.engine.to(device)
+        for k, v in list(vars(self).items()):
+            if k not in ("source", "comp", "engine", "options"):
+                setattr(self, k, _to(v, self.engine.device))
+
+    def load_source(self):
+        cls, opts = resolve_source(self.options)
+        self.source_cls = cls
+        self.source = cls.load(opts, cache_dir=self.cache_dir, progress=True)
+        return self.source
+
+    @property
+    def source_name(self) -> str:
+        return f"source '{source_name(self.options)}'"
+
+    def check_datasets(self, names, what="data set"):
+        missing = [d for d in names if d not in self.source.datasets]
+        if missing:
+            raise HarnessError(f"{what} '{missing[0]}' is not in {self.source_name}; "
+                               f"valid: {', '.join(self.source.datasets)}")
+
+    def compose_others(self, target: str):
+        """Check ``target`` and compose every *other* data set's task vector (few-shot, TTA)."""
+        self.check_datasets([target], "target")
+        others = [d for d in self.source.datasets if d != target]
+        if not others:
+            raise HarnessError(f"{self.name} composes the other data sets' task vectors, "
+                               f"but {self.source_name} has only '{target}'")
+        return self.compose(others)
+
+    def compose(self, names: list[str], signs: list[float] | None = None):
+        """The composition of these data sets' task vectors in the run's space, and its engine
+        (on the CPU until :meth:`setup` moves it)."""
+        parse_space(self.space_kind)
+        signs = signs or [1.0] * len(names)
+        tvs = [{k: s * v for k, v in self.source.task_vectors[d].items()} for d, s in zip(names, signs)]
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[self.options.dtype]
+        self.comp = Composition(self.source.base, tvs, names, space=self.space_kind, dtype=dtype, seed=self.seed)
+        cls, opts = resolve_engine(self.options)
+        self.engine = cls(self.source, self.comp, "cpu", opts)
+        self.task_info = self.engine.info  # what the engine chooses is recorded with the run
+        return self.comp
+
+    @classmethod
+    def validate(cls, options):
+        """Cheap checks before anything is built or recorded (files exist, values in range)."""
+        if options.dtype not in ("fp32", "fp16"):
+            raise HarnessError(f"task option dtype must be fp32 or fp16, got {options.dtype!r}")
+        if options.bound <= 0:
+            raise HarnessError(f"task option bound must be positive, got {options.bound}")
+        if options.select < 0:
+            raise HarnessError(f"task option select keeps b task vectors per block: b >= 1, or 0 for all; got {options.select}")
+        if options.data_root and not options.checkpoints:
+            raise HarnessError("data_root (--data-root) is for your own model: give checkpoints too "
+                               "(-t checkpoints=NAME=PATH,...); the built-in zoos use the built-in data")
+        _, src = resolve_source(options)
+        for k in SOURCE_FIELDS:  # normalised by the source (absolute paths, NAME=PATH pairs)
+            if getattr(options, k) and hasattr(src, k):
+                setattr(options, k, getattr(src, k))
+        resolve_engine(options)
+
+    @classmethod
+    def check_space(cls, options, space: str) -> None:
+        if options.select and not space.startswith(("per_block", "per_partition")):
+            raise HarnessError(f"task option select (informative block selection) needs --space per_block or "
+                               f"per_partition:K, not {space}")
+
+    def after_setup(self) -> dict:
+        if not self.options.select:
+            return {}
+        from harness.selection import select_informative
+        rep = select_informative(self, min(self.options.select, self.comp.T))
+        return {"selection": rep}
+
+    def space(self) -> Space:
+        b = self.options.bound
+        return Space(dim=self.comp.dim, lower=-b, upper=b, labels=list(self.comp.labels), kind=self.comp.space)
+
+    def expand(self, x):
+        """Per-(task vector, block) coefficients of ``x`` (for records and heat maps)."""
+        return self.comp.expand(np.asarray(x, dtype=np.float32))
+
+    def subset(self, ds: str, split: str, n: int, salt: int = 0) -> torch.Tensor:
+        """A fixed random subset of ``n`` indices of a split (all of it if n <= 0), seeded by the run."""
+        return self.pick(len(self.source.labels[ds][split]), n, salt)
+
+    def pick(self, size: int, n: int, salt: int = 0) -> torch.Tensor:
+        """A fixed random subset of ``n`` of ``size`` indices (all if n <= 0), seeded by the run."""
+        if n <= 0 or n >= size:
+            return torch.arange(size)
+        gen = torch.Generator().manual_seed(self.seed * 7919 + salt)
+        return torch.randperm(size, generator=gen)[:n].sort().values
+
+    def params(self, x, grad: bool):
+        """Merged parameters for ``x`` on the engine's device (see :meth:`Engine.params`)."""
+        return self.engine.params(x, grad)
+
+    def accuracy(self, x, ds: str, split: str = "test") -> float:
+        return self.engine.accuracy(x, ds, split)
+
+
+def _to(value, device):
+    """``value`` with every tensor in it (also inside lists, tuples, dicts, WeightedSets) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, WeightedSet):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def shard_slice(n: int, shard: tuple[int, int] | None) -> slice:
+    """The i-th of ``k`` contiguous, disjoint, near-equal parts of ``range(n)``."""
+    if shard is None:
+        return slice(0, n)
+    i, k = shard
+    bounds = np.linspace(0, n, k + 1).round().astype(int)
+    return slice(int(bounds[i]), int(bounds[i + 1]))
+
+
+class WeightedSet:
+    """A search set: concatenated tail inputs of several data sets, per-sample labels, data-set
+    ids and weights (summing to 1). ``part(shard)`` gives a disjoint slice of every data set."""
+
+    def __init__(self, pieces: list[tuple[str, torch.Tensor, torch.Tensor, float]]):
+        # pieces: (data set, inputs, labels, total weight of this data set)
+        self.names = [p[0] for p in pieces]
+        self.inputs = [p[1] for p in pieces]
+        self.labels = [p[2] for p in pieces]
+        self.weights = [torch.full((len(p[2]),), p[3] / max(len(p[2]), 1), device=p[2].device) for p in pieces]
+
+    def to(self, device) -> "WeightedSet":
+        self.inputs = [x.to(device) for x in self.inputs]
+        self.labels = [y.to(device) for y in self.labels]
+        self.weights = [w.to(device) for w in self.weights]
+        return self
+
+    def part(self, shard):
+        xs, ys, ws, names = [], [], [], []
+        for name, x, y, w in zip(self.names, self.inputs, self.labels, self.weights):
+            s = shard_slice(len(y), shard)
+            xs.append(x[s]), ys.append(y[s]), ws.append(w[s]), names.append(name)
+        return names, xs, ys, ws

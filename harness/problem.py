@@ -1,0 +1,83 @@
+"""A run config resolved against its plugins, and the task built from it.
+
+The runner, the Ray workers and the benchmarks all build their task here, so "seed, make the
+task, set it up" is written once and neither the runner nor the Ray evaluator imports the other.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harness import registry
+from harness.api import HarnessError, Searcher, Task
+from harness.config import RunConfig, resolve_options
+from harness.engines import check_device
+
+
+@dataclass
+class Plan:
+    """A run config resolved against its plugins: every default filled in, options typed."""
+
+    config: RunConfig
+    task_cls: type[Task]
+    searcher_cls: type[Searcher]
+    task_options: object
+    searcher_options: object
+
+
+def plan(cfg: RunConfig) -> Plan:
+    """Check the config against the plugins and fill every default; raises HarnessError."""
+    searcher_cls = registry.load("searcher", cfg.searcher)
+    task_cls = registry.load("task", cfg.task)
+    t_opts = resolve_options(task_cls, cfg.task_options, "task")
+    s_opts = resolve_options(searcher_cls, cfg.searcher_options, "searcher")
+    searcher_cls.validate(s_opts)
+    task_cls.validate(t_opts)
+    budget = cfg.budget if cfg.budget is not None else searcher_cls.default_budget
+    batch = cfg.batch_size if cfg.batch_size is not None else searcher_cls.default_batch
+    if budget < 1:
+        raise HarnessError(f"--budget must be at least 1, got {budget}")
+    if batch < 1:
+        raise HarnessError(f"--batch-size must be at least 1, got {batch}")
+    if searcher_cls.max_batch is not None and batch > searcher_cls.max_batch:
+        raise HarnessError(f"searcher '{cfg.searcher}' takes at most {searcher_cls.max_batch} candidate(s) per batch, got --batch-size {batch}")
+    if cfg.workers < 0:
+        raise HarnessError(f"--workers must be 0 (local) or more, got {cfg.workers}")
+    check_device(cfg.device)
+    if cfg.device.startswith("cuda") and (cfg.workers or cfg.address) and cfg.gpus_per_worker <= 0:
+        raise HarnessError(f"--device {cfg.device} with Ray workers needs --gpus-per-worker > 0: each worker "
+                           "computes on the GPU Ray assigns it")
+    if cfg.parallel not in ("auto", "candidates", "data"):
+        raise HarnessError(f"--parallel must be one of auto, candidates, data; got {cfg.parallel!r}")
+    if task_cls.composes:
+        from harness.composition import parse_space
+        parse_space(cfg.space or searcher_cls.default_space)
+    task_cls.check_space(t_opts, cfg.space or searcher_cls.default_space)
+    resolved = dataclasses.replace(
+        cfg, budget=budget, batch_size=batch, space=cfg.space or searcher_cls.default_space,
+        task_options=dataclasses.asdict(t_opts), searcher_options=dataclasses.asdict(s_opts))
+    return Plan(resolved, task_cls, searcher_cls, t_opts, s_opts)
+
+
+def make_task(p: Plan) -> Task:
+    c = p.config
+    return p.task_cls(p.task_options, space=c.space, seed=c.seed, cache_dir=c.cache_dir)
+
+
+def setup_task(task: Task, device: str) -> dict:
+    """``task.setup`` then its ``after_setup`` hook; returns what the hook reports."""
+    task.setup(device)
+    return task.after_setup() or {}
+
+
+def build_task(p: Plan, device: str | None = None) -> tuple[Task, dict]:
+    """Seed, make the task and set it up on ``device`` (default: the run's), as every process that
+    evaluates does (the runner, each Ray worker), so set-up draws the same random numbers."""
+    seed = p.config.seed
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    task = make_task(p)
+    return task, setup_task(task, device or p.config.device)

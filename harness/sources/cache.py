@@ -1,0 +1,339 @@
+"""Cached model zoos: a source built once (fine-tunes included), saved, and loaded in about a second.
+
+A zoo is a :class:`ZooSource` plugin (the built-in ``effnet`` and ``tiny-clip``). It is keyed by
+its config (plus the installed data sets, the torch version and the weights' package versions):
+change any field and it is rebuilt into a new file. Files are safetensors (never pickle) with a
+JSON sidecar for the metadata, both written atomically.
+
+Example:
+    >>> source = get_zoo("effnet")                      # builds on first use, then loads in < 1 s
+    >>> source = get_zoo("effnet", ft_steps=200)        # another config, another cache file
+    >>> zoo_info("effnet")                              # zero-shot / fine-tuned accuracy per data set
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from harness.api import HarnessError, Source
+from harness.config import coerce
+from harness.data import OFFLINE, available, load
+from harness.finetune import finetune
+from harness.sources.base import SPLITS, ModelSource, source_stats
+
+FORMAT = 1  # bump when the file layout changes: old caches are then rebuilt, not misread
+
+ENV_CACHE = "ATLAS_HARNESS_CACHE"
+
+
+class ZooSource(Source):
+    """A source built from its ``Options`` (a frozen config dataclass) and cached on disk.
+
+    Subclasses set ``packages`` (distributions whose versions key the cache beside torch's) and
+    implement :meth:`empty` (the untrained skeleton a cache file is restored into) and
+    :meth:`build` (everything, fine-tunes included).
+    """
+
+    cached: ClassVar[bool] = True
+    packages: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def empty(cls, cfg, root: Path) -> ModelSource:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, cfg, datasets: list[str], stages: "_Stages", progress: bool, root: Path) -> ModelSource:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, options, *, cache_dir: str | None = None, progress: bool = True) -> ModelSource:
+        return build_zoo(cls, cache_dir=cache_dir, progress=progress, config=options)
+
+
+# --------------------------------------------------------------------------- cache files
+
+def cache_root(override: str | None = None) -> Path:
+    """Where zoos are cached: ``override``, else ``$ATLAS_HARNESS_CACHE``, else ``~/.cache/atlas-harness``."""
+    root = override or os.environ.get(ENV_CACHE) or os.path.join("~", ".cache", "atlas-harness")
+    return Path(root).expanduser()
+
+
+def zoo_class(name: "str | type[ZooSource]") -> type[ZooSource]:
+    """The cached source plugin registered as ``name``."""
+    if isinstance(name, type):
+        return name
+    from harness import registry
+    cached = [n for n in registry.names("source") if getattr(registry.load("source", n), "cached", False)]
+    if name not in cached:
+        raise HarnessError(f"unknown zoo '{name}'; valid zoos: {', '.join(cached)}")
+    return registry.load("source", name)
+
+
+def _config(cls: type[ZooSource], overrides: dict):
+    default = cls.Options()
+    hints = typing.get_type_hints(type(default))
+    fields = [f.name for f in dataclasses.fields(default)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise HarnessError(f"unknown option '{unknown[0]}' for zoo '{cls.name}'; valid: {', '.join(fields)}")
+    values = {k: coerce(v, hints[k], f"zoo option '{k}'") for k, v in overrides.items()}
+    return dataclasses.replace(default, **values)
+
+
+def _datasets(name: str, cfg, warn: bool = True) -> tuple[list[str], dict[str, str]]:
+    """The configured data sets that are installed, and a reason for each one skipped (printed
+    as one warning line each when ``warn``)."""
+    unknown = [d for d in cfg.datasets if d not in OFFLINE]
+    if unknown:
+        raise HarnessError(f"unknown data set '{unknown[0]}' for zoo '{name}'; valid: {', '.join(OFFLINE)}")
+    if len(set(cfg.datasets)) != len(cfg.datasets) or not cfg.datasets:
+        raise HarnessError(f"zoo '{name}' needs distinct data sets, got {list(cfg.datasets)}")
+    reasons = available()
+    skipped = {d: reasons[d] for d in cfg.datasets if reasons[d]}
+    for ds, reason in skipped.items():
+        if warn:
+            print(f"warning: zoo '{name}' skips {ds}: {reason}", file=sys.stderr)
+    kept = [d for d in cfg.datasets if d not in skipped]
+    if not kept:
+        raise HarnessError(f"zoo '{name}' has no installed data set; install one of: "
+                           + "; ".join(skipped.values()))
+    return kept, skipped
+
+
+def _versions(cls: type[ZooSource]) -> dict[str, str]:
+    """Versions of what a zoo's numbers depend on beyond its config."""
+    out = {"torch": torch.__version__}
+    for p in cls.packages:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            out[p] = "missing"
+    return out
+
+
+def _key(cls: type[ZooSource], cfg, datasets: list[str]) -> str:
+    ident = {"format": FORMAT, "zoo": cls.name, "config": dataclasses.asdict(cfg), "datasets": datasets,
+             "versions": _versions(cls)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+
+def _paths(root: Path, name: str, key: str) -> tuple[Path, Path]:
+    stem = root / f"{name}-{key}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)``, then rename over ``path``: a killed build never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; a cache is meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+def _save(source: ModelSource, tensor_path: Path, meta_path: Path, with_inputs: bool) -> None:
+    from safetensors.torch import save_file
+    t: dict[str, Tensor] = {f"base/{k}": v for k, v in source.base.items()}
+    for ds in source.datasets:
+        weight, bias = source.heads[ds]
+        t[f"head/{ds}/weight"], t[f"head/{ds}/bias"] = weight, bias
+        for k, v in source.task_vectors[ds].items():
+            t[f"tv/{ds}/{k}"] = v
+        for split, y in source.labels[ds].items():
+            t[f"label/{ds}/{split}"] = y
+            t[f"image/{ds}/{split}"] = torch.from_numpy(source.images[ds][split])
+            if with_inputs:
+                t[f"input/{ds}/{split}"] = source.inputs[ds][split]
+    t = {k: v.detach().contiguous().clone() for k, v in t.items()}  # safetensors refuses shared storage
+    # The sidecar is written last: it marks the pair as complete.
+    _atomic_write(tensor_path, lambda p: save_file(t, str(p)))
+    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(source.meta, indent=1)))
+
+def _restore(source: ModelSource, tensors: dict[str, Tensor], with_inputs: bool) -> ModelSource:
+    """Fill ``source`` (tail, prefix and preprocessing set) from the saved tensors."""
+    meta = source.meta
+    source.base = {k: tensors[f"base/{k}"] for k in source.base}
+    with torch.no_grad():  # the tail's own parameters are θ_0 too (for partial param dicts)
+        for k, p in source.tail.named_parameters():
+            p.copy_(source.base[k])
+    for ds in meta["datasets"]:
+        source.classes[ds] = meta["classes"][ds]
+        source.heads[ds] = (tensors[f"head/{ds}/weight"], tensors[f"head/{ds}/bias"])
+        source.task_vectors[ds] = {k: tensors[f"tv/{ds}/{k}"] for k in source.base}
+        splits = [s for s in SPLITS if f"label/{ds}/{s}" in tensors]
+        source.labels[ds] = {s: tensors[f"label/{ds}/{s}"] for s in splits}
+        source.images[ds] = {s: tensors[f"image/{ds}/{s}"].numpy() for s in splits}
+        source.inputs[ds] = {s: tensors[f"input/{ds}/{s}"] if with_inputs
+                             else source.encode(source.images[ds][s]) for s in splits}
+    return source
+
+
+# --------------------------------------------------------------------------- build helpers
+
+class _Stages:
+    """Times build stages, logs each to stderr (when verbose) and keeps them for the metadata."""
+
+    def __init__(self, zoo: str, verbose: bool):
+        self.zoo, self.verbose, self.timings = zoo, verbose, {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        yield
+        dt = time.perf_counter() - t0
+        self.timings[stage] = round(dt, 2)
+        if self.verbose:
+            print(f"[zoo {self.zoo}] {stage}: {dt:.1f} s", file=sys.stderr, flush=True)
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False,
+                dynamic_ncols=True)
+
+def _seed(seed: int, stage: int, ds: str) -> int:
+    """A per-(stage, data set) seed; keyed by the data set's fixed position in ``OFFLINE``, so
+    dropping a data set from a zoo leaves the others' heads and task vectors unchanged."""
+    return int(np.random.SeedSequence([seed, stage, OFFLINE.index(ds)]).generate_state(1)[0])
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+def _load_data(cfg, datasets: list[str]) -> dict:
+    return {ds: load(ds, seed=cfg.seed, max_n=cfg.max_n, fractions=cfg.fractions) for ds in datasets}
+
+def _add_data(source: ModelSource, data: dict, stages: _Stages, progress: bool, stage: str) -> None:
+    total = sum(len(d.splits[s][1]) for d in data.values() for s in SPLITS)
+    with stages(stage), _bar(total, f"{source.name}: {stage}", progress) as bar:
+        for ds, d in data.items():
+            source.classes[ds] = list(d.classes)
+            source.add_data(ds, {s: d.splits[s] for s in SPLITS})
+            bar.update(sum(len(d.splits[s][1]) for s in SPLITS))
+
+def _finetune_all(source: ModelSource, cfg, stages: _Stages, progress: bool) -> None:
+    with _bar(len(source.datasets) * cfg.ft_steps, f"{source.name}: fine-tuning", progress) as bar:
+        for ds in source.datasets:
+            with stages(f"fine-tune {ds}"):
+                source.task_vectors[ds] = finetune(
+                    source, ds, steps=cfg.ft_steps, batch_size=cfg.ft_batch_size, lr=cfg.ft_lr,
+                    seed=_seed(cfg.seed, 2, ds), weight_decay=cfg.ft_weight_decay,
+                    progress=lambda step, loss: (bar.update(1), bar.set_postfix(ds=ds, loss=f"{loss:.3f}")))
+
+
+# --------------------------------------------------------------------------- public API
+
+def build_zoo(name: "str | type[ZooSource]" = "effnet", cache_dir: str | None = None, progress: bool = True,
+              force: bool = False, config=None, **overrides) -> ModelSource:
+    """Build a zoo (or load it if cached and not ``force``), save it, and return its source.
+
+    Args:
+        name: a cached source's name (``effnet``, ``tiny-clip``) or its class.
+        cache_dir: see :func:`cache_root`.
+        progress: tqdm bars and stage timings on stderr; False silences both.
+        force: rebuild even if a cached file exists.
+        config: the source's whole ``Options`` instance (instead of ``overrides``).
+        **overrides: config fields, e.g. ``ft_steps=20, datasets=("fashion", "lfw")``.
+    """
+    cls = zoo_class(name)
+    name = cls.name
+    cfg = config if config is not None else _config(cls, overrides)
+    datasets, skipped = _datasets(name, cfg)
+    root = cache_root(cache_dir)
+    key = _key(cls, cfg, datasets)
+    tensor_path, meta_path = _paths(root, name, key)
+    if not force and tensor_path.exists() and meta_path.exists():
+        return _load(cls, cfg, root, tensor_path, meta_path)
+
+    stages = _Stages(name, progress)
+    t0 = time.perf_counter()
+    with _threads(cfg.threads):
+        source = cls.build(cfg, datasets, stages, progress, root)
+        with stages("evaluate"):
+            source.evaluate_references()
+    source.meta.update(
+        source_stats(source), zoo=name, key=key, format=FORMAT, config=dataclasses.asdict(cfg),
+        datasets=datasets, skipped=skipped, classes=source.classes, versions=_versions(cls),
+        threads=cfg.threads, timings=stages.timings, file=tensor_path.name)
+    source.meta["build_seconds"] = round(time.perf_counter() - t0, 2)
+    with stages("save"):
+        _save(source, tensor_path, meta_path, with_inputs=source.prefix is not None)
+    if progress:
+        zs, ft = source.meta["zero_shot_acc"], source.meta["finetuned_acc"]
+        print(f"[zoo {name}] built in {source.meta['build_seconds']:.0f} s → {tensor_path}; test accuracy "
+              "zero-shot/fine-tuned: " + ", ".join(f"{d} {zs[d]:.3f}/{ft[d]:.3f}" for d in datasets),
+              file=sys.stderr, flush=True)
+    return source
+
+def _load(cls: type[ZooSource], cfg, root: Path, tensor_path: Path, meta_path: Path) -> ModelSource:
+    from safetensors.torch import load_file
+    t0 = time.perf_counter()
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensor_path))
+    except Exception as e:
+        raise HarnessError(f"zoo cache {tensor_path} is unreadable ({type(e).__name__}); delete it "
+                           f"or rebuild with force=True") from None
+    source = cls.empty(cfg, root)
+    source.meta = meta
+    source = _restore(source, tensors, with_inputs=source.prefix is not None)
+    meta["load_seconds"] = round(time.perf_counter() - t0, 2)
+    return source
+
+def get_zoo(name: str = "effnet", cache_dir: str | None = None, progress: bool = True,
+            **overrides) -> ModelSource:
+    """The zoo's :class:`ModelSource`, loaded from the cache or built (once) when missing.
+
+    Args:
+        name: ``"effnet"`` (default) or ``"tiny-clip"``.
+        cache_dir: see :func:`cache_root`.
+        progress: show a progress bar on stderr if a build is needed.
+        **overrides: config fields; an unknown field is a HarnessError.
+    """
+    return build_zoo(name, cache_dir=cache_dir, progress=progress, force=False, **overrides)
+
+def zoo_path(name: "str | type[ZooSource]" = "effnet", cache_dir: str | None = None, **overrides) -> Path:
+    """The cache file a zoo with these overrides lives in (it may not exist yet)."""
+    cls = zoo_class(name)
+    cfg = _config(cls, overrides)
+    datasets, _ = _datasets(cls.name, cfg, warn=False)
+    return _paths(cache_root(cache_dir), cls.name, _key(cls, cfg, datasets))[0]
+
+def zoo_info(name: str = "effnet", cache_dir: str | None = None, progress: bool = True, **overrides):
+    """One row per data set: classes, zero_shot_acc, finetuned_acc, n_train, n_val, n_test.
+
+    ``df.attrs`` holds the composed part's ``blocks`` and ``params``, the build timings and the
+    cache file. Reads only the JSON sidecar when the zoo is cached; builds it otherwise.
+    """
+    import pandas as pd
+    meta_path = zoo_path(name, cache_dir, **overrides).with_suffix(".json")
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+    else:
+        meta = build_zoo(name, cache_dir=cache_dir, progress=progress, **overrides).meta
+    rows = [{"dataset": ds, "classes": len(meta["classes"][ds]),
+             "zero_shot_acc": meta["zero_shot_acc"][ds], "finetuned_acc": meta["finetuned_acc"][ds],
+             **{f"n_{s}": meta["sizes"][ds].get(s, 0) for s in SPLITS}} for ds in meta["datasets"]]
+    df = pd.DataFrame(rows).set_index("dataset")
+    df.attrs.update(zoo=zoo_class(name).name, blocks=meta["blocks"], params=meta["params"], skipped=meta["skipped"],
+                    build_seconds=meta["build_seconds"], timings=meta["timings"],
+                    file=str(meta_path.with_suffix(".safetensors")))
+    return df
