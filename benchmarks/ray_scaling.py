@@ -32,7 +32,7 @@ from harness import registry
 from harness.api import Candidate
 from harness.config import RunConfig, resolve_options
 from harness.evaluators import LocalEvaluator
-from harness.runner import make_task, plan
+from harness.problem import make_task, plan
 
 WORKLOADS = {
     # name: (searcher, searcher options, batch size, what is counted)

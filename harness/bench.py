@@ -9,60 +9,53 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from harness.api import HarnessError
 from harness.config import RunConfig
-from harness.results import iter_records
 from harness.runner import run
+from harness.sweep import read_sweep_file
 
 
-@dataclass
-class Entry:
-    searcher: str
-    space: str = "per_task"
-    budget: int | None = None
-    options: dict = field(default_factory=dict)
-    label: str = ""
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-SUITES: dict[str, tuple[str, list[Entry]]] = {
-    "addition": ("addition", [
-        Entry("zero-shot", label="zero-shot"),
-        Entry("task-arithmetic", label="task arithmetic"),
-        Entry("gradient", "per_block", 300, {"lr": 1e-2}, "gradient per_block (300 steps)"),
-        Entry("nevergrad", "per_task", 200, {}, "nevergrad NGOpt per_task (200)"),
-        Entry("nevergrad", "per_layer", 300, {}, "nevergrad NGOpt per_layer (300)"),
-        Entry("nevergrad", "per_block", 500, {}, "nevergrad NGOpt per_block (500)"),
-    ]),
-    "negation": ("negation", [
-        Entry("zero-shot", label="zero-shot"),
-        Entry("task-arithmetic", label="task arithmetic"),
-        Entry("gradient", "per_block", 300, {"lr": 1e-2}, "gradient per_block (300 steps)"),
-        Entry("nevergrad", "per_block", 300, {}, "nevergrad NGOpt per_block (300)"),
-    ]),
-}
+def load_suite(name: str) -> dict:
+    """The suite ``benchmarks/bench-NAME.toml`` (a sweep file: one task, labelled searchers)."""
+    path = BENCHMARKS / f"bench-{name}.toml"
+    if not path.is_file():
+        have = sorted(p.stem[len("bench-"):] for p in BENCHMARKS.glob("bench-*.toml")) if BENCHMARKS.is_dir() else []
+        raise HarnessError(f"unknown benchmark '{name}'; valid: {', '.join(have + ['perf'])} "
+                           f"(suites are the files benchmarks/bench-NAME.toml of the project's source tree)")
+    spec = read_sweep_file(str(path))
+    if len(spec.get("tasks", [])) != 1:
+        raise HarnessError(f"{path} must name exactly one task")
+    return spec
 
 
 def run_suite(name: str, seeds: list[int], results_dir: str, cache_dir: str | None = None,
               task_options: dict | None = None, quiet: bool = True) -> pd.DataFrame:
     """Run (or resume) every entry of a suite for every seed; return one row per run."""
-    task, entries = SUITES[name]
+    spec = load_suite(name)
+    task = spec["tasks"][0]
     rows = []
     for seed in seeds:
-        for e in entries:
-            cfg = RunConfig(task=task, searcher=e.searcher, space=e.space, budget=e.budget, seed=seed,
-                            searcher_options=dict(e.options), task_options=dict(task_options or {}),
+        for e in spec["searchers"]:
+            cfg = RunConfig(task=task, searcher=e["name"], space=e.get("space"), budget=e.get("budget"), seed=seed,
+                            searcher_options=dict(e.get("options") or {}),
+                            task_options={**spec.get("task_options", {}), **(task_options or {})},
                             results_dir=results_dir, cache_dir=cache_dir, quiet=quiet)
             t0 = time.time()
             rec = run(cfg, log=lambda m: print(m, file=sys.stderr))
             head = rec["headline"]
-            print(f"[bench {name}] seed {seed} {e.label or e.searcher}: {head}={rec['final'][head]:.4f} "
+            label = e.get("label") or e["name"]
+            print(f"[bench {name}] seed {seed} {label}: {head}={rec['final'][head]:.4f} "
                   f"({rec['evaluations']} evals, {rec['wall_time_s']:.0f} s, {time.time() - t0:.0f} s here)",
                   file=sys.stderr, flush=True)
-            rows.append({"label": e.label or e.searcher, "seed": seed, "value": rec["final"][head],
+            rows.append({"label": label, "seed": seed, "value": rec["final"][head],
                          "constraint_ok": rec.get("constraint_ok", True), "evaluations": rec["evaluations"],
                          "wall_time_s": rec["wall_time_s"], **{f"final/{k}": v for k, v in rec["final"].items()}})
     return pd.DataFrame(rows)
@@ -84,15 +77,13 @@ def summarize(df: pd.DataFrame, reference: str = "task arithmetic", higher_is_be
 
 
 def main(name: str, seeds: list[int], results_dir: str, cache_dir: str | None, task_options: dict | None) -> str:
-    from harness.api import HarnessError
     from harness.leaderboard import markdown
-    if name not in SUITES:
-        raise HarnessError(f"unknown benchmark '{name}'; valid: {', '.join(SUITES)}, perf")
+    task = load_suite(name)["tasks"][0]
     t0 = time.time()
     df = run_suite(name, seeds, results_dir, cache_dir, task_options)
     table = summarize(df)
     table["mean"] = table.apply(lambda r: f"{r['mean']:.4f}" + ("" if math.isnan(r["std"]) else f" ± {r['std']:.4f}"), axis=1)
-    table = table.drop(columns=["std"]).rename(columns={"mean": SUITES[name][0] + " headline"})
+    table = table.drop(columns=["std"]).rename(columns={"mean": task + " headline"})
     text = markdown(table)
     per_ds = [c for c in df.columns if c.startswith("final/")]
     detail = df.groupby("label", sort=False)[per_ds].mean().reset_index()

@@ -46,10 +46,10 @@ def plan(cfg: RunConfig) -> Plan:
         raise HarnessError(f"searcher '{cfg.searcher}' takes at most {searcher_cls.max_batch} candidate(s) per batch, got --batch-size {batch}")
     if cfg.workers < 0:
         raise HarnessError(f"--workers must be 0 (local) or more, got {cfg.workers}")
-    check_device(cfg.device)
-    if cfg.device.startswith("cuda") and (cfg.workers or cfg.address) and cfg.gpus_per_worker <= 0:
+    if str(cfg.device).startswith("cuda") and (cfg.workers or cfg.address) and cfg.gpus_per_worker <= 0:
         raise HarnessError(f"--device {cfg.device} with Ray workers needs --gpus-per-worker > 0: each worker "
                            "computes on the GPU Ray assigns it")
+    check_device(cfg.device)  # the driver scores the final result on it
     if cfg.parallel not in ("auto", "candidates", "data"):
         raise HarnessError(f"--parallel must be one of auto, candidates, data; got {cfg.parallel!r}")
     if task_cls.composes:

@@ -32,10 +32,30 @@ from harness import registry
 from harness.api import HarnessError
 from harness.config import RunConfig, coerce, parse_pairs
 from harness.leaderboard import leaderboard
-from harness.runner import plan, run
+from harness.problem import plan
+from harness.runner import run
 
 _TOP = {"seeds", "tasks", "searchers", "results_dir", "cache_dir", "task_options", "workers", "quiet"}
-_SEARCHER = {"name", "budget", "space", "options", "batch_size"}
+_SEARCHER = {"name", "label", "budget", "space", "options", "batch_size"}
+
+
+def read_sweep_file(file: str) -> dict:
+    """A sweep file's contents, checked (unknown keys are errors)."""
+    path = Path(file)
+    if not path.is_file():
+        raise HarnessError(f"sweep file not found: {file}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise HarnessError(f"sweep file {file} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - _TOP)
+    if unknown:
+        raise HarnessError(f"unknown key '{unknown[0]}' in {file}; valid: {', '.join(sorted(_TOP))}")
+    for s in data.get("searchers", []):
+        bad = sorted(set(s) - _SEARCHER)
+        if bad or "name" not in s:
+            raise HarnessError(f"each [[searchers]] entry needs 'name' and may have {', '.join(sorted(_SEARCHER - {'name'}))}; got {sorted(s)}")
+    return data
 
 
 def load_sweep(args) -> dict:
@@ -43,21 +63,7 @@ def load_sweep(args) -> dict:
     spec: dict = {"seeds": [0, 1], "tasks": [], "searchers": [], "results_dir": "results", "cache_dir": None,
                   "task_options": {}, "workers": 0, "quiet": False}
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise HarnessError(f"sweep file not found: {args.file}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise HarnessError(f"sweep file {args.file} is not valid TOML: {e}") from None
-        unknown = sorted(set(data) - _TOP)
-        if unknown:
-            raise HarnessError(f"unknown key '{unknown[0]}' in {args.file}; valid: {', '.join(sorted(_TOP))}")
-        for s in data.get("searchers", []):
-            bad = sorted(set(s) - _SEARCHER)
-            if bad or "name" not in s:
-                raise HarnessError(f"each [[searchers]] entry needs 'name' and may have {', '.join(sorted(_SEARCHER - {'name'}))}; got {sorted(s)}")
-        spec.update(data)
+        spec.update(read_sweep_file(args.file))
     if args.seeds:
         spec["seeds"] = coerce(args.seeds, list[int], "--seeds")
     if args.tasks:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from harness.api import Candidate, Evaluation, HarnessError
 from harness.objective import ComposeOptions, ComposingTask, shard_slice
-from harness.sources.base import scalar
+from harness.sources.base import host_array, scalar
 
 OBJECTIVES = ("ufm", "entropy", "im", "simclr")
 
@@ -355,7 +355,7 @@ class TTATask(ComposingTask):
         grad = None
         if want_grad:
             loss.backward()
-            grad = xt.grad.detach().cpu().double().numpy().copy()
+            grad = host_array(xt.grad)
         return Evaluation(loss=scalar(loss.detach()), grad=grad, metrics=metrics, weight=float(wsum))
 
     # ---- reporting (the only place test labels are read)

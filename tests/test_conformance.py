@@ -20,11 +20,11 @@ SEARCHER_OPTIONS: dict[str, dict] = {"gradient": {"lr": 0.05, "validate_every": 
 SMALL_ZOO = "datasets=skdigits,lfw;max_n=400;pretrain_steps=40;ft_steps=15"
 # Task options that keep each task small in tests (tiny zoo, few samples).
 TASK_OPTIONS: dict[str, dict] = {
-    "addition": {"zoo": "tiny-clip", "zoo_options": SMALL_ZOO, "search_n": 32},
-    "negation": {"zoo": "tiny-clip", "zoo_options": SMALL_ZOO, "target": "skdigits", "control": "lfw", "search_n": 32},
-    "few_shot": {"zoo": "tiny-clip", "zoo_options": SMALL_ZOO, "target": "skdigits", "shots": 2},
+    "addition": {"source": "tiny-clip", "source_options": SMALL_ZOO, "search_n": 32},
+    "negation": {"source": "tiny-clip", "source_options": SMALL_ZOO, "target": "skdigits", "control": "lfw", "search_n": 32},
+    "few_shot": {"source": "tiny-clip", "source_options": SMALL_ZOO, "target": "skdigits", "shots": 2},
     # threshold 0 and trusted_fraction 1: on 64 images of the tiny zoo every UFM term is non-zero
-    "tta": {"zoo": "tiny-clip", "zoo_options": SMALL_ZOO, "target": "skdigits", "max_n": 64, "threshold": 0.0,
+    "tta": {"source": "tiny-clip", "source_options": SMALL_ZOO, "target": "skdigits", "max_n": 64, "threshold": 0.0,
             "trusted_fraction": 1.0},
 }
 

@@ -9,11 +9,11 @@ from harness.api import Candidate
 from harness.config import RunConfig, resolve_options
 from harness.runner import run
 from tasks.few_shot import FewShotTask
-from harness.zootask import shard_slice
+from harness.objective import shard_slice
 from tasks.tta import TTATask, augment, info_nce, sharpen, trusted_set
 
 # The same zoo as tests/test_conformance.py's TASK_OPTIONS, so the session builds it once.
-ZOO = {"zoo": "tiny-clip", "zoo_options": "datasets=skdigits,lfw;max_n=400;pretrain_steps=40;ft_steps=15"}
+ZOO = {"source": "tiny-clip", "source_options": "datasets=skdigits,lfw;max_n=400;pretrain_steps=40;ft_steps=15"}
 
 
 def _task(cls, cache_dir, seed=0, **options):

@@ -12,7 +12,6 @@ from harness import registry
 from harness.api import Candidate, Evaluation, HarnessError
 from harness.config import resolve_options
 from harness.leaderboard import leaderboard
-from harness.zootask import per_sample_ce
 
 from tests.test_conformance import TASK_OPTIONS
 
@@ -37,7 +36,7 @@ def test_search_loss_is_capped_target_ce_against_control_ce(negation):
     ev = task.evaluate([Candidate(x=x)])[0]
     with torch.no_grad():
         params = task.comp.merge(torch.as_tensor(x, dtype=torch.float32))
-        (ce_t, ce_c), (ok_t, ok_c) = per_sample_ce(task.source, params, task.search.names, task.search.inputs,
+        (ce_t, ce_c), (ok_t, ok_c) = task.engine.per_sample_ce(params, task.search.names, task.search.inputs,
                                                    task.search.labels)
     cap = math.log(len(task.source.classes["skdigits"]))
     want = 0.5 * -ce_t.clamp(max=cap).mean() + 0.5 * ce_c.mean()

@@ -204,15 +204,15 @@ def test_population_scores_equal_sequential_ones_and_auto_records_its_choice(sma
     task = small_addition
     rng = np.random.default_rng(2)
     cands = [Candidate(x=rng.uniform(-0.4, 0.4, task.space().dim)) for _ in range(4)]
-    seq = [task.weighted_ce(c, task.search) for c in cands]
-    pop = task.population_ce(cands, task.search)
+    seq = [task.engine.weighted_ce(c, task.search) for c in cands]
+    pop = task.engine.population_ce(cands, task.search)
     for a, b in zip(seq, pop):
         assert b.loss == pytest.approx(a.loss, rel=1e-5) and b.metrics["acc"] == pytest.approx(a.metrics["acc"])
         assert b.weight == a.weight
-    half = task.population_ce(cands, task.search, shard=(1, 2))
-    assert half[2].loss == pytest.approx(task.weighted_ce(cands[2], task.search, shard=(1, 2)).loss, rel=1e-5)
+    half = task.engine.population_ce(cands, task.search, shard=(1, 2))
+    assert half[2].loss == pytest.approx(task.engine.weighted_ce(cands[2], task.search, shard=(1, 2)).loss, rel=1e-5)
     task.task_info.pop("population", None)
-    task.__dict__.pop("_vmap_faster", None)
+    task.engine._vmap_faster = None
     try:
         first = task.evaluate(cands)  # times both paths once on 3 candidates
         note = task.task_info["population"]
@@ -224,4 +224,4 @@ def test_population_scores_equal_sequential_ones_and_auto_records_its_choice(sma
         assert [e.loss for e in again] == pytest.approx([e.loss for e in seq], rel=1e-5)
     finally:
         task.task_info.pop("population", None)
-        task.__dict__.pop("_vmap_faster", None)
+        task.engine._vmap_faster = None

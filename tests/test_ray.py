@@ -25,13 +25,14 @@ from harness.api import Candidate  # noqa: E402
 from harness.config import RunConfig  # noqa: E402
 from harness.evaluators import PENALTY, LocalEvaluator  # noqa: E402
 from harness.ray_evaluator import RayEvaluator, start_local_ray  # noqa: E402
-from harness.runner import make_task, plan, run  # noqa: E402
+from harness.problem import make_task, plan  # noqa: E402
+from harness.runner import run  # noqa: E402
 from tasks.quadratic import QuadraticTask  # noqa: E402
 
 import psutil  # noqa: E402  (importable once ray is: ray ships it)
 
 ROOT = Path(__file__).resolve().parents[1]
-ZOO = {"zoo": "tiny-clip", "zoo_options": "datasets=skdigits,lfw;max_n=400;pretrain_steps=40;ft_steps=15"}
+ZOO = {"source": "tiny-clip", "source_options": "datasets=skdigits,lfw;max_n=400;pretrain_steps=40;ft_steps=15"}
 
 
 def _descendants() -> list[psutil.Process]:
@@ -216,12 +217,12 @@ def test_a_run_joins_an_existing_cluster_by_address(ray_session, tmp_path):
 
 def test_ray_equals_local_on_addition(ray_session, cache_dir):
     """Workers load the zoo from the cache the driver built (they never rebuild it)."""
-    from harness.zoo import zoo_path
-    from harness.zootask import parse_zoo_options
+    from harness.objective import _pairs
+    from harness.sources.cache import zoo_path
 
     p = _plan(task="addition", options={**ZOO, "search_n": 24}, cache_dir=cache_dir, space="per_block")
     driver = _setup(p)
-    path = zoo_path("tiny-clip", cache_dir, **parse_zoo_options("tiny-clip", ZOO["zoo_options"]))
+    path = zoo_path("tiny-clip", cache_dir, **_pairs(ZOO["source_options"], "source option"))
     mtime = path.stat().st_mtime_ns
     dim = driver.space().dim
     rng = np.random.default_rng(2)

@@ -68,7 +68,7 @@ def user(tmp_path_factory):
 def _run(user, *extra, results):
     return harness("run", "--task", "addition", "--searcher", "nevergrad", "--budget", "6", "--quiet",
                    "-t", f"pretrained={user['model']}", "--data-root", str(user["data"]),
-                   "-t", "zoo_options=max_n=300", "--results-dir", str(results), *extra)
+                   "-t", "source_options=max_n=300", "--results-dir", str(results), *extra)
 
 
 def test_own_checkpoints_run_end_to_end(user, tmp_path):

@@ -11,8 +11,8 @@ from harness.api import HarnessError
 from harness.composition import Composition
 from harness.data import available, to_tensor
 from harness.finetune import finetune
-from harness.models import efficientnet_lite0
-from harness.zoo import build_zoo, cache_root, get_zoo, zoo_info, zoo_path
+from harness.sources.effnet import efficientnet_lite0
+from harness.sources.cache import build_zoo, cache_root, get_zoo, zoo_info, zoo_path
 
 DATASETS = ("skdigits", "lfw")  # bundled with scikit-learn / scikit-image: always offline
 # One thread: on a shared 2-core machine two-thread torch ops slow down ~4x when another
@@ -160,7 +160,7 @@ def test_tiny_clip_heads_and_one_hot_composition(clip):
 
 
 def test_missing_data_set_is_skipped_with_one_warning(cache, capsys, monkeypatch):
-    import harness.zoo as zoo
+    import harness.sources.cache as zoo
     reasons = {**available(), "lfw": "data set 'lfw' is not installed: run `pip install scikit-image`"}
     monkeypatch.setattr(zoo, "available", lambda: reasons)
     source = get_zoo("tiny-clip", cache_dir=cache, progress=False, **SMALL_CLIP)
@@ -198,8 +198,8 @@ def test_from_checkpoints_with_image_folder_and_offline_set(tmp_path):
     from PIL import Image
 
     from harness.checkpoints import build_clip, save_state_dict
-    from harness.models import from_checkpoints
-    from harness.zoo import TinyClipConfig, register_tiny_clip
+    from harness.sources.open_clip import from_checkpoints
+    from harness.sources.tiny_clip import TinyClipConfig, register_tiny_clip
 
     name = register_tiny_clip(TinyClipConfig(), str(tmp_path / "cache"))
     rng = np.random.default_rng(0)

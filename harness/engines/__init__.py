@@ -12,17 +12,17 @@ import torch
 
 from harness.api import HarnessError
 
-_DEVICE = re.compile(r"(cpu|cuda|meta)(:\d+)?")
+_DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
 
 
 def check_device(spec: str) -> str:
     """``spec`` if this machine can compute on it, else a HarnessError naming what is valid here.
 
-    Valid forms: ``cpu``, ``cuda``, ``cuda:N``. ``meta`` (shapes only, no values) is accepted for
-    tests of the device plumbing; a run on it records NaN metrics.
+    Valid forms: ``cpu``, ``cuda``, ``cuda:N``. (Tests of the device plumbing set tasks up on
+    ``meta``, where tensors have shapes but no values, directly; a run never records one.)
     """
     spec = str(spec).strip()
-    if not _DEVICE.fullmatch(spec) or spec.startswith(("cpu:", "meta:")):
+    if not _DEVICE.fullmatch(spec) or spec.startswith("cpu:"):
         raise HarnessError(f"unknown device {spec!r}; valid forms: cpu, cuda, cuda:N")
     if spec.startswith("cuda"):
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from harness.api import Candidate, Engine, Evaluation, HarnessError
 from harness.composition import functional_forward
-from harness.sources.base import scalar
+from harness.sources.base import host_array, scalar
 
 
 @dataclass
@@ -175,5 +175,5 @@ def package(loss: torch.Tensor, weight: float, xt: torch.Tensor, want_grad: bool
     grad = None
     if want_grad:
         loss.backward()
-        grad = xt.grad.detach().cpu().double().numpy().copy()
+        grad = host_array(xt.grad)
     return Evaluation(loss=scalar(loss.detach()), grad=grad, metrics=metrics, weight=float(weight))

@@ -183,6 +183,13 @@ def scalar(t: Tensor) -> float:
     return float("nan") if t.device.type == "meta" else float(t)
 
 
+def host_array(t: Tensor) -> np.ndarray:
+    """A tensor as a float64 numpy array on the host (NaN-filled for a ``meta`` tensor, see :func:`scalar`)."""
+    if t.device.type == "meta":
+        return np.full(tuple(t.shape), np.nan)
+    return t.detach().cpu().double().numpy().copy()
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Eval mode and no gradients anywhere: the module's own tensors are never trained."""
     module.eval()

@@ -1,0 +1,123 @@
+"""The device is honoured end to end: a task set up on a device keeps every tensor of the
+evaluation path there, and a device this machine cannot compute on is a one-line error.
+
+Without a GPU the plumbing is checked on PyTorch's ``meta`` device: tensors there have shapes but
+no values, and any operation that mixes a meta tensor with a CPU tensor raises, so a tensor left
+behind on the CPU anywhere between the coefficients and the loss fails these tests.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harness import registry
+from harness.api import Candidate, HarnessError
+from harness.config import RunConfig, resolve_options
+from harness.engines import check_device
+from harness.objective import WeightedSet
+from harness.problem import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"source": "tiny-clip", "source_options": "datasets=skdigits,lfw;max_n=400;pretrain_steps=40;ft_steps=15"}
+CASES = {
+    "addition": {"search_n": 16},
+    "negation": {"target": "skdigits", "control": "lfw", "search_n": 16},
+    "few_shot": {"target": "skdigits", "shots": 2, "augment": 1, "l1": 0.1},
+    "tta-im": {"target": "skdigits", "max_n": 32, "objective": "im"},
+    "tta-entropy": {"target": "skdigits", "max_n": 32, "objective": "entropy"},
+    "tta-ufm": {"target": "skdigits", "max_n": 32, "objective": "ufm", "threshold": 0.0, "trusted_fraction": 1.0},
+    "tta-simclr": {"target": "skdigits", "max_n": 32, "objective": "simclr", "batch_size": 8},
+}
+# Devices this machine can compute on: every value-checking test runs on each of them.
+DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+
+
+def _task(case, cache_dir, device, space="per_block"):
+    name = case.split("-")[0]
+    cls = registry.load("task", name)
+    opts = resolve_options(cls, {**SMALL, **CASES[case]}, "task")
+    cls.validate(opts)
+    task = cls(opts, space=space, seed=0, cache_dir=cache_dir)
+    task.setup(device)
+    return task
+
+
+def _tensors(obj, seen=None):
+    """Every tensor reachable from a task's own attributes (lists, dicts, WeightedSets)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, WeightedSet):
+        for part in (obj.inputs, obj.labels, obj.weights):
+            yield from _tensors(part)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_no_tensor_of_the_evaluation_path_stays_on_the_cpu(case, cache_dir):
+    task = _task(case, cache_dir, "meta")
+    src, comp = task.source, task.comp
+    held = list(_tensors(src.base)) + list(_tensors(src.heads)) + list(_tensors(src.inputs)) + list(_tensors(src.labels))
+    held += list(src.tail.parameters()) + list(src.tail.buffers()) + list(comp.base.values()) + list(comp.tau)
+    held += [t for k, v in vars(task).items() if k not in ("source", "comp", "engine", "options") for t in _tensors(v)]
+    assert held and all(t.device.type == "meta" for t in held)
+    dim = task.space().dim
+    x = np.linspace(-0.3, 0.3, dim)
+    # Whole-set scores, a shard, a population batch, a gradient step on a mini-batch, the final
+    # metrics: every one runs through the merge and the forward on meta without touching the CPU.
+    evs = task.evaluate([Candidate(x=x), Candidate(x=-x), Candidate(x=0 * x)])
+    evs += task.evaluate([Candidate(x=x)], shard=(1, 2))
+    g = task.evaluate([Candidate(x=x, grad=True, batch=3)])[0]
+    assert len(evs) == 4 and g.grad.shape == (dim,)
+    final = task.final(x)
+    assert task.headline in final
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["addition", "negation", "tta-ufm"])
+def test_losses_on_each_device_equal_the_cpu_ones(case, device, cache_dir):
+    ref = _task(case, cache_dir, "cpu")
+    task = _task(case, cache_dir, device)
+    x = np.linspace(-0.3, 0.3, task.space().dim)
+    a = ref.evaluate([Candidate(x=x, grad=True)])[0]
+    b = task.evaluate([Candidate(x=x, grad=True)])[0]
+    assert b.loss == pytest.approx(a.loss, rel=1e-4)
+    assert np.allclose(b.grad, a.grad, rtol=1e-3, atol=1e-5)
+    assert task.final(x) == pytest.approx(ref.final(x), abs=1e-6)
+
+
+def test_device_names_are_checked():
+    assert check_device("cpu") == "cpu"
+    for bad in ("bogus", "cpu:1", "cuda:x", "meta", ""):
+        with pytest.raises(HarnessError, match="unknown device"):
+            check_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(HarnessError, match="CUDA is not available here.*valid devices here: cpu"):
+            check_device("cuda")
+        with pytest.raises(HarnessError, match="CUDA is not available"):
+            plan(RunConfig(task="quadratic", device="cuda:0"))
+
+
+def test_gpu_workers_are_required_for_a_cuda_run_on_ray():
+    with pytest.raises(HarnessError, match="needs --gpus-per-worker"):
+        plan(RunConfig(task="quadratic", device="cuda", workers=2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "bogus"])
+def test_cli_refuses_a_device_it_cannot_use_before_recording_anything(device, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "harness", "run", "--task", "quadratic", "--device", device,
+                        "--results-dir", str(tmp_path), "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "device" in r.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
