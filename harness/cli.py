@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--results-dir", dest="results_dir", default="results")
     lb.add_argument("--task", help="only this task")
     lb.add_argument("--searcher", help="only this searcher")
+    lb.add_argument("--family", help="only runs on this checkpoint family (a prefix of the family column)")
     lb.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG curves and the HTML page")
     sw = sub.add_parser("sweep", help="run searchers × tasks × seeds (skipping recorded runs), then the leaderboard")
     sw.add_argument("--file", help="TOML sweep file (see README)")
@@ -199,7 +200,7 @@ def cmd_list(args) -> int:
 
 def cmd_leaderboard(args) -> int:
     from harness.leaderboard import format_board, leaderboard, write
-    board = leaderboard(args.results_dir, task=args.task, searcher=args.searcher)
+    board = leaderboard(args.results_dir, task=args.task, searcher=args.searcher, family_prefix=args.family)
     if board.empty:
         raise HarnessError(f"no completed runs under {args.results_dir}/runs; run `python -m harness run` first")
     import pandas as pd

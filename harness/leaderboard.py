@@ -29,11 +29,21 @@ def _task_label(rec: dict) -> str:
     return rec["task"] + (f"[{','.join(f'{k}={v}' for k, v in sorted(shown.items()))}]" if shown else "")
 
 
-def runs_frame(results_dir: str | Path, task: str | None = None, searcher: str | None = None) -> pd.DataFrame:
-    """One row per completed run: identity, setting, headline value and cost."""
+def family(rec: dict) -> str:
+    """The checkpoint family a run composed: ``pretrained hash/task-vector hash`` (8 characters
+    each), or ``—`` for tasks that compose no checkpoints."""
+    fam = rec.get("family") or {}
+    return f"{fam['pretrained'][:8]}/{fam['task_vectors'][:8]}" if fam.get("pretrained") else "—"
+
+
+def runs_frame(results_dir: str | Path, task: str | None = None, searcher: str | None = None,
+               family_prefix: str | None = None) -> pd.DataFrame:
+    """One row per completed run: identity, setting, checkpoint family, headline value and cost."""
     rows = []
     for rec in iter_records(results_dir):
         if task and rec["task"] != task:
+            continue
+        if family_prefix and not family(rec).startswith(family_prefix):
             continue
         if searcher and rec["searcher"] != searcher:
             continue
@@ -42,6 +52,7 @@ def runs_frame(results_dir: str | Path, task: str | None = None, searcher: str |
         value = final.get(head)
         rows.append({
             "task": _task_label(rec), "searcher": rec["searcher"], "setting": _setting(rec), "key": rec.get("key"),
+            "family": family(rec),
             "seed": rec.get("seed"), "headline": head, "higher_is_better": rec.get("higher_is_better", True),
             "value": float("nan") if value is None else float(value),
             "constraint_ok": bool(rec.get("constraint_ok", True) if rec.get("constraint_ok") is not None else True),
@@ -51,21 +62,23 @@ def runs_frame(results_dir: str | Path, task: str | None = None, searcher: str |
     return pd.DataFrame(rows)
 
 
-def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str | None = None) -> pd.DataFrame:
+def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str | None = None,
+                family_prefix: str | None = None) -> pd.DataFrame:
     """Mean ± std and n of each task's headline metric over seeds, ranked within each task.
 
     Runs that break their task's constraint (negation: control accuracy below 95% of zero-shot)
-    are counted in ``n_ok`` but not ranked on.
+    are counted in ``n_ok`` but not ranked on. Runs on different checkpoint families never share
+    a row; ``family_prefix`` keeps only the families whose label starts with it.
     """
-    runs = runs_frame(results_dir, task, searcher)
+    runs = runs_frame(results_dir, task, searcher, family_prefix)
     if runs.empty:
         return runs
     groups = []
-    for (t, s, key), g in runs.groupby(["task", "searcher", "key"], sort=False):
+    for (t, s, key, fam), g in runs.groupby(["task", "searcher", "key", "family"], sort=False):
         ok = g[g["constraint_ok"]]
         vals = ok["value"]
         groups.append({
-            "task": t, "searcher": s, "setting": g["setting"].iloc[0], "metric": g["headline"].iloc[0],
+            "task": t, "searcher": s, "setting": g["setting"].iloc[0], "family": fam, "metric": g["headline"].iloc[0],
             "mean": vals.mean() if len(vals) else float("nan"),
             "std": vals.std(ddof=1) if len(vals) > 1 else float("nan"),
             "n": len(g), "n_ok": len(ok), "higher_is_better": bool(g["higher_is_better"].iloc[0]),
@@ -80,7 +93,7 @@ def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str 
         g["rank"] = g["mean"].rank(ascending=asc, method="min")
         ranked.append(g)
     board = pd.concat(ranked, ignore_index=True)
-    cols = ["task", "rank", "searcher", "setting", "metric", "mean", "std", "n", "n_ok",
+    cols = ["task", "rank", "searcher", "setting", "family", "metric", "mean", "std", "n", "n_ok",
             "evaluations", "wall_time_s", "peak_rss_mb"]
     return board[cols]
 

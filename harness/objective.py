@@ -15,7 +15,6 @@ searchers.
 """
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass, field
 
@@ -25,7 +24,8 @@ import torch
 from harness import registry
 from harness.api import HarnessError, Space, Task
 from harness.composition import Composition, parse_space
-from harness.config import coerce, resolve_options
+from harness.config import resolve_options
+from harness.sources.base import content_hash
 
 # Task options forwarded to the source / the engine when their Options have a field of that name.
 SOURCE_FIELDS = ("model", "pretrained", "checkpoints", "data_root")
@@ -125,9 +125,20 @@ class ComposingTask(Task):
 
     def load_source(self):
         cls, opts = resolve_source(self.options)
-        self.source_cls = cls
         self.source = cls.load(opts, cache_dir=self.cache_dir, progress=True)
-        return self.source
+        src = self.source
+        # The checkpoint family: the same method moves by points between families, so a record
+        # says which pre-trained weights and which task vectors it composed.
+        self.family = {"pretrained": content_hash(src.base),
+                       "task_vectors": content_hash({f"{ds}/{k}": v for ds in sorted(src.task_vectors)
+                                                     for k, v in src.task_vectors[ds].items()})}
+        return src
+
+    def provenance(self) -> dict:
+        """The source and engine plugins this task used, and the checkpoint family's hashes."""
+        return {"source": registry.provenance("source", source_name(self.options)),
+                "engine": registry.provenance("engine", self.options.engine),
+                "family": getattr(self, "family", None)}
 
     @property
     def source_name(self) -> str:

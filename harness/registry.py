@@ -49,6 +49,18 @@ def load(kind: str, name: str) -> type:
     return cls
 
 
+def provenance(kind: str, name: str) -> dict:
+    """Where a plugin comes from: its name, ``module:Class``, and the distribution (package) that
+    registered it with that package's version (None for an unpackaged ``module:Class`` plugin)."""
+    cls = load(kind, name)
+    out = {"name": name, "class": f"{cls.__module__}:{cls.__qualname__}", "distribution": None, "version": None}
+    ep = None if ":" in name else _entry_point(kind, name)
+    dist = getattr(ep, "dist", None)
+    if dist is not None:
+        out.update(distribution=dist.metadata["Name"], version=dist.version)
+    return out
+
+
 def describe(kind: str) -> list[tuple[str, str]]:
     """(name, one-line description) for every registered plugin; load failures are reported inline."""
     out = []

@@ -17,6 +17,7 @@ import traceback
 import numpy as np
 import torch
 
+from harness import registry
 from harness.api import Candidate, Evaluation, HarnessError
 from harness.config import RunConfig
 from harness.evaluators import Evaluator, LocalEvaluator
@@ -94,6 +95,11 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
     try:
         task, setup_info = build_task(p)
         record.update(setup_info)
+        record["plugins"] = {"searcher": registry.provenance("searcher", c.searcher),
+                             "task": registry.provenance("task", c.task)}
+        extra = task.provenance() if hasattr(task, "provenance") else {}
+        record["plugins"].update({k: v for k, v in extra.items() if k != "family"})
+        record["family"] = extra.get("family")
         space = task.space()
         searcher = p.searcher_cls(space, c.budget, c.batch_size, c.seed, p.searcher_options)
         evaluator = make_evaluator(p, task)

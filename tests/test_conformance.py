@@ -134,3 +134,121 @@ def test_task_space_and_evaluations(name, cache_dir):
     assert g.grad is not None and g.grad.shape == (space.dim,) and np.all(np.isfinite(g.grad))
     final = task.final(space.start)
     assert task.headline in final and np.isfinite(final[task.headline])
+
+
+# ----------------------------------------------------------------------------- sources and engines
+
+SOURCES = registry.names("source")
+ENGINES = registry.names("engine")
+# Options that keep each built-in source small; a source absent from here runs with its defaults.
+SOURCE_OPTIONS = {
+    "tiny-clip": SMALL_ZOO,
+    "effnet": "datasets=skdigits,lfw;max_n=300;head_steps=30;ft_steps=4;ft_batch_size=32;threads=1",
+}
+
+
+@pytest.fixture(scope="module")
+def open_clip_files(tmp_path_factory):
+    """A tiny open_clip ``local-dir:`` model and two fine-tuned checkpoints (seeded noise) for the
+    built-in data sets skdigits and lfw: what the open_clip source loads."""
+    import json
+    import open_clip
+    import torch
+    from harness.checkpoints import save_state_dict
+    arch = {"embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    tmp = tmp_path_factory.mktemp("open_clip")
+    (tmp / "model").mkdir()
+    (tmp / "model" / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": {}}))
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**arch)
+    save_state_dict(dict(model.state_dict()), tmp / "model" / "open_clip_model.safetensors")
+    gen = torch.Generator().manual_seed(1)
+    for ds in ("skdigits", "lfw"):
+        tuned = {f"visual.{k}": v + 0.02 * torch.randn(v.shape, generator=gen)
+                 for k, v in model.visual.state_dict().items() if v.is_floating_point()}
+        save_state_dict(tuned, tmp / f"{ds}.safetensors")
+    return {"pretrained": f"local-dir:{tmp / 'model'}", "checkpoints": [str(tmp / "skdigits.safetensors"),
+                                                                        str(tmp / "lfw.safetensors")],
+            "source_options": "max_n=200"}
+
+
+def _source_task_options(name, request) -> dict:
+    if name == "open_clip":
+        return {"source": name, **request.getfixturevalue("open_clip_files")}
+    return {"source": name, "source_options": SOURCE_OPTIONS.get(name, "")}
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_source_builds_what_objectives_and_engines_need(name, cache_dir, request):
+    import torch
+    from harness.objective import resolve_source
+    from tasks.addition import AdditionTask
+    opts = resolve_options(AdditionTask, _source_task_options(name, request), "task")
+    AdditionTask.validate(opts)
+    cls, sopts = resolve_source(opts)
+    src = cls.load(sopts, cache_dir=cache_dir, progress=False)
+    assert len(src.datasets) >= 2 and src.base
+    for ds in src.datasets:
+        tv = src.task_vectors[ds]
+        assert list(tv) == list(src.base) and all(tv[k].shape == src.base[k].shape for k in tv)
+        assert all(torch.isfinite(v).all() for v in tv.values()) and any(v.abs().sum() > 0 for v in tv.values())
+        w, b = src.heads[ds]
+        assert w.shape[0] == b.shape[0] == len(src.classes[ds])
+        for split in ("train", "val", "test"):
+            assert len(src.inputs[ds][split]) == len(src.labels[ds][split]) > 0
+        assert 0 <= src.meta["finetuned_acc"][ds] <= 1
+    # Objectives run on it: task addition scores the start and a composition with finite losses.
+    task = AdditionTask(opts, space="per_layer", seed=0, cache_dir=cache_dir)
+    task.setup("cpu")
+    evs = task.evaluate([Candidate(x=task.space().start), Candidate(x=np.full(task.space().dim, 0.3))])
+    assert all(e.ok and np.isfinite(e.loss) for e in evs)
+    assert np.isfinite(task.final(task.space().start)["normalized_acc"])
+    # It moves to a device whole.
+    src.to("meta")
+    moved = list(src.base.values()) + [t for wb in src.heads.values() for t in wb]
+    moved += [t for sp in src.inputs.values() for t in sp.values()] + list(src.tail.parameters())
+    assert all(t.device.type == "meta" for t in moved)
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_engine_scores_equal_the_sequential_reference(name, cache_dir):
+    """Every engine gives the losses, accuracies and gradients of one plain merge + forward per
+    candidate (LocalEngine.weighted_ce), for batches of several candidates and for shards."""
+    from tasks.addition import AdditionTask
+    opts = resolve_options(AdditionTask, {**TASK_OPTIONS["addition"], "engine": name}, "task")
+    task = AdditionTask(opts, space="per_block", seed=0, cache_dir=cache_dir)
+    task.setup("cpu")
+    ref = AdditionTask(resolve_options(AdditionTask, {**TASK_OPTIONS["addition"], "population": "off"}, "task"),
+                       space="per_block", seed=0, cache_dir=cache_dir)
+    ref.setup("cpu")
+    rng = np.random.default_rng(0)
+    cands = [Candidate(x=rng.uniform(-0.4, 0.4, task.space().dim)) for _ in range(5)]
+    for shard in (None, (0, 2)):
+        got = task.engine.score(cands, task.search, shard)
+        want = [ref.engine.weighted_ce(c, ref.search, shard) for c in cands]
+        for a, b in zip(got, want):
+            assert a.loss == pytest.approx(b.loss, rel=1e-5) and a.metrics["acc"] == pytest.approx(b.metrics["acc"])
+            assert a.weight == pytest.approx(b.weight)
+    g = task.engine.score([Candidate(x=cands[0].x, grad=True)], task.search)[0]
+    g_ref = ref.engine.weighted_ce(Candidate(x=cands[0].x, grad=True), ref.search)
+    assert np.allclose(g.grad, g_ref.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_records_name_every_plugin_and_the_checkpoint_family(tmp_path, cache_dir):
+    cfg = RunConfig(task="addition", searcher="task-arithmetic", budget=3, seed=0,
+                    task_options=dict(TASK_OPTIONS["addition"]), results_dir=str(tmp_path), cache_dir=cache_dir, quiet=True)
+    rec = run(cfg, log=lambda m: None)
+    plugins = rec["plugins"]
+    assert set(plugins) == {"searcher", "task", "source", "engine"}
+    assert plugins["source"]["name"] == "tiny-clip" and plugins["engine"]["name"] == "local"
+    assert all(p["distribution"] == "atlas-harness" and p["version"] for p in plugins.values())
+    fam = rec["family"]
+    assert len(fam["pretrained"]) == 16 and fam["pretrained"] != fam["task_vectors"]
+    again = run(RunConfig(**{**cfg.__dict__, "seed": 1}), log=lambda m: None)
+    assert again["family"] == fam  # same checkpoints, same family, whatever the seed
+    from harness.leaderboard import leaderboard
+    board = leaderboard(tmp_path)
+    assert board["family"].iloc[0] == f"{fam['pretrained'][:8]}/{fam['task_vectors'][:8]}"
+    assert leaderboard(tmp_path, family_prefix="zzzz").empty

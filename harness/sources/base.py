@@ -183,6 +183,18 @@ def scalar(t: Tensor) -> float:
     return float("nan") if t.device.type == "meta" else float(t)
 
 
+def content_hash(tensors: dict[str, Tensor]) -> str:
+    """A short sha256 of named tensors (names, dtypes, shapes and bytes, in name order): the same
+    weights give the same hash on any machine, any other weights a different one."""
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def host_array(t: Tensor) -> np.ndarray:
     """A tensor as a float64 numpy array on the host (NaN-filled for a ``meta`` tensor, see :func:`scalar`)."""
     if t.device.type == "meta":
