@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-import harness.zoo
+import harness.sources.cache as zoo_cache
 from harness.config import RunConfig
 from harness.runner import run
-from harness.zootask import parse_zoo_options
+from harness.objective import _pairs
 
 GRADIENT_FS = {"lr": 0.1, "schedule": "cosine", "validate_every": 20}
 # The paper's TTA learning rate (1e-3, cosine) for every objective: at 1e-2 entropy and UFM collapse
@@ -100,7 +100,7 @@ class Bench:
                  task_options: dict, searcher_options: dict, **keys) -> dict:
         a = self.a
         cfg = RunConfig(task=task, searcher=searcher, budget=budget, seed=seed, space=space,
-                        task_options={"zoo": a.zoo, "zoo_options": a.zoo_options, **task_options},
+                        task_options={"source": a.zoo, "source_options": a.zoo_options, **task_options},
                         searcher_options=searcher_options, results_dir=a.results_dir,
                         cache_dir=a.cache_dir, quiet=True, rerun=a.rerun)
         t0 = time.time()
@@ -162,9 +162,9 @@ def main(argv=None) -> int:
     a = _args(argv)
     torch.set_num_threads(a.threads)
     # Every run in this process reads the same zoo: load it from disk once (tasks never modify it).
-    harness.zoo.get_zoo = functools.lru_cache(maxsize=4)(harness.zoo.get_zoo)
+    zoo_cache.build_zoo = functools.lru_cache(maxsize=4)(zoo_cache.build_zoo)
     t0 = time.time()
-    src = harness.zoo.get_zoo(a.zoo, cache_dir=a.cache_dir, progress=True, **parse_zoo_options(a.zoo, a.zoo_options))
+    src = zoo_cache.get_zoo(a.zoo, cache_dir=a.cache_dir, progress=True, **_pairs(a.zoo_options, "--zoo-options"))
     print(f"zoo {a.zoo} ready in {time.time() - t0:.1f} s: {src}", file=sys.stderr)
     bench = Bench(a)
     walls = {}

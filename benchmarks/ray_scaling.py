@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     from harness.ray_evaluator import RayEvaluator, start_local_ray
 
     t_start = time.perf_counter()
-    cfg = RunConfig(task="addition", task_options={"zoo": args.zoo, "zoo_options": args.zoo_options},
+    cfg = RunConfig(task="addition", task_options={"source": args.zoo, "source_options": args.zoo_options},
                     space=args.space, cache_dir=args.cache_dir, workers=2, quiet=True)
     p = plan(cfg)
     task = make_task(p)
