@@ -66,12 +66,15 @@ class Candidate:
         batch: ``None`` scores on the task's whole search set; an integer asks for a random
             mini-batch drawn with that seed (stochastic gradient steps).
         fidelity: fraction of the search set to score on (1.0 = all of it).
+        id: set by :meth:`Searcher.ask`: unique within one searcher, so it can match what it is
+            told to what it asked (never ``id(x)``, which Python reuses).
     """
 
     x: np.ndarray
     grad: bool = False
     batch: int | None = None
     fidelity: float = 1.0
+    id: int | None = None
 
 
 @dataclass
@@ -110,13 +113,22 @@ class Plugin:
         return {f.name: f for f in dataclasses.fields(cls.Options)}
 
 
-class Searcher(Plugin, ABC):
-    """Batch ask/tell optimiser over a :class:`Space`.
+class Searcher(Plugin):
+    """Batch ask/tell optimiser over a :class:`Space`, written as a template.
+
+    The public verbs do the bookkeeping once: :meth:`ask` numbers the candidates (``Candidate.id``),
+    :meth:`tell` keeps the best whole-set score so far (``best_x``, ``best_loss``: ok evaluations
+    with ``batch=None`` and ``fidelity=1``), :meth:`recommend` falls back to that best point, and
+    the constructor validates the options. A subclass fills in :meth:`_ask` (and usually
+    :meth:`_tell`; :meth:`_recommend` when its answer is not the best point scored).
+    A subclass that overrides ``ask``/``tell``/``recommend`` themselves still works.
 
     Capabilities are class flags: ``needs_gradient`` (asks for candidates with ``grad=True``),
     ``max_batch`` (largest useful batch; ``None`` = any), ``default_space`` (the composition
     granularity used when the user does not choose one), ``default_budget`` (evaluations) and
-    ``default_batch`` (candidates per ask) used when the run does not set them.
+    ``default_batch`` (candidates per ask) used when the run does not set them. Warm start and
+    screening (``-s warm=K``, ``-s screen=F -s finalists=K``) are wrappers the harness puts around
+    any searcher (:mod:`harness.wrappers`), not options of the searcher itself.
     """
 
     needs_gradient: ClassVar[bool] = False
@@ -129,20 +141,47 @@ class Searcher(Plugin, ABC):
     reference: ClassVar[bool] = False
 
     def __init__(self, space: Space, budget: int, batch_size: int, seed: int, options):
+        type(self).validate(options)
         self.space, self.budget, self.batch_size, self.seed, self.options = space, budget, batch_size, seed, options
         self.info: dict[str, Any] = {}  # facts worth recording, e.g. the optimiser NGOpt chose
+        self.best_x: np.ndarray = space.start.copy()
+        self.best_loss: float = float("inf")
+        self._next_id = 0
 
-    @abstractmethod
+    def candidate(self, x, **kw) -> Candidate:
+        """A new numbered :class:`Candidate` (use it where the id is needed before :meth:`ask` returns)."""
+        c = Candidate(x=x, **kw)
+        c.id, self._next_id = self._next_id, self._next_id + 1
+        return c
+
     def ask(self, n: int) -> list[Candidate]:
-        """Return up to ``n`` candidates (at least one)."""
+        """Up to ``n`` candidates (at least one while the search goes on; none ends the run)."""
+        out = self._ask(n)
+        for c in out:
+            if c.id is None:
+                c.id, self._next_id = self._next_id, self._next_id + 1
+        return out
 
-    @abstractmethod
     def tell(self, candidates: list[Candidate], evaluations: list[Evaluation]) -> None:
         """Learn from the scores of candidates returned by :meth:`ask`."""
+        for c, e in zip(candidates, evaluations):
+            if e.ok and c.batch is None and c.fidelity >= 1 and e.loss < self.best_loss:
+                self.best_x, self.best_loss = np.asarray(c.x, dtype=np.float64).copy(), e.loss
+        self._tell(candidates, evaluations)
 
-    @abstractmethod
     def recommend(self) -> np.ndarray:
         """The coefficients this searcher would report now."""
+        return np.asarray(self._recommend(), dtype=np.float64)
+
+    def _ask(self, n: int) -> list[Candidate]:
+        raise NotImplementedError(f"{type(self).__name__} implements neither _ask nor ask")
+
+    def _tell(self, candidates: list[Candidate], evaluations: list[Evaluation]) -> None:
+        """Subclass hook; the best point is already tracked."""
+
+    def _recommend(self) -> np.ndarray:
+        """The best whole-set point told so far (the space's start before any)."""
+        return self.best_x.copy()
 
     def close(self) -> None:
         """Release resources (threads, files); called by the runner when the search ends."""

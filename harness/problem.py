@@ -15,6 +15,7 @@ from harness import registry
 from harness.api import HarnessError, Searcher, Task
 from harness.config import RunConfig, resolve_options
 from harness.engines import check_device
+from harness.wrappers import Wrappers, wrap
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Plan:
     searcher_cls: type[Searcher]
     task_options: object
     searcher_options: object
+    wrapper_options: object = None
 
 
 def plan(cfg: RunConfig) -> Plan:
@@ -33,8 +35,19 @@ def plan(cfg: RunConfig) -> Plan:
     searcher_cls = registry.load("searcher", cfg.searcher)
     task_cls = registry.load("task", cfg.task)
     t_opts = resolve_options(task_cls, cfg.task_options, "task")
-    s_opts = resolve_options(searcher_cls, cfg.searcher_options, "searcher")
+    # Wrapper options (warm, screen, finalists) are the harness's, unless the searcher declares them.
+    own = searcher_cls.option_fields()
+    w_given = {k: v for k, v in cfg.searcher_options.items() if k in Wrappers.option_fields() and k not in own}
+    s_given = {k: v for k, v in cfg.searcher_options.items() if k not in w_given}
+    s_opts = resolve_options(searcher_cls, s_given, "searcher")
     searcher_cls.validate(s_opts)
+    w_opts = resolve_options(Wrappers, w_given, "searcher")
+    Wrappers.validate(w_opts)
+    if w_opts.screen < 1 and (searcher_cls.needs_gradient or searcher_cls.reference):
+        raise HarnessError(f"searcher option screen (multi-fidelity screening) is for black-box searchers, "
+                           f"not {cfg.searcher}")
+    defaults = Wrappers.Options()
+    w_set = {k: v for k, v in dataclasses.asdict(w_opts).items() if v != getattr(defaults, k)}
     task_cls.validate(t_opts)
     budget = cfg.budget if cfg.budget is not None else searcher_cls.default_budget
     batch = cfg.batch_size if cfg.batch_size is not None else searcher_cls.default_batch
@@ -58,8 +71,15 @@ def plan(cfg: RunConfig) -> Plan:
     task_cls.check_space(t_opts, cfg.space or searcher_cls.default_space)
     resolved = dataclasses.replace(
         cfg, budget=budget, batch_size=batch, space=cfg.space or searcher_cls.default_space,
-        task_options=dataclasses.asdict(t_opts), searcher_options=dataclasses.asdict(s_opts))
-    return Plan(resolved, task_cls, searcher_cls, t_opts, s_opts)
+        task_options=dataclasses.asdict(t_opts), searcher_options={**dataclasses.asdict(s_opts), **w_set})
+    return Plan(resolved, task_cls, searcher_cls, t_opts, s_opts, w_opts)
+
+
+def make_searcher(p: Plan, space) -> Searcher:
+    """The plan's searcher on ``space``, inside the wrappers its options ask for (warm, screen)."""
+    c = p.config
+    factory = lambda sp, budget: p.searcher_cls(sp, budget, c.batch_size, c.seed, p.searcher_options)  # noqa: E731
+    return wrap(factory, space, c.budget, p.wrapper_options or Wrappers.Options(), c.batch_size, c.seed)
 
 
 def make_task(p: Plan) -> Task:

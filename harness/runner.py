@@ -21,7 +21,7 @@ from harness import registry
 from harness.api import Candidate, Evaluation, HarnessError
 from harness.config import RunConfig
 from harness.evaluators import Evaluator, LocalEvaluator
-from harness.problem import Plan, build_task, plan
+from harness.problem import Plan, build_task, make_searcher, plan
 from harness.results import RunStore, git_sha, now, peak_rss_mb, reset_peak_rss, versions
 
 
@@ -101,7 +101,7 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         record["plugins"].update({k: v for k, v in extra.items() if k != "family"})
         record["family"] = extra.get("family")
         space = task.space()
-        searcher = p.searcher_cls(space, c.budget, c.batch_size, c.seed, p.searcher_options)
+        searcher = make_searcher(p, space)
         evaluator = make_evaluator(p, task)
         record["evaluator"] = evaluator.describe()
         replay = _Replay(prior)

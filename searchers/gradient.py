@@ -50,7 +50,6 @@ class GradientSearcher(Searcher):
 
     def __init__(self, space, budget, batch_size, seed, options):
         super().__init__(space, budget, batch_size, seed, options)
-        self.validate(options)
         # float64 so that a resumed run, fed the recorded gradients, retraces the same path exactly.
         self.x = torch.tensor(space.start, dtype=torch.float64, requires_grad=True)
         self.opt = torch.optim.AdamW([self.x], lr=options.lr, weight_decay=options.weight_decay)
@@ -58,7 +57,6 @@ class GradientSearcher(Searcher):
         self.upper = torch.tensor(space.upper, dtype=torch.float64)
         self.used = self.steps = self.since_validation = 0
         self.n_steps = self._planned_steps()
-        self.best_x, self.best_loss = space.start.copy(), math.inf
         self.info = {"steps": 0, "validations": 0}
 
     def _planned_steps(self) -> int:
@@ -75,7 +73,7 @@ class GradientSearcher(Searcher):
             return 0.5 * o.lr * (1 + math.cos(math.pi * t))
         return o.lr
 
-    def ask(self, n):
+    def _ask(self, n):
         x = self.x.detach().numpy().copy()
         last = self.used == self.budget - 1
         due = self.options.validate_every and self.since_validation >= self.options.validate_every
@@ -84,14 +82,12 @@ class GradientSearcher(Searcher):
         # The mini-batch seed depends on the run seed and the step: resumable and reproducible.
         return [Candidate(x=x, grad=True, batch=self.seed * 1_000_003 + self.steps)]
 
-    def tell(self, candidates: list[Candidate], evaluations: list[Evaluation]):
+    def _tell(self, candidates: list[Candidate], evaluations: list[Evaluation]):
         for c, e in zip(candidates, evaluations):
             self.used += 1
             if not c.grad:
                 self.since_validation = 0
-                self.info["validations"] += 1
-                if e.ok and e.loss < self.best_loss:
-                    self.best_x, self.best_loss = np.asarray(c.x, dtype=np.float64).copy(), e.loss
+                self.info["validations"] += 1  # the base class keeps the best validated point
                 continue
             self.since_validation += 1
             if not e.ok or e.grad is None:
@@ -109,7 +105,7 @@ class GradientSearcher(Searcher):
             self.steps += 1
             self.info["steps"] = self.steps
 
-    def recommend(self):
+    def _recommend(self):
         if math.isfinite(self.best_loss):
             return self.best_x.copy()
         return self.x.detach().numpy().copy()

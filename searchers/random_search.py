@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.api import Candidate, Evaluation, HarnessError, Searcher
+from harness.api import Candidate, HarnessError, Searcher
 
 
 class RandomSearcher(Searcher):
@@ -35,13 +35,11 @@ class RandomSearcher(Searcher):
 
     def __init__(self, space, budget, batch_size, seed, options):
         super().__init__(space, budget, batch_size, seed, options)
-        self.validate(options)
         self.rng = np.random.default_rng(seed)
-        self.best_x, self.best_loss = space.start.copy(), np.inf
         self.asked = 0
         self.started = False
 
-    def ask(self, n):
+    def _ask(self, n):
         out = []
         for _ in range(n):
             if not self.started:
@@ -56,11 +54,3 @@ class RandomSearcher(Searcher):
             self.asked += 1
             out.append(Candidate(x=x))
         return out
-
-    def tell(self, candidates: list[Candidate], evaluations: list[Evaluation]):
-        for c, e in zip(candidates, evaluations):
-            if e.ok and e.loss < self.best_loss:
-                self.best_x, self.best_loss = np.asarray(c.x, dtype=np.float64).copy(), e.loss
-
-    def recommend(self):
-        return self.best_x.copy()

@@ -36,24 +36,19 @@ class TaskArithmeticSearcher(Searcher):
 
     def __init__(self, space, budget, batch_size, seed, options):
         super().__init__(space, budget, batch_size, seed, options)
-        self.validate(options)
         self.grid = list(np.linspace(options.lo, options.hi, options.points))
         self.next = 0
-        self.best_alpha, self.best_loss = None, np.inf
 
     def _x(self, alpha):
         return self.space.clip(np.full(self.space.dim, float(alpha)))
 
-    def ask(self, n):
+    def _ask(self, n):
         alphas = self.grid[self.next:self.next + n]
         self.next += len(alphas)
         return [Candidate(x=self._x(a)) for a in alphas]
 
-    def tell(self, candidates: list[Candidate], evaluations: list[Evaluation]):
-        for c, e in zip(candidates, evaluations):
-            if e.ok and e.loss < self.best_loss:
-                self.best_alpha, self.best_loss = float(c.x[0]), e.loss
-        self.info = {"alpha": self.best_alpha}
+    def _tell(self, candidates: list[Candidate], evaluations: list[Evaluation]):
+        self.info = {"alpha": float(self.best_x[0]) if np.isfinite(self.best_loss) else None}
 
-    def recommend(self):
-        return self._x(self.best_alpha if self.best_alpha is not None else 0.0)
+    def _recommend(self):
+        return self.best_x.copy() if np.isfinite(self.best_loss) else self._x(0.0)

@@ -13,11 +13,11 @@ class ZeroShotSearcher(Searcher):
     default_space = "per_task"
     reference = True
 
-    def ask(self, n):
+    def _ask(self, n):
         return [] if getattr(self, "_done", False) else [Candidate(x=self.space.start.copy())]
 
-    def tell(self, candidates, evaluations):
+    def _tell(self, candidates, evaluations):
         self._done = True
 
-    def recommend(self):
+    def _recommend(self):
         return self.space.start.copy()

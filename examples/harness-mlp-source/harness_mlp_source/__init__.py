@@ -48,7 +48,8 @@ TRAIN_VAL = (0.5, 0.2)  # of each data set's images; the rest is its test split
 
 @dataclass
 class MLPDigitsOptions:
-    """``datasets``: which of digits, inverted, flipped, transposed to build; ``n_per_set``: base
+    """``datasets``: which of digits, inverted, flipped, transposed to build (always in that
+    order; e.g. ``datasets=digits,flipped`` in ``source_options``); ``n_per_set``: base
     images per data set (split 50/20/30 into train/val/test); ``pretrain_n``: base images in the
     shared pre-training pool (each seen in every view); ``hidden``, ``width``: the MLP's layer
     sizes; ``pretrain_steps``, ``pretrain_lr``: Adam pre-training on the pool; ``head_shots``:
@@ -132,10 +133,9 @@ def pretrain(tail: nn.Module, x: Tensor, y: Tensor, options: MLPDigitsOptions) -
     """
     if options.pretrain_steps == 0 or len(y) == 0:
         return
-    head = nn.Linear(options.width, len(CLASSES))
-    with torch.random.fork_rng(devices=[]):  # the head's init must not depend on the caller's RNG
+    with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG as it was
         torch.manual_seed(_seed(options.seed, 3, "digits"))
-        head.reset_parameters()
+        head = nn.Linear(options.width, len(CLASSES))
     opt = torch.optim.Adam([*tail.parameters(), *head.parameters()], lr=options.pretrain_lr)
     gen = torch.Generator().manual_seed(_seed(options.seed, 4, "digits"))
     for _ in range(options.pretrain_steps):
@@ -153,9 +153,9 @@ def build(options: MLPDigitsOptions, progress: bool = False) -> ModelSource:
     ``options.seed``, and the build runs on one thread whatever the caller's setting.
     """
     threads = torch.get_num_threads()
-    # One thread: on matrices this small a second one buys nothing, and on a shared machine it can
-    # make a build 50x slower (measured: 0.6 s → 53 s beside another 2-thread job). It also makes
-    # the task vectors independent of the caller's thread count.
+    # One thread: on matrices this small a second one buys nothing, and on a shared 2-core machine
+    # two threads contend with other jobs (a 0.6 s build once took 53 s beside another 2-thread
+    # job). It also makes the task vectors independent of the caller's thread count.
     torch.set_num_threads(1)
     try:
         return _build(options, progress)
