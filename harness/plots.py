@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.results import iter_records, load_coefficients, read_jsonl
+from harness.results import RunStore, iter_records, load_coefficients
 
 
 def _plt():
@@ -27,7 +27,7 @@ def curves(results_dir: str | Path, task: str | None = None, searcher: str | Non
     for rec in iter_records(results_dir):
         if (task and rec["task"] != task) or (searcher and rec["searcher"] != searcher):
             continue
-        rows = read_jsonl(Path(results_dir) / "runs" / rec["run_id"] / "trace.jsonl", warn=False)
+        rows = RunStore(results_dir, rec["run_id"]).trace(warn=False)
         pts = [(r["i"], r.get("t", 0.0), r["best"]) for r in rows if r.get("best") is not None]
         if not pts:
             continue

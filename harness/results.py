@@ -12,6 +12,7 @@ report and skip), so it can be resumed by replaying the trace into the searcher.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,17 +21,100 @@ import subprocess
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from harness.api import HarnessError
 
-RECORD_FIELDS = ("run_id", "status", "task", "searcher", "seed", "key", "created", "finished", "git_sha",
-                 "versions", "host", "config", "budget", "evaluations", "failed_evaluations", "wall_time_s",
-                 "best_search_loss", "headline", "higher_is_better", "final", "constraint_ok",
-                 "coefficients", "searcher_info", "peak_rss_mb", "error")
+@dataclass
+class TraceRow:
+    """One evaluation as the trace holds it (one JSON line)."""
+
+    i: int
+    x: np.ndarray
+    loss: float | None
+    grad: np.ndarray | None = None
+    ok: bool = True
+    error: str = ""
+    metrics: dict = field(default_factory=dict)
+    weight: float = 1.0
+    want_grad: bool = False
+    batch: int | None = None
+    fidelity: float = 1.0
+    best: float | None = None
+    t: float = 0.0
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "TraceRow":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in row.items() if k in names}
+        kw["x"] = np.asarray(row["x"], dtype=np.float64)
+        kw["grad"] = None if row.get("grad") is None else np.asarray(row["grad"], dtype=np.float64)
+        return cls(**kw)
+
+
+@dataclass
+class RunRecord:
+    """The run record (``record.json``): identity, config, status, cost, results and provenance.
+
+    Written when a run starts (status ``running``) and rewritten when it ends (``complete``,
+    ``failed`` or ``interrupted``). ``extra`` holds facts a task's ``after_setup`` hook reports
+    under names of its own; they are stored at the top level of the JSON.
+    """
+
+    run_id: str
+    task: str
+    searcher: str
+    seed: int
+    key: str
+    config: dict
+    budget: int
+    headline: str
+    higher_is_better: bool
+    status: str = "running"
+    created: str = ""
+    finished: str | None = None
+    git_sha: str = ""
+    versions: dict = field(default_factory=dict)
+    host: str = ""
+    evaluations: int = 0
+    failed_evaluations: int = 0
+    wall_time_s: float = 0.0
+    best_search_loss: float | None = None
+    final: dict = field(default_factory=dict)
+    constraint_ok: bool | None = None
+    coefficients: str | None = None
+    searcher_info: dict = field(default_factory=dict)
+    peak_rss_mb: float | None = None
+    error: str = ""
+    resumed_from: int = 0
+    plugins: dict = field(default_factory=dict)
+    family: dict | None = None
+    evaluator: dict = field(default_factory=dict)
+    references: dict = field(default_factory=dict)
+    task_vectors: list | None = None
+    task_info: dict | None = None
+    selection: dict | None = None
+    traceback: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def update(self, **values) -> None:
+        """Set fields; names that are not fields go to ``extra``."""
+        for k, v in values.items():
+            if k in _RECORD_NAMES and k != "extra":
+                setattr(self, k, v)
+            else:
+                self.extra[k] = v
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**d, **self.extra}
+
+
+_RECORD_NAMES = {f.name for f in dataclasses.fields(RunRecord)}
 
 
 def _json_default(o):
@@ -123,12 +207,28 @@ class RunStore:
             self._trace.close()
             self._trace = None
 
-    def append(self, row: dict[str, Any]) -> None:
-        self._trace.write(dumps(row) + "\n")
+    def append(self, row: TraceRow) -> None:
+        """Append one evaluation and flush it to disk."""
+        self._trace.write(dumps(dataclasses.asdict(row)) + "\n")
         self._trace.flush()
 
-    def trace(self) -> list[dict]:
-        return read_jsonl(self.trace_path)
+    def trace(self, warn: bool = True) -> list[dict]:
+        """The trace's rows as dicts (a torn or corrupt line is reported and skipped)."""
+        return read_jsonl(self.trace_path, warn=warn)
+
+    def trace_rows(self) -> list[TraceRow]:
+        return [TraceRow.from_dict(r) for r in self.trace()]
+
+    def clear(self) -> None:
+        """Delete this run's trace, record and coefficients (``--rerun``); its config is rewritten."""
+        for path in (self.trace_path, self.record_path, self.dir / "coefficients.safetensors"):
+            path.unlink(missing_ok=True)
+
+    def write_config(self, config: dict) -> None:
+        self.write_json("config.json", config)
+
+    def write_record(self, record: RunRecord) -> None:
+        self.write_json("record.json", record.to_dict())
 
     def write_json(self, name: str, obj: dict) -> None:
         path = self.dir / name

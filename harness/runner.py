@@ -22,7 +22,7 @@ from harness.api import Candidate, Evaluation, HarnessError
 from harness.config import RunConfig
 from harness.evaluators import Evaluator, LocalEvaluator
 from harness.problem import Plan, build_task, make_searcher, plan
-from harness.results import RunStore, git_sha, now, peak_rss_mb, reset_peak_rss, versions
+from harness.results import RunRecord, RunStore, TraceRow, git_sha, now, peak_rss_mb, reset_peak_rss, versions
 
 
 def make_evaluator(p: Plan, task: Task) -> Evaluator:
@@ -37,22 +37,20 @@ def make_evaluator(p: Plan, task: Task) -> Evaluator:
 class _Replay:
     """Answers candidates from an earlier trace, in order, while they match it exactly."""
 
-    def __init__(self, rows: list[dict]):
+    def __init__(self, rows: list[TraceRow]):
         self.rows, self.pos = rows, 0
 
     def take(self, c: Candidate) -> tuple[Evaluation, float] | None:
         if self.pos >= len(self.rows):
             return None
         row = self.rows[self.pos]
-        if not np.array_equal(np.asarray(row["x"], dtype=np.float64), np.asarray(c.x, dtype=np.float64)):
+        if not np.array_equal(row.x, np.asarray(c.x, dtype=np.float64)):
             raise HarnessError(f"the trace does not match the searcher's proposal at evaluation {self.pos + 1} "
                                "(config or code changed since the run started); use --rerun to start it over")
         self.pos += 1
-        grad = None if row.get("grad") is None else np.asarray(row["grad"], dtype=np.float64)
-        loss = row["loss"] if row.get("loss") is not None else float("nan")
-        ev = Evaluation(loss=loss, grad=grad, metrics=row.get("metrics", {}), weight=row.get("weight", 1.0),
-                        ok=row.get("ok", True), error=row.get("error", ""))
-        return ev, float(row.get("t", 0.0))
+        loss = row.loss if row.loss is not None else float("nan")
+        ev = Evaluation(loss=loss, grad=row.grad, metrics=row.metrics, weight=row.weight, ok=row.ok, error=row.error)
+        return ev, float(row.t)
 
 
 def run(cfg: RunConfig, log=print) -> dict:
@@ -65,8 +63,7 @@ def run(cfg: RunConfig, log=print) -> dict:
         log(f"run {store.run_id} is already complete (use --rerun to run it again)")
         return old
     if c.rerun and store.dir.exists():
-        for f in ("trace.jsonl", "record.json", "coefficients.safetensors"):
-            (store.dir / f).unlink(missing_ok=True)
+        store.clear()
     store.open()
     try:
         return _execute(p, store, log)
@@ -76,17 +73,14 @@ def run(cfg: RunConfig, log=print) -> dict:
 
 def _execute(p: Plan, store: RunStore, log) -> dict:
     c = p.config
-    prior = store.trace()
-    record = {
-        "run_id": store.run_id, "status": "running", "task": c.task, "searcher": c.searcher, "seed": c.seed,
-        "key": c.key(), "created": now(), "finished": None, "git_sha": git_sha(), "versions": versions(),
-        "host": os.uname().nodename, "config": dataclasses.asdict(c), "budget": c.budget, "evaluations": len(prior),
-        "failed_evaluations": 0, "wall_time_s": 0.0, "best_search_loss": None, "headline": p.task_cls.headline,
-        "higher_is_better": p.task_cls.higher_is_better, "final": {}, "constraint_ok": None, "coefficients": None,
-        "searcher_info": {}, "peak_rss_mb": None, "error": "", "resumed_from": len(prior),
-    }
-    store.write_json("config.json", record["config"])
-    store.write_json("record.json", record)
+    prior = store.trace_rows()
+    record = RunRecord(
+        run_id=store.run_id, task=c.task, searcher=c.searcher, seed=c.seed, key=c.key(), config=dataclasses.asdict(c),
+        budget=c.budget, headline=p.task_cls.headline, higher_is_better=p.task_cls.higher_is_better,
+        created=now(), git_sha=git_sha(), versions=versions(), host=os.uname().nodename,
+        evaluations=len(prior), resumed_from=len(prior))
+    store.write_config(record.config)
+    store.write_record(record)
     if prior:
         log(f"resuming run {store.run_id} from {len(prior)} recorded evaluations")
     reset_peak_rss()
@@ -94,19 +88,19 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
     task = evaluator = searcher = None
     try:
         task, setup_info = build_task(p)
-        record.update(setup_info)
-        record["plugins"] = {"searcher": registry.provenance("searcher", c.searcher),
-                             "task": registry.provenance("task", c.task)}
+        record.update(**setup_info)
+        record.plugins = {"searcher": registry.provenance("searcher", c.searcher),
+                          "task": registry.provenance("task", c.task)}
         extra = task.provenance() if hasattr(task, "provenance") else {}
-        record["plugins"].update({k: v for k, v in extra.items() if k != "family"})
-        record["family"] = extra.get("family")
+        record.plugins.update({k: v for k, v in extra.items() if k != "family"})
+        record.family = extra.get("family")
         space = task.space()
         searcher = make_searcher(p, space)
         evaluator = make_evaluator(p, task)
-        record["evaluator"] = evaluator.describe()
+        record.evaluator = evaluator.describe()
         replay = _Replay(prior)
         t_search = time.time()
-        wall_offset = float(prior[-1].get("t", 0.0)) if prior else 0.0
+        wall_offset = float(prior[-1].t) if prior else 0.0
         used, failed, best = 0, 0, math.inf
         bar = _progress(c, p)
         while used < c.budget:
@@ -132,11 +126,11 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
                 if ev.ok and cand.batch is None and cand.fidelity >= 1.0:
                     best = min(best, ev.loss)
                 if i in fresh:
-                    store.append({"i": used, "x": np.asarray(cand.x, dtype=np.float64), "loss": ev.loss,
-                                  "grad": ev.grad, "ok": ev.ok, "error": ev.error, "metrics": ev.metrics,
-                                  "weight": ev.weight, "want_grad": cand.grad, "batch": cand.batch,
-                                  "fidelity": cand.fidelity, "best": best if math.isfinite(best) else None,
-                                  "t": wall_offset + time.time() - t_search})
+                    store.append(TraceRow(i=used, x=np.asarray(cand.x, dtype=np.float64), loss=ev.loss,
+                                          grad=ev.grad, ok=ev.ok, error=ev.error, metrics=ev.metrics,
+                                          weight=ev.weight, want_grad=cand.grad, batch=cand.batch,
+                                          fidelity=cand.fidelity, best=best if math.isfinite(best) else None,
+                                          t=wall_offset + time.time() - t_search))
             searcher.tell(cands, evals)
             if bar is not None:
                 bar.update(len(cands))
@@ -145,17 +139,17 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         if bar is not None:
             bar.close()
         x = np.asarray(searcher.recommend(), dtype=np.float64)
-        record["final"] = task.final(x)
-        record["constraint_ok"] = bool(task.constraint_ok(record["final"]))
+        record.final = task.final(x)
+        record.constraint_ok = bool(task.constraint_ok(record.final))
         expand = getattr(task, "expand", None)
-        record["coefficients"] = store.save_coefficients(x, expand(x) if expand else None)
+        record.coefficients = store.save_coefficients(x, expand(x) if expand else None)
         comp = getattr(task, "comp", None)
-        record["task_vectors"] = list(comp.task_names) if comp is not None else None
+        record.task_vectors = list(comp.task_names) if comp is not None else None
         record.update(status="complete", evaluations=used, failed_evaluations=failed,
                       best_search_loss=best if math.isfinite(best) else None,
                       searcher_info=searcher.info, references=task.references())
         if getattr(task, "task_info", None):
-            record["task_info"] = task.task_info
+            record.task_info = task.task_info
     except KeyboardInterrupt:
         record.update(status="interrupted", error="interrupted by the user; run the same command to resume")
         raise
@@ -172,10 +166,10 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
             evaluator.close()
         record.update(finished=now(), wall_time_s=time.time() - t0, peak_rss_mb=peak_rss_mb())
         try:
-            store.write_json("record.json", record)
+            store.write_record(record)
         except OSError as e:
             print(f"warning: could not write run record: {e}", file=sys.stderr)
-    return record
+    return record.to_dict()
 
 
 def _progress(c: RunConfig, p: Plan):

@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 
 from harness.api import HarnessError, Source
-from harness.config import coerce
+from harness.config import resolve_options
 from harness.data import OFFLINE, available, load
 from harness.finetune import finetune
 from harness.sources.base import SPLITS, ModelSource, source_stats
@@ -83,14 +82,7 @@ def zoo_class(name: "str | type[ZooSource]") -> type[ZooSource]:
 
 
 def _config(cls: type[ZooSource], overrides: dict):
-    default = cls.Options()
-    hints = typing.get_type_hints(type(default))
-    fields = [f.name for f in dataclasses.fields(default)]
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise HarnessError(f"unknown option '{unknown[0]}' for zoo '{cls.name}'; valid: {', '.join(fields)}")
-    values = {k: coerce(v, hints[k], f"zoo option '{k}'") for k, v in overrides.items()}
-    return dataclasses.replace(default, **values)
+    return resolve_options(cls, overrides, f"zoo '{cls.name}'")
 
 
 def _datasets(name: str, cfg, warn: bool = True) -> tuple[list[str], dict[str, str]]:
