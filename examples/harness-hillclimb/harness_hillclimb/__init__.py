@@ -1,8 +1,6 @@
 """A coordinate hill climber: the example searcher plugin of the README."""
 from dataclasses import dataclass
 
-import numpy as np
-
 from harness.api import Candidate, Searcher
 
 
@@ -15,16 +13,16 @@ class HillClimb(Searcher):
     default_space = "per_task"
 
     @dataclass
-    class Options:
+    class Options:          # -s step=0.25 is parsed against these typed fields
         step: float = 0.5
 
     def __init__(self, space, budget, batch_size, seed, options):
-        super().__init__(space, budget, batch_size, seed, options)
-        self.best_x, self.best_loss = space.start.copy(), np.inf
-        self.step, self.coord, self.sign, self.improved = options.step, 0, 1.0, False
-        self.started = False
+        super().__init__(space, budget, batch_size, seed, options)   # validates options once
+        self.step, self.coord, self.sign, self.started = options.step, 0, 1.0, False
+        self.improved = False
 
-    def ask(self, n):
+    def _ask(self, n):
+        self.before = self.best_loss                       # the base keeps best_x / best_loss
         if not self.started:
             self.started = True
             return [Candidate(x=self.best_x.copy())]
@@ -32,13 +30,14 @@ class HillClimb(Searcher):
         x[self.coord] += self.sign * self.step
         return [Candidate(x=self.space.clip(x))]
 
-    def tell(self, candidates, evaluations):
-        for c, e in zip(candidates, evaluations):
-            if e.ok and e.loss < self.best_loss:
-                self.best_x, self.best_loss, self.improved = c.x.copy(), e.loss, True
-                continue
+    def _tell(self, candidates, evaluations):
+        # Called after the base has updated best_x/best_loss with these scores (one per ask).
+        if self.best_loss < self.before:
+            self.improved = True
+            return
+        for _ in candidates:
             if self.sign > 0:
-                self.sign = -1.0  # try the other direction on the same coordinate
+                self.sign = -1.0
                 continue
             self.sign, self.coord = 1.0, self.coord + 1
             if self.coord == self.space.dim:
@@ -46,6 +45,4 @@ class HillClimb(Searcher):
                 if not self.improved:
                     self.step /= 2
                 self.improved = False
-
-    def recommend(self):
-        return self.best_x.copy()
+    # recommend(): the base returns the best point scored on the whole search set.
