@@ -120,7 +120,7 @@ class ComposingTask(Task):
         self.prepare()
         self.engine.to(device)
         for k, v in list(vars(self).items()):
-            if k not in ("source", "comp", "engine", "options"):
+            if k not in ("source", "comp", "engine", "options", "task_info"):
                 setattr(self, k, _to(v, self.engine.device))
 
     def load_source(self):
@@ -237,9 +237,11 @@ def _to(value, device):
     if isinstance(value, WeightedSet):
         return value.to(device)
     if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
+        moved = [_to(v, device) for v in value]
+        return value if all(m is v for m, v in zip(moved, value)) else type(value)(moved)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        moved = {k: _to(v, device) for k, v in value.items()}
+        return value if all(moved[k] is v for k, v in value.items()) else moved
     return value
 
 

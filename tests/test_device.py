@@ -121,3 +121,14 @@ def test_cli_refuses_a_device_it_cannot_use_before_recording_anything(device, tm
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "device" in r.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_what_the_engine_chooses_is_recorded_with_the_run(tmp_path, cache_dir):
+    """A batch of several whole-set candidates makes the engine time vmap against sequential once;
+    the choice reaches the run record through the task's task_info."""
+    cfg = RunConfig(task="addition", searcher="task-arithmetic", budget=4, batch_size=4, seed=0,
+                    task_options={**SMALL, "search_n": 16}, results_dir=str(tmp_path), cache_dir=cache_dir, quiet=True)
+    from harness.runner import run
+    rec = run(cfg, log=lambda m: None)
+    note = rec["task_info"]["population"]
+    assert note["candidates"] == 3 and note["chosen"] in ("vmap", "sequential")
