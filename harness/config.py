@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import tomllib
 import types
 import typing
@@ -103,12 +105,20 @@ def coerce(value: Any, tp, what: str) -> Any:
             raise HarnessError(f"{what} must be {_type_name(tp)}, got {value!r}")
         try:
             if tp is int:
-                f = float(value)
-                if f != int(f):
+                if isinstance(value, int):
+                    return value
+                text = str(value).strip()
+                if re.fullmatch(r"[+-]?\d+", text):
+                    return int(text)  # exact, however large (never through a float)
+                f = float(text)
+                if not math.isfinite(f) or f != int(f):
                     raise ValueError
                 return int(f)
-            return float(value)
-        except (TypeError, ValueError):
+            f = float(value)
+            if not math.isfinite(f):
+                raise HarnessError(f"{what} must be a finite number, got {value!r}")
+            return f
+        except (TypeError, ValueError, OverflowError):
             raise HarnessError(f"{what} must be {_type_name(tp)}, got {value!r}") from None
     if tp is str:
         return str(value)
@@ -118,12 +128,15 @@ def coerce(value: Any, tp, what: str) -> Any:
 
 
 def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
-    """``["a=1", "b=x"]`` → ``{"a": "1", "b": "x"}``; a pair without ``=`` is an error."""
+    """``["a=1", "b=x"]`` → ``{"a": "1", "b": "x"}``; a pair without ``=``, or a key given twice,
+    is an error."""
     out = {}
     for p in pairs or []:
         k, sep, v = p.partition("=")
         if not sep or not k.strip():
             raise HarnessError(f"{flag} expects key=value, got {p!r}")
+        if k.strip() in out:
+            raise HarnessError(f"{flag} {k.strip()} is given twice ({out[k.strip()]!r} and {v.strip()!r}); give it once")
         out[k.strip()] = v.strip()
     return out
 
@@ -175,4 +188,17 @@ def build_config(flags: dict[str, Any]) -> RunConfig:
     for k, v in list(values.items()):
         if k not in ("searcher_options", "task_options"):
             values[k] = coerce(v, hints[k], f"'{k}'")
-    return RunConfig(**values)
+    cfg = RunConfig(**values)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Values no run can have (one-line errors before anything is created)."""
+    if not 0 <= cfg.seed < 2**32:
+        raise HarnessError(f"--seed must be in 0..{2**32 - 1}, got {cfg.seed}")
+    if cfg.space is not None and not str(cfg.space).strip():
+        raise HarnessError("--space is empty; give per_task, per_layer, per_block or per_partition:K "
+                           "(or leave it out for the searcher's default)")
+    if not str(cfg.results_dir).strip():
+        raise HarnessError("--results-dir is empty; give a folder (default: results)")

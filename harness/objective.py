@@ -127,6 +127,7 @@ class ComposingTask(Task):
         cls, opts = resolve_source(self.options)
         self.source = cls.load(opts, cache_dir=self.cache_dir, progress=True)
         src = self.source
+        check_finite(src, source_name(self.options))
         # The checkpoint family: the same method moves by points between families, so a record
         # says which pre-trained weights and which task vectors it composed.
         self.family = {"pretrained": content_hash(src.base),
@@ -228,6 +229,21 @@ class ComposingTask(Task):
 
     def accuracy(self, x, ds: str, split: str = "test") -> float:
         return self.engine.accuracy(x, ds, split)
+
+
+def check_finite(src, name: str) -> None:
+    """A one-line HarnessError naming the data set's checkpoint and the block where θ0 or a task
+    vector holds NaN or inf: one such value would poison every merged model and every score."""
+    files = dict(zip(src.datasets, src.meta.get("checkpoints") or []))
+    for k, v in src.base.items():
+        if not torch.isfinite(v).all():
+            where = src.meta.get("pretrained") or f"source '{name}'"
+            raise HarnessError(f"the pre-trained weights ({where}) hold non-finite values in block '{k}'")
+    for ds, tv in src.task_vectors.items():
+        for k, v in tv.items():
+            if not torch.isfinite(v).all():
+                where = files.get(ds) or f"source '{name}'"
+                raise HarnessError(f"the checkpoint of '{ds}' ({where}) holds non-finite values in block '{k}'")
 
 
 def _to(value, device):

@@ -13,7 +13,7 @@ import torch
 
 from harness import registry
 from harness.api import HarnessError, Searcher, Task
-from harness.config import RunConfig, resolve_options
+from harness.config import RunConfig, check_config, resolve_options
 from harness.engines import check_device
 from harness.wrappers import Wrappers, wrap
 
@@ -32,6 +32,7 @@ class Plan:
 
 def plan(cfg: RunConfig) -> Plan:
     """Check the config against the plugins and fill every default; raises HarnessError."""
+    check_config(cfg)
     searcher_cls = registry.load("searcher", cfg.searcher)
     task_cls = registry.load("task", cfg.task)
     t_opts = resolve_options(task_cls, cfg.task_options, "task")

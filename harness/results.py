@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -157,6 +158,13 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _valid_row(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 def read_jsonl(path: Path, warn=True) -> list[dict]:
     """Rows of a JSON-lines file; a torn or corrupt line is reported on stderr and skipped."""
     rows = []
@@ -177,35 +185,97 @@ def read_jsonl(path: Path, warn=True) -> list[dict]:
     return rows
 
 
+class RunInUse(HarnessError):
+    """Another process owns the run folder (see :meth:`RunStore.lock`)."""
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+-]*")
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it names a run folder (no path components), else a one-line HarnessError."""
+    if not _RUN_ID.fullmatch(run_id or "") or ".." in run_id:
+        raise HarnessError(f"invalid run id {run_id!r}: a run id is a folder name under RESULTS/runs "
+                           "(letters, digits and . _ = , + -; no / or ..)")
+    return run_id
+
+
 class RunStore:
-    """Files of one run. Every write either appends a flushed line or replaces a file atomically."""
+    """Files of one run. Every write either appends a flushed line or replaces a file atomically.
+
+    A run folder is owned by one process at a time: :meth:`lock` takes an exclusive ``flock`` on
+    ``runs/<id>/.lock`` (the kernel releases it when the process dies, so a killed run never
+    leaves it stuck) and a second process gets a one-line error naming the holder.
+    """
 
     def __init__(self, results_dir: str | Path, run_id: str):
-        self.dir = Path(results_dir) / "runs" / run_id
+        self.dir = Path(results_dir) / "runs" / check_run_id(run_id)
         self.run_id = run_id
         self.trace_path = self.dir / "trace.jsonl"
         self.record_path = self.dir / "record.json"
         self._trace = None
+        self._lock = None
 
-    def open(self) -> None:
+    def lock(self) -> None:
+        """Own this run folder until :meth:`close`, or raise HarnessError naming the holder."""
+        import fcntl
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            # A torn last line from a killed run must not merge with the next appended row.
-            if self.trace_path.exists() and self.trace_path.stat().st_size:
-                with open(self.trace_path, "rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    torn = f.read(1) != b"\n"
-                if torn:
-                    with open(self.trace_path, "ab") as f:
-                        f.write(b"\n")
+            fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise HarnessError(f"cannot write results to {self.dir}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunInUse(f"run {self.run_id} is being run by {holder}; wait for it to finish "
+                               "(or stop it), then run the command again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {platform.node()}".encode(), 0)
+        self._lock = fd
+
+    def open(self) -> None:
+        """Open the trace for appending; a torn or corrupt line is repaired first (see :meth:`repair`)."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.repair()
             self._trace = open(self.trace_path, "a", encoding="utf-8")
         except OSError as e:
             raise HarnessError(f"cannot write results to {self.dir}: {e.strerror}") from None
+
+    def repair(self) -> None:
+        """Keep the trace's valid prefix: a torn last line (a killed write) is truncated, and from
+        the first corrupt line on, the rest is moved aside to ``trace.jsonl.corrupt`` with a
+        one-line warning, so a resumed run replays every good row before it and goes on from there."""
+        if not self.trace_path.exists():
+            return
+        data = self.trace_path.read_bytes()
+        good, pos = 0, 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n") or not _valid_row(line):
+                break
+            pos += len(line)
+            good += 1
+        if pos == len(data):
+            return
+        rest = data[pos:]
+        torn_only = b"\n" not in rest[:-1] and not rest.endswith(b"\n") or rest.strip() == b""
+        if not torn_only:
+            (self.dir / "trace.jsonl.corrupt").write_bytes(rest)
+            print(f"warning: {self.trace_path} line {good + 1} is corrupt; resuming from the {good} rows "
+                  f"before it (the rest is kept in trace.jsonl.corrupt)", file=sys.stderr)
+        tmp = self.trace_path.with_suffix(f".jsonl.tmp{os.getpid()}")
+        tmp.write_bytes(data[:pos])
+        os.replace(tmp, self.trace_path)
 
     def close(self) -> None:
         if self._trace:
             self._trace.close()
             self._trace = None
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
     def append(self, row: TraceRow) -> None:
         """Append one evaluation and flush it to disk."""

@@ -8,6 +8,7 @@ result equals that of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -15,7 +16,6 @@ import time
 import traceback
 
 import numpy as np
-import torch
 
 from harness import registry
 from harness.api import Candidate, Evaluation, HarnessError
@@ -58,17 +58,37 @@ def run(cfg: RunConfig, log=print) -> dict:
     p = plan(cfg)
     c = p.config
     store = RunStore(c.results_dir, c.resume or c.run_id())
-    old = store.record()
-    if old and old.get("status") == "complete" and not c.rerun:
-        log(f"run {store.run_id} is already complete (use --rerun to run it again)")
-        return old
-    if c.rerun and store.dir.exists():
-        store.clear()
-    store.open()
+    if c.resume:
+        _check_resume(store, c)
+    store.lock()  # one process per run folder; released when this one ends or dies
     try:
+        old = store.record()
+        if old and old.get("status") == "complete" and not c.rerun:
+            log(f"run {store.run_id} is already complete (use --rerun to run it again)")
+            return old
+        if c.rerun:
+            store.clear()
+        store.open()
         return _execute(p, store, log)
     finally:
         store.close()
+
+
+def _check_resume(store: RunStore, c: RunConfig) -> None:
+    """``--resume ID`` continues only an existing run whose recorded config is this one."""
+    old = store.record()
+    if old is None and not store.trace_path.exists():
+        raise HarnessError(f"no run '{store.run_id}' under {store.dir.parent}; --resume continues a recorded "
+                           "run (the same command without --resume starts or resumes its own)")
+    recorded = (old or {}).get("config")
+    if recorded is not None:
+        mine = c.identity()
+        theirs = {k: v for k, v in recorded.items() if k in mine}
+        diff = sorted(k for k in mine if json.dumps(mine[k], sort_keys=True, default=str)
+                      != json.dumps(theirs.get(k), sort_keys=True, default=str))
+        if diff:
+            raise HarnessError(f"run {store.run_id} was recorded with a different config ({', '.join(diff)} "
+                               "differ); resume it with its own command, or start a new run without --resume")
 
 
 def _execute(p: Plan, store: RunStore, log) -> dict:
@@ -98,6 +118,8 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         searcher = make_searcher(p, space)
         evaluator = make_evaluator(p, task)
         record.evaluator = evaluator.describe()
+        if prior:
+            _check_losses(task, prior)
         replay = _Replay(prior)
         t_search = time.time()
         wall_offset = float(prior[-1].t) if prior else 0.0
@@ -150,6 +172,12 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
                       searcher_info=searcher.info, references=task.references())
         if getattr(task, "task_info", None):
             record.task_info = task.task_info
+        # A wrong result is never recorded as complete: nothing scored, or metrics that are not numbers.
+        if used and failed == used:
+            raise HarnessError(f"all {used} evaluations failed ({_first_error(store)}); nothing to report")
+        bad = [k for k, v in record.final.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise HarnessError(f"the final metrics are not finite ({', '.join(bad)}); the run is not reported")
     except KeyboardInterrupt:
         record.update(status="interrupted", error="interrupted by the user; run the same command to resume")
         raise
@@ -170,6 +198,25 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         except OSError as e:
             print(f"warning: could not write run record: {e}", file=sys.stderr)
     return record.to_dict()
+
+
+def _check_losses(task, prior: list[TraceRow]) -> None:
+    """Re-score the first recorded whole-set evaluation: a resumed run must be scoring the same
+    task it started on, also where its searcher's proposals do not depend on the losses."""
+    row = next((r for r in prior if r.ok and r.batch is None and r.fidelity >= 1 and not r.want_grad
+                and r.loss is not None), None)
+    if row is None:
+        return
+    cand = Candidate(x=row.x)
+    now_loss = LocalEvaluator(task).evaluate([cand])[0].loss
+    if not math.isclose(now_loss, row.loss, rel_tol=1e-5, abs_tol=1e-9):
+        raise HarnessError(f"the task's losses changed since this run started (evaluation {row.i}: recorded "
+                           f"{row.loss:.6g}, now {now_loss:.6g}); use --rerun to start it over")
+
+
+def _first_error(store: RunStore) -> str:
+    row = next((r for r in store.trace(warn=False) if r.get("error")), None)
+    return row["error"] if row else "non-finite losses"
 
 
 def _progress(c: RunConfig, p: Plan):

@@ -33,6 +33,7 @@ from harness.api import HarnessError
 from harness.config import RunConfig, coerce, parse_pairs
 from harness.leaderboard import leaderboard
 from harness.problem import plan
+from harness.results import RunInUse
 from harness.runner import run
 
 _TOP = {"seeds", "tasks", "searchers", "results_dir", "cache_dir", "task_options", "workers", "quiet"}
@@ -91,8 +92,13 @@ def configs(spec: dict) -> list[RunConfig]:
         topts = {k: v for k, v in spec["task_options"].items() if k in fields}
         for s in spec["searchers"]:
             for seed in spec["seeds"]:
-                cfg = RunConfig(task=task, searcher=s["name"], budget=s.get("budget"), space=s.get("space"),
-                                batch_size=s.get("batch_size"), seed=int(seed), searcher_options=dict(s.get("options") or {}),
+                where = f"sweep searcher {s['name']!r}"
+                if not isinstance(s.get("options") or {}, dict):
+                    raise HarnessError(f"{where}: options must be a table, e.g. options = {{ lr = 0.01 }}")
+                cfg = RunConfig(task=task, searcher=str(s["name"]), budget=coerce(s.get("budget"), int | None, f"{where} budget"),
+                                space=coerce(s.get("space"), str | None, f"{where} space"),
+                                batch_size=coerce(s.get("batch_size"), int | None, f"{where} batch_size"),
+                                seed=coerce(seed, int, "sweep seed"), searcher_options=dict(s.get("options") or {}),
                                 task_options=dict(topts), results_dir=spec["results_dir"], cache_dir=spec["cache_dir"],
                                 workers=spec["workers"], quiet=spec["quiet"])
                 plan(cfg)  # fail on a typo before hours of runs, not after
@@ -106,7 +112,11 @@ def run_sweep(spec: dict, log=print):
     done = 0
     for i, cfg in enumerate(cfgs, 1):
         log(f"[sweep {i}/{len(cfgs)}] {cfg.task} × {cfg.searcher} seed {cfg.seed}")
-        rec = run(cfg, log=log)
+        try:
+            rec = run(cfg, log=log)
+        except RunInUse as e:  # another sweep (or run) holds it: leave it to that process
+            log(f"[sweep] skipped: {e}")
+            continue
         done += rec.get("status") == "complete"
     log(f"[sweep] {done}/{len(cfgs)} runs complete")
     boards = [leaderboard(spec["results_dir"], task=t) for t in spec["tasks"]]

@@ -31,9 +31,12 @@ class QuadraticTask(Task):
         delay: float = 0.0
         nan_above: float | None = None
 
+    @classmethod
+    def validate(cls, options):
+        if options.dim < 1:
+            raise HarnessError(f"quadratic task option dim must be at least 1, got {options.dim}")
+
     def setup(self, device="cpu"):
-        if self.options.dim < 1:
-            raise HarnessError(f"quadratic task option dim must be at least 1, got {self.options.dim}")
         rng = np.random.default_rng([self.seed, 7])
         self.optimum = rng.uniform(-1.0, 1.0, self.options.dim)
         self.weights = rng.uniform(0.5, 2.0, self.options.dim)

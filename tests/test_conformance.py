@@ -102,17 +102,22 @@ def test_searcher_ask_returns_candidates_in_the_box(name):
         s.close()
 
 
-def _task(name, cache_dir, seed=0):
+def _task(name, cache_dir, seed=0, device="cpu"):
     cls = registry.load("task", name)
     opts = resolve_options(cls, TASK_OPTIONS.get(name, {}), "task")
     task = cls(opts, space="per_block" if name != "quadratic" else "flat", seed=seed, cache_dir=cache_dir)
-    task.setup("cpu")
+    task.setup(device)
     return task
 
 
+# Every device this machine can compute on (tests of the plumbing without a GPU: tests/test_device.py).
+DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(__import__("torch").cuda.device_count())]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", TASKS)
-def test_task_space_and_evaluations(name, cache_dir):
-    task = _task(name, cache_dir)
+def test_task_space_and_evaluations(name, device, cache_dir):
+    task = _task(name, cache_dir, device=device)
     space = task.space()
     assert space.dim >= 1
     assert np.all(space.lower < space.upper)

@@ -162,7 +162,7 @@ def test_select_task_option_records_the_selection_and_ray_workers_select_alike(t
     assert sel["b"] == 1 and sel["bytes_after"] == pytest.approx(sel["bytes_before"] / sel["T"], rel=1e-9)
     assert sum(sel["kept"].values()) == sel["B"]  # one task vector per block
     full = run(RunConfig(**dict(common, task_options=dict(TASK_OPTIONS["addition"]))), log=lambda m: None)
-    assert full["run_id"] != local["run_id"] and "selection" not in full
+    assert full["run_id"] != local["run_id"] and full.get("selection") is None
     # Each Ray worker selects on its own; a sharded run scores every candidate as the local one does.
     ray_rec = run(RunConfig(**dict(common, workers=2, parallel="data", rerun=True)), log=lambda m: None)
     assert ray_rec["selection"]["kept"] == sel["kept"]

@@ -151,9 +151,15 @@ def _save(source: ModelSource, tensor_path: Path, meta_path: Path, with_inputs: 
             if with_inputs:
                 t[f"input/{ds}/{split}"] = source.inputs[ds][split]
     t = {k: v.detach().contiguous().clone() for k, v in t.items()}  # safetensors refuses shared storage
-    # The sidecar is written last: it marks the pair as complete.
+    # The sidecar is written last: it marks the pair as complete, and carries the tensors' checksum.
     _atomic_write(tensor_path, lambda p: save_file(t, str(p)))
+    source.meta["sha256"] = _sha256(tensor_path)
     _atomic_write(meta_path, lambda p: p.write_text(json.dumps(source.meta, indent=1)))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 def _restore(source: ModelSource, tensors: dict[str, Tensor], with_inputs: bool) -> ModelSource:
     """Fill ``source`` (tail, prefix and preprocessing set) from the saved tensors."""
@@ -253,7 +259,11 @@ def build_zoo(name: "str | type[ZooSource]" = "effnet", cache_dir: str | None = 
     key = _key(cls, cfg, datasets)
     tensor_path, meta_path = _paths(root, name, key)
     if not force and tensor_path.exists() and meta_path.exists():
-        return _load(cls, cfg, root, tensor_path, meta_path)
+        loaded = _load(cls, cfg, root, tensor_path, meta_path)
+        if loaded is not None:
+            return loaded
+        print(f"notice: zoo cache {tensor_path} does not match its checksum (damaged); rebuilding it",
+              file=sys.stderr, flush=True)
 
     stages = _Stages(name, progress)
     t0 = time.perf_counter()
@@ -280,10 +290,16 @@ def _load(cls: type[ZooSource], cfg, root: Path, tensor_path: Path, meta_path: P
     t0 = time.perf_counter()
     try:
         meta = json.loads(meta_path.read_text())
+        digest = _sha256(tensor_path)
+        if meta.get("sha256") is None:  # a cache from before checksums: adopt it as it is
+            meta["sha256"] = digest
+            _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+        if digest != meta["sha256"]:
+            return None
         tensors = load_file(str(tensor_path))
     except Exception as e:
         raise HarnessError(f"zoo cache {tensor_path} is unreadable ({type(e).__name__}); delete it "
-                           f"or rebuild with force=True") from None
+                           f"or rebuild it with `python -m harness zoo build {cls.name} --force`") from None
     source = cls.empty(cfg, root)
     source.meta = meta
     source = _restore(source, tensors, with_inputs=source.prefix is not None)
@@ -318,7 +334,11 @@ def zoo_info(name: str = "effnet", cache_dir: str | None = None, progress: bool 
     import pandas as pd
     meta_path = zoo_path(name, cache_dir, **overrides).with_suffix(".json")
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, OSError) as e:
+            raise HarnessError(f"zoo metadata {meta_path} is unreadable ({type(e).__name__}); rebuild it with "
+                               f"`python -m harness zoo build {zoo_class(name).name} --force`") from None
     else:
         meta = build_zoo(name, cache_dir=cache_dir, progress=progress, **overrides).meta
     rows = [{"dataset": ds, "classes": len(meta["classes"][ds]),

@@ -1,0 +1,219 @@
+"""Reliability from the command line, as a user types it: concurrent runs, run-id safety,
+non-finite weights, damaged caches, torn and corrupt traces, bad values (issue 16)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def harness(*args, cwd=ROOT, timeout=300):
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+def one_line_error(r, *needles):
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("resuming run ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def quad(res, *extra, budget="40", seed="1"):
+    return ["run", "--task", "quadratic", "--searcher", "random", "--budget", budget, "--seed", seed,
+            "-t", "dim=4", "--results-dir", str(res), "--quiet", *extra]
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def rows(res):
+    (trace,) = list((Path(res) / "runs").glob("*/trace.jsonl"))
+    return [json.loads(line) for line in trace.read_text().splitlines()]
+
+
+def test_two_identical_runs_at_once_never_share_a_run(tmp_path):
+    procs = [start(quad(tmp_path, "-t", "delay=0.02", budget="60")) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    loser = outs[[p.returncode for p in procs].index(2)][1]
+    assert "is being run by process" in loser and loser.count("\n") == 1
+    r = rows(tmp_path)
+    assert [x["i"] for x in r] == list(range(1, 61))  # no row lost or doubled
+    # The lock dies with its holder: the same command now reports the completed run.
+    again = harness(*quad(tmp_path, "-t", "delay=0.02", budget="60"))
+    assert again.returncode == 0 and "already complete" in again.stderr
+
+
+def test_different_runs_into_one_results_dir_at_once(tmp_path):
+    procs = [start(quad(tmp_path, "-t", "delay=0.01", seed=str(s))) for s in range(3)]
+    for p in procs:
+        p.communicate(timeout=300)
+        assert p.returncode == 0
+    for trace in (tmp_path / "runs").glob("*/trace.jsonl"):
+        assert [json.loads(line)["i"] for line in trace.read_text().splitlines()] == list(range(1, 41))
+
+
+def test_resume_ids_are_checked_and_change_nothing(tmp_path):
+    assert harness(*quad(tmp_path)).returncode == 0
+    (run_id,) = [p.name for p in (tmp_path / "runs").iterdir()]
+    before = snapshot(tmp_path)
+    one_line_error(harness(*quad(tmp_path, "--resume", "../../x")), "invalid run id")
+    one_line_error(harness(*quad(tmp_path, "--resume", "nothere")), "no run 'nothere'")
+    # A different config (searcher, budget) aimed at this run, even with --rerun, is refused.
+    other = ["run", "--task", "quadratic", "--searcher", "nevergrad", "--budget", "10", "-t", "dim=4",
+             "--results-dir", str(tmp_path), "--quiet", "--resume", run_id, "--rerun"]
+    one_line_error(harness(*other), "different config", "searcher")
+    one_line_error(harness("plot", "../x", "--results-dir", str(tmp_path)), "invalid run id")
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path.parent / "x").exists()
+
+
+def test_bad_values_are_one_line_errors_and_create_nothing(tmp_path):
+    res = tmp_path / "res"
+    cases = [(("--seed", "-1"), "--seed"), (("--seed", "99999999999999999999999"), "--seed"),
+             (("-t", "dim=inf"), "dim"), (("-t", "dim=0"), "dim"), (("--space", ""), "--space"),
+             (("-s", "sigma=0.1", "-s", "sigma=0.2"), "given twice"), (("-t", "noise=nan"), "finite")]
+    for extra, needle in cases:
+        one_line_error(harness(*quad(res, *extra)), needle)
+    one_line_error(harness("run", "--task", "quadratic", "--results-dir", "", "--quiet"), "--results-dir")
+    conf = tmp_path / "run.toml"
+    conf.write_text('task = "quadratic"\nbudget = inf\n')
+    one_line_error(harness("run", "--config", str(conf), "--results-dir", str(res)), "budget")
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('tasks = ["quadratic"]\nseeds = [0]\n[[searchers]]\nname = "random"\nbudget = "x"\n')
+    one_line_error(harness("sweep", "--file", str(sweep), "--results-dir", str(res)), "budget")
+    assert not res.exists()
+
+
+def test_a_run_whose_evaluations_all_fail_is_failed_and_never_ranked(tmp_path):
+    r = harness(*quad(tmp_path, "-t", "nan_above=-10", budget="5"))
+    assert r.returncode == 2 and "all 5 evaluations failed" in r.stderr
+    (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/record.json")]
+    assert rec["status"] == "failed"
+    board = harness("leaderboard", "--results-dir", str(tmp_path), "--no-plots")
+    assert board.returncode == 2 and "no completed runs" in board.stderr
+
+
+def _kill_after(args, res, n_rows):
+    proc = start(args)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        traces = list((Path(res) / "runs").glob("*/trace.jsonl")) if (Path(res) / "runs").exists() else []
+        if traces and len(traces[0].read_text().splitlines()) >= n_rows:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return traces[0]
+
+
+def test_a_corrupt_line_mid_trace_resumes_from_the_good_prefix(tmp_path):
+    ref = harness(*quad(tmp_path / "ref", budget="40"))
+    assert ref.returncode == 0
+    args = quad(tmp_path / "cut", "-t", "delay=0.05", budget="40")
+    trace = _kill_after(args, tmp_path / "cut", 15)
+    lines = trace.read_text().splitlines(keepends=True)
+    lines[6] = '{"i": 7, "x": [0.1, garbage\n'
+    trace.write_text("".join(lines) + '{"i": 99, "x": [0.')  # and a torn last line
+    r = harness(*args)
+    assert r.returncode == 0, r.stderr
+    assert "line 7 is corrupt; resuming from the 6 rows before it" in r.stderr
+    got, want = rows(tmp_path / "cut"), rows(tmp_path / "ref")
+    assert [x["i"] for x in got] == list(range(1, 41))
+    assert [x["x"] for x in got] == [x["x"] for x in want] and [x["loss"] for x in got] == [x["loss"] for x in want]
+    assert (trace.parent / "trace.jsonl.corrupt").exists()
+
+
+def test_a_torn_last_line_is_truncated_on_resume(tmp_path):
+    args = quad(tmp_path, "-t", "delay=0.05", budget="30")
+    trace = _kill_after(args, tmp_path, 8)
+    with open(trace, "a") as f:
+        f.write('{"i": 9, "x": [0.1')
+    r = harness(*args)
+    assert r.returncode == 0, r.stderr
+    assert "corrupt" not in r.stderr
+    assert [x["i"] for x in rows(tmp_path)] == list(range(1, 31))
+
+
+def test_resume_checks_losses_where_proposals_ignore_them(tmp_path):
+    args = ["run", "--task", "quadratic", "--searcher", "random", "-s", "mode=uniform", "--budget", "30",
+            "-t", "dim=4", "-t", "delay=0.05", "--results-dir", str(tmp_path), "--quiet"]
+    trace = _kill_after(args, tmp_path, 8)
+    lines = trace.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["loss"] = first["loss"] + 1.0  # as if the task had changed since the run started
+    trace.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    one_line_error(harness(*args), "losses changed")
+
+
+@pytest.fixture(scope="module")
+def tiny_user_model(tmp_path_factory):
+    """A tiny open_clip ``local-dir:`` model and fine-tuned checkpoints for two built-in data sets."""
+    import open_clip
+    import torch
+    from harness.checkpoints import save_state_dict
+    arch = {"embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    tmp = tmp_path_factory.mktemp("user")
+    (tmp / "model").mkdir()
+    (tmp / "model" / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": {}}))
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**arch)
+    save_state_dict(dict(model.state_dict()), tmp / "model" / "open_clip_model.safetensors")
+    visual = {k: v for k, v in model.visual.state_dict().items() if v.is_floating_point()}
+    good = {f"visual.{k}": v + 0.01 for k, v in visual.items()}
+    save_state_dict(good, tmp / "skdigits.safetensors")
+    bad = dict(good)
+    bad["visual.conv1.weight"] = bad["visual.conv1.weight"].clone()
+    bad["visual.conv1.weight"][0, 0, 0, 0] = float("nan")
+    save_state_dict(bad, tmp / "lfw.safetensors")
+    return tmp
+
+
+def test_a_nan_in_a_checkpoint_names_the_file_and_block(tmp_path, tiny_user_model):
+    m = tiny_user_model
+    r = harness("run", "--searcher", "task-arithmetic", "-t", f"pretrained=local-dir:{m / 'model'}",
+                "-t", f"checkpoints={m / 'skdigits.safetensors'},{m / 'lfw.safetensors'}",
+                "-t", "source_options=max_n=100", "--results-dir", str(tmp_path), "--quiet")
+    one_line_error(r, "lfw.safetensors", "conv1.weight", "non-finite")
+    for rec in (tmp_path / "runs").glob("*/record.json"):
+        assert json.loads(rec.read_text())["status"] == "failed"
+
+
+def test_a_damaged_zoo_cache_is_rebuilt_not_trusted(tmp_path):
+    small = "datasets=skdigits,lfw;max_n=200;pretrain_steps=5;ft_steps=3"
+    args = ["run", "--searcher", "zero-shot", "-t", "source=tiny-clip", "-t", f"source_options={small}",
+            "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    first = harness(*args, "--results-dir", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    (tensors,) = list((tmp_path / "cache").glob("tiny-clip-*.safetensors"))
+    good = hashlib.sha256(tensors.read_bytes()).hexdigest()
+    with open(tensors, "r+b") as f:  # 4 KB of zeros in the middle of the tensors
+        f.seek(tensors.stat().st_size // 2)
+        f.write(b"\0" * 4096)
+    second = harness(*args, "--results-dir", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr
+    assert "does not match its checksum (damaged); rebuilding it" in second.stderr
+    assert hashlib.sha256(tensors.read_bytes()).hexdigest() == good  # rebuilt to the same bytes
+    ra, rb = (json.loads(next((tmp_path / d / "runs").glob("*/record.json")).read_text()) for d in "ab")
+    assert ra["final"] == rb["final"]
