@@ -271,7 +271,10 @@ class RunStore:
 
     def close(self) -> None:
         if self._trace:
-            self._trace.close()
+            try:
+                self._trace.close()
+            except OSError:  # the row that did not fit stays unwritten; repair() handles a torn one
+                pass
             self._trace = None
         if self._lock is not None:
             os.close(self._lock)  # releases the flock
@@ -279,8 +282,12 @@ class RunStore:
 
     def append(self, row: TraceRow) -> None:
         """Append one evaluation and flush it to disk."""
-        self._trace.write(dumps(dataclasses.asdict(row)) + "\n")
-        self._trace.flush()
+        try:
+            self._trace.write(dumps(dataclasses.asdict(row)) + "\n")
+            self._trace.flush()
+        except OSError as e:
+            raise HarnessError(f"cannot write the trace of run {self.run_id}: {e.strerror} (disk full?); the rows "
+                               "written so far are kept: free space and run the same command to resume") from None
 
     def trace(self, warn: bool = True) -> list[dict]:
         """The trace's rows as dicts (a torn or corrupt line is reported and skipped)."""
@@ -303,8 +310,12 @@ class RunStore:
     def write_json(self, name: str, obj: dict) -> None:
         path = self.dir / name
         tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-        tmp.write_text(dumps(obj) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(dumps(obj) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise HarnessError(f"cannot write {path}: {e.strerror} (disk full?)") from None
 
     def record(self) -> dict | None:
         if not self.record_path.exists():

@@ -195,8 +195,8 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         record.update(finished=now(), wall_time_s=time.time() - t0, peak_rss_mb=peak_rss_mb())
         try:
             store.write_record(record)
-        except OSError as e:
-            print(f"warning: could not write run record: {e}", file=sys.stderr)
+        except HarnessError as e:
+            print(f"warning: {e}", file=sys.stderr)
     return record.to_dict()
 
 

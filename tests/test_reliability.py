@@ -217,3 +217,24 @@ def test_a_damaged_zoo_cache_is_rebuilt_not_trusted(tmp_path):
     assert hashlib.sha256(tensors.read_bytes()).hexdigest() == good  # rebuilt to the same bytes
     ra, rb = (json.loads(next((tmp_path / d / "runs").glob("*/record.json")).read_text()) for d in "ab")
     assert ra["final"] == rb["final"]
+
+
+def test_a_full_disk_is_one_clear_line_and_leaves_no_stray_files(tmp_path):
+    """RLIMIT_FSIZE makes any write past 6 KB fail with EFBIG, as a full disk fails it with ENOSPC."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+    args = [sys.executable, "-m", "harness", *quad(tmp_path, budget="200")]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, preexec_fn=limit, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "cannot write the trace of run" in r.stderr and "disk full?" in r.stderr and "Traceback" not in r.stderr
+    (folder,) = list((tmp_path / "runs").iterdir())
+    rec = json.loads((folder / "record.json").read_text())
+    assert rec["status"] == "failed" and "cannot write the trace" in rec["error"]
+    assert not [p for p in folder.iterdir() if ".tmp" in p.name]
+    # With space again, the same command resumes from the rows that were written.
+    again = harness(*quad(tmp_path, budget="200"))
+    assert again.returncode == 0 and "resuming run" in again.stderr
+    assert [x["i"] for x in rows(tmp_path)] == list(range(1, 201))
