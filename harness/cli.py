@@ -49,7 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", help="run one search and record it")
     _add_run_flags(run)
-    sub.add_parser("list", help="list searchers, tasks, model sources and engines")
+    ls = sub.add_parser("list", help="list searchers, tasks, model sources and engines; or one plugin's options")
+    ls.add_argument("name", nargs="?", help="show this plugin's options (type, default, help)")
+    ck = sub.add_parser("check-plugin", help="run the conformance suite on an installed plugin")
+    ck.add_argument("name", help="plugin name (or module:Class)")
+    ck.add_argument("--kind", choices=["searcher", "task", "source", "engine"], help="when the name is ambiguous")
+    ck.add_argument("-s", dest="searcher_options", action="append", metavar="KEY=VALUE")
+    ck.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE",
+                    help="task options (for a source: e.g. -t source_options=...; for an engine: the task it runs)")
+    ck.add_argument("--cache-dir", dest="cache_dir")
     lb = sub.add_parser("leaderboard", help="rank recorded runs")
     lb.add_argument("--results-dir", dest="results_dir", default="results")
     lb.add_argument("--task", help="only this task")
@@ -191,11 +199,44 @@ def print_run(record: dict) -> None:
 
 def cmd_list(args) -> int:
     from harness import registry
+    if args.name:
+        kinds = [k for k in ("searcher", "task", "source", "engine") if args.name in registry.names(k)]
+        if not kinds:
+            raise HarnessError(f"no installed plugin named '{args.name}'; `python -m harness list` shows them")
+        for kind in kinds:
+            cls = registry.load(kind, args.name)
+            prov = registry.provenance(kind, args.name)
+            print(f"{kind} {args.name} ({prov['distribution'] or prov['class']} {prov['version'] or ''}): {cls.description}")
+            rows = registry.options_table(kind, args.name)
+            if kind == "searcher":
+                rows += [(n, t, d, h + " (wrapper)") for n, t, d, h in registry.options_table_of(_wrappers())
+                         if n not in cls.option_fields()]
+            for n, t, d, h in rows:
+                print(f"  {n:16s} {t:12s} {d:14s} {h}")
+            if not rows:
+                print("  (no options)")
+        return 0
     for kind in ("searcher", "task", "source", "engine"):
         print(f"{kind}s:")
         for name, desc in registry.describe(kind):
             print(f"  {name:18s} {desc}")
     return 0
+
+
+def _wrappers():
+    from harness.wrappers import Wrappers
+    return Wrappers
+
+
+def cmd_check_plugin(args) -> int:
+    from harness.conformance import check_plugin
+    kind, checks = check_plugin(args.name, args.kind, _pairs(args.searcher_options, "-s"),
+                                _pairs(args.task_options, "-t"), args.cache_dir)
+    for c in checks:
+        print(f"{'PASS' if c.ok else 'FAIL'}  {kind} {args.name}: {c.name}" + (f" — {c.detail}" if c.detail else ""))
+    failed = sum(not c.ok for c in checks)
+    print(f"{len(checks) - failed}/{len(checks)} checks passed")
+    return 1 if failed else 0
 
 
 def cmd_leaderboard(args) -> int:
@@ -269,7 +310,7 @@ def cmd_zoo(args) -> int:
     return 0
 
 
-COMMANDS = {"finetune": cmd_finetune, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench,
+COMMANDS = {"check-plugin": cmd_check_plugin, "finetune": cmd_finetune, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench,
             "sweep": cmd_sweep, "plot": cmd_plot}
 
 

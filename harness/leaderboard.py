@@ -12,12 +12,24 @@ from harness.results import iter_records
 _SETTING_FIELDS = ("space", "budget", "batch_size")
 
 
+def _defaults(searcher: str) -> dict:
+    """The searcher's option defaults (empty if it is not installed here)."""
+    try:
+        from harness import registry
+        cls = registry.load("searcher", searcher)
+        return {n: d for n, _, d, _ in registry.options_table_of(cls)}
+    except Exception:  # a record from a plugin not installed here: show every option
+        return {}
+
+
 def _setting(rec: dict) -> str:
+    """Space, budget, batch and every option that differs from the searcher's default (falsy values too)."""
     cfg = rec.get("config", {})
     parts = [f"{cfg.get('space')}", f"{cfg.get('budget')} evals"]
     if cfg.get("batch_size", 1) != 1:
         parts.append(f"batch {cfg.get('batch_size')}")
-    parts += [f"{k}={v}" for k, v in sorted(cfg.get("searcher_options", {}).items()) if v not in (None, "", 0, 0.0)]
+    defaults = _defaults(rec.get("searcher", ""))
+    parts += [f"{k}={v}" for k, v in sorted(cfg.get("searcher_options", {}).items()) if defaults.get(k) != repr(v)]
     return ", ".join(parts)
 
 

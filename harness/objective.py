@@ -49,17 +49,17 @@ class ComposeOptions:
     needs ``--space per_block`` or ``per_partition:K``); 0 keeps them all.
     """
 
-    source: str = ""
-    source_options: str = ""
-    model: str = ""
-    pretrained: str = ""
-    checkpoints: list[str] = field(default_factory=list)
-    data_root: str = ""
-    engine: str = "local"
-    bound: float = 1.5
-    dtype: str = "fp32"
-    select: int = 0
-    population: str = "auto"
+    source: str = field(default="", metadata={"help": "model source plugin (effnet default; open_clip when checkpoints are given)"})
+    source_options: str = field(default="", metadata={"help": "the source's own options, \"key=value;key=value\""})
+    model: str = field(default="", metadata={"help": "open_clip architecture of your model (source open_clip)"})
+    pretrained: str = field(default="", metadata={"help": "your pre-trained weights: a file or local-dir:DIR"})
+    checkpoints: list[str] = field(default_factory=list, metadata={"help": "fine-tuned checkpoints, NAME=PATH,..."})
+    data_root: str = field(default="", metadata={"help": "image folders DIR/<data set>/<split>/<class>/"})
+    engine: str = field(default="local", metadata={"help": "engine plugin that merges and runs the forward pass"})
+    bound: float = field(default=1.5, metadata={"help": "coefficient box [-bound, bound] for black-box searchers"})
+    dtype: str = field(default="fp32", metadata={"help": "task-vector storage: fp32 or fp16"})
+    select: int = field(default=0, metadata={"help": "keep the b most informative task vectors per block (0: all)"})
+    population: str = field(default="auto", metadata={"help": "engine's vmap evaluation of batches: auto or off"})
 
 
 def source_name(options) -> str:
@@ -91,7 +91,7 @@ def resolve_source(options):
                                f"source '{cls.name}' does not take it")
         given[k] = value
     opts = resolve_options(cls, given, f"source '{cls.name}'")
-    cls.validate(opts)
+    registry.validate("source", cls, opts)
     return cls, opts
 
 
@@ -101,7 +101,7 @@ def resolve_engine(options):
     fields = cls.option_fields()
     given = {k: getattr(options, k) for k in ENGINE_FIELDS if k in fields}
     opts = resolve_options(cls, given, f"engine '{cls.name}'")
-    cls.validate(opts)
+    registry.validate("engine", cls, opts)
     return cls, opts
 
 

@@ -41,7 +41,7 @@ def plan(cfg: RunConfig) -> Plan:
     w_given = {k: v for k, v in cfg.searcher_options.items() if k in Wrappers.option_fields() and k not in own}
     s_given = {k: v for k, v in cfg.searcher_options.items() if k not in w_given}
     s_opts = resolve_options(searcher_cls, s_given, "searcher")
-    searcher_cls.validate(s_opts)
+    registry.validate("searcher", searcher_cls, s_opts)
     w_opts = resolve_options(Wrappers, w_given, "searcher")
     Wrappers.validate(w_opts)
     if w_opts.screen < 1 and (searcher_cls.needs_gradient or searcher_cls.reference):
@@ -49,7 +49,7 @@ def plan(cfg: RunConfig) -> Plan:
                            f"not {cfg.searcher}")
     defaults = Wrappers.Options()
     w_set = {k: v for k, v in dataclasses.asdict(w_opts).items() if v != getattr(defaults, k)}
-    task_cls.validate(t_opts)
+    registry.validate("task", task_cls, t_opts)
     budget = cfg.budget if cfg.budget is not None else searcher_cls.default_budget
     batch = cfg.batch_size if cfg.batch_size is not None else searcher_cls.default_batch
     if budget < 1:

@@ -11,7 +11,7 @@ import pytest
 from harness import registry
 from harness.api import Candidate, Searcher
 from harness.config import RunConfig, resolve_options
-from harness.evaluators import reduce_shards
+from harness.conformance import check_engine, check_searcher, check_source, check_task
 from harness.runner import run
 
 # Searcher options for the 6-D quadratic (paper defaults are tuned for real models).
@@ -32,82 +32,12 @@ SEARCHERS = registry.names("searcher")
 TASKS = registry.names("task")
 
 
-def _run(tmp_path, searcher, seed=0, budget=300, batch=None):
-    cfg = RunConfig(task="quadratic", searcher=searcher, budget=budget, batch_size=batch, seed=seed,
-                    task_options={"dim": 6}, searcher_options=SEARCHER_OPTIONS.get(searcher, {}),
-                    results_dir=str(tmp_path), quiet=True)
-    return run(cfg, log=lambda m: None)
-
-
 @pytest.mark.parametrize("name", SEARCHERS)
-def test_searcher_gets_close_to_the_optimum(tmp_path, name):
-    cls = registry.load("searcher", name)
-    rec = _run(tmp_path, name)
-    start = rec["references"]["start (x = 0)"]["loss"]
-    if cls.reference:
-        assert rec["final"]["loss"] <= start + 1e-12
-    else:
-        assert rec["final"]["distance"] < 0.15, rec["final"]
-        assert rec["final"]["loss"] < 0.05 * start
-
-
-@pytest.mark.parametrize("name", SEARCHERS)
-def test_searcher_respects_budget_and_batch(tmp_path, name):
-    cls = registry.load("searcher", name)
-    batch = min(4, cls.max_batch or 4)
-    budget = 23
-    rec = _run(tmp_path, name, budget=budget, batch=batch)
-    rows = [r for r in _trace(tmp_path, rec)]
-    assert rec["evaluations"] == len(rows) <= budget
-    if not cls.reference:
-        assert len(rows) == budget
-    # The runner never hands the searcher more than the batch size at once: rows come in rounds.
-    assert rec["config"]["batch_size"] == batch
-
-
-def _trace(tmp_path, rec):
-    from harness.results import read_jsonl
-    from pathlib import Path
-    return read_jsonl(Path(tmp_path) / "runs" / rec["run_id"] / "trace.jsonl")
-
-
-@pytest.mark.parametrize("name", SEARCHERS)
-def test_searcher_same_seed_same_result(tmp_path, name):
-    a = _run(tmp_path / "a", name, seed=3, budget=60)
-    b = _run(tmp_path / "b", name, seed=3, budget=60)
-    assert a["final"] == b["final"]
-    xa = [r["x"] for r in _trace(tmp_path / "a", a)]
-    xb = [r["x"] for r in _trace(tmp_path / "b", b)]
-    assert xa == xb
-
-
-@pytest.mark.parametrize("name", SEARCHERS)
-def test_searcher_ask_returns_candidates_in_the_box(name):
-    from tasks.quadratic import QuadraticTask
-    cls = registry.load("searcher", name)
-    task = QuadraticTask(QuadraticTask.Options(dim=5), seed=0)
-    task.setup()
-    space = task.space()
-    s: Searcher = cls(space, 10, 2, 0, resolve_options(cls, SEARCHER_OPTIONS.get(name, {}), "searcher"))
-    try:
-        cands = s.ask(2)
-        assert 1 <= len(cands) <= 2
-        for c in cands:
-            assert c.x.shape == (5,)
-            assert np.all(c.x >= space.lower - 1e-9) and np.all(c.x <= space.upper + 1e-9)
-            assert c.grad == cls.needs_gradient or not c.grad
-        s.tell(cands, task.evaluate(cands))
-        assert s.recommend().shape == (5,)
-    finally:
-        s.close()
-
-
-def _task(name, cache_dir, seed=0, device="cpu"):
-    cls = registry.load("task", name)
-    opts = resolve_options(cls, TASK_OPTIONS.get(name, {}), "task")
-    task = cls(opts, space="per_block" if name != "quadratic" else "flat", seed=seed, cache_dir=cache_dir)
-    task.setup(device)
-    return task
+def test_searcher_keeps_every_promise(tmp_path, name):
+    """The shipped suite (``python -m harness check-plugin NAME`` runs the same)."""
+    checks = check_searcher(name, SEARCHER_OPTIONS.get(name, {}), str(tmp_path))
+    assert len(checks) == 4
+    assert all(c.ok for c in checks), [f"{c.name}: {c.detail}" for c in checks if not c.ok]
 
 
 # Every device this machine can compute on (tests of the plumbing without a GPU: tests/test_device.py).
@@ -116,29 +46,10 @@ DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(__import__("torch").cuda.device_
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", TASKS)
-def test_task_space_and_evaluations(name, device, cache_dir):
-    task = _task(name, cache_dir, device=device)
-    space = task.space()
-    assert space.dim >= 1
-    assert np.all(space.lower < space.upper)
-    assert np.all(space.start >= space.lower) and np.all(space.start <= space.upper)
-    assert space.labels is None or len(space.labels) == space.dim
-    rng = np.random.default_rng(0)
-    xs = [space.start, rng.uniform(space.lower, space.upper) * 0.3]
-    cands = [Candidate(x=x) for x in xs]
-    evs = [task.complete(c, e) for c, e in zip(cands, task.evaluate(cands))]
-    assert len(evs) == 2 and all(np.isfinite(e.loss) and e.ok for e in evs)
-    # Same candidate, same loss: the search objective is deterministic.
-    assert task.complete(cands[1], task.evaluate([cands[1]])[0]).loss == pytest.approx(evs[1].loss, rel=1e-6)
-    # Shards are disjoint parts whose weighted mean is the whole (for tasks that declare it).
-    parts = [task.evaluate([cands[1]], shard=(i, 2))[0] for i in range(2)]
-    assert all(np.isfinite(p.loss) for p in parts)
-    if type(task).shardable(task.options):
-        assert task.complete(cands[1], reduce_shards(parts)).loss == pytest.approx(evs[1].loss, rel=1e-5, abs=1e-6)
-    g = task.evaluate([Candidate(x=xs[1], grad=True, batch=0)])[0]
-    assert g.grad is not None and g.grad.shape == (space.dim,) and np.all(np.isfinite(g.grad))
-    final = task.final(space.start)
-    assert task.headline in final and np.isfinite(final[task.headline])
+def test_task_keeps_every_promise(name, device, cache_dir):
+    checks = check_task(name, TASK_OPTIONS.get(name, {}), cache_dir, device=device)
+    assert len(checks) == 6
+    assert all(c.ok for c in checks), [f"{c.name}: {c.detail}" for c in checks if not c.ok]
 
 
 # ----------------------------------------------------------------------------- sources and engines
@@ -187,30 +98,18 @@ def _source_task_options(name, request) -> dict:
 
 @pytest.mark.parametrize("name", SOURCES)
 def test_source_builds_what_objectives_and_engines_need(name, cache_dir, request):
-    import torch
     from harness.objective import resolve_source
     from tasks.addition import AdditionTask
+    given = _source_task_options(name, request)
+    checks = check_source(name, given.pop("source_options", ""), {k: v for k, v in given.items() if k != "source"},
+                          cache_dir)
+    assert len(checks) == 10
+    assert all(c.ok for c in checks), [f"{c.name}: {c.detail}" for c in checks if not c.ok]
+    # It moves to a device whole.
     opts = resolve_options(AdditionTask, _source_task_options(name, request), "task")
     AdditionTask.validate(opts)
     cls, sopts = resolve_source(opts)
     src = cls.load(sopts, cache_dir=cache_dir, progress=False)
-    assert len(src.datasets) >= 2 and src.base
-    for ds in src.datasets:
-        tv = src.task_vectors[ds]
-        assert list(tv) == list(src.base) and all(tv[k].shape == src.base[k].shape for k in tv)
-        assert all(torch.isfinite(v).all() for v in tv.values()) and any(v.abs().sum() > 0 for v in tv.values())
-        w, b = src.heads[ds]
-        assert w.shape[0] == b.shape[0] == len(src.classes[ds])
-        for split in ("train", "val", "test"):
-            assert len(src.inputs[ds][split]) == len(src.labels[ds][split]) > 0
-        assert 0 <= src.meta["finetuned_acc"][ds] <= 1
-    # Objectives run on it: task addition scores the start and a composition with finite losses.
-    task = AdditionTask(opts, space="per_layer", seed=0, cache_dir=cache_dir)
-    task.setup("cpu")
-    evs = task.evaluate([Candidate(x=task.space().start), Candidate(x=np.full(task.space().dim, 0.3))])
-    assert all(e.ok and np.isfinite(e.loss) for e in evs)
-    assert np.isfinite(task.final(task.space().start)["normalized_acc"])
-    # It moves to a device whole.
     src.to("meta")
     moved = list(src.base.values()) + [t for wb in src.heads.values() for t in wb]
     moved += [t for sp in src.inputs.values() for t in sp.values()] + list(src.tail.parameters())
@@ -221,24 +120,8 @@ def test_source_builds_what_objectives_and_engines_need(name, cache_dir, request
 def test_engine_scores_equal_the_sequential_reference(name, cache_dir):
     """Every engine gives the losses, accuracies and gradients of one plain merge + forward per
     candidate (LocalEngine.weighted_ce), for batches of several candidates and for shards."""
-    from tasks.addition import AdditionTask
-    opts = resolve_options(AdditionTask, {**TASK_OPTIONS["addition"], "engine": name}, "task")
-    task = AdditionTask(opts, space="per_block", seed=0, cache_dir=cache_dir)
-    task.setup("cpu")
-    ref = AdditionTask(resolve_options(AdditionTask, {**TASK_OPTIONS["addition"], "population": "off"}, "task"),
-                       space="per_block", seed=0, cache_dir=cache_dir)
-    ref.setup("cpu")
-    rng = np.random.default_rng(0)
-    cands = [Candidate(x=rng.uniform(-0.4, 0.4, task.space().dim)) for _ in range(5)]
-    for shard in (None, (0, 2)):
-        got = task.engine.score(cands, task.search, shard)
-        want = [ref.engine.weighted_ce(c, ref.search, shard) for c in cands]
-        for a, b in zip(got, want):
-            assert a.loss == pytest.approx(b.loss, rel=1e-5) and a.metrics["acc"] == pytest.approx(b.metrics["acc"])
-            assert a.weight == pytest.approx(b.weight)
-    g = task.engine.score([Candidate(x=cands[0].x, grad=True)], task.search)[0]
-    g_ref = ref.engine.weighted_ce(Candidate(x=cands[0].x, grad=True), ref.search)
-    assert np.allclose(g.grad, g_ref.grad, rtol=1e-4, atol=1e-7)
+    checks = check_engine(name, TASK_OPTIONS["addition"], cache_dir)
+    assert all(c.ok for c in checks), [f"{c.name}: {c.detail}" for c in checks if not c.ok]
 
 
 def test_records_name_every_plugin_and_the_checkpoint_family(tmp_path, cache_dir):
