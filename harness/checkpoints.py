@@ -42,6 +42,20 @@ def _one_line(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def is_pickled_module(path: str) -> bool:
+    """Whether a torch file is a whole pickled model (weights recovered by :mod:`harness.unpickle`)
+    rather than a plain state dict."""
+    if str(path).endswith(".safetensors"):
+        return False
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return False
+    except pickle.UnpicklingError as e:
+        return bool(_CODE_PICKLE.search(str(e)))
+    except Exception:
+        return False
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file, never executing code from it.
 
@@ -74,10 +88,15 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if _CODE_PICKLE.search(str(e)):
-                raise HarnessError(f"checkpoint {path} was refused: it is a pickle that would run code; "
-                                   "save it with safetensors or as a plain state dict") from None
-            raise HarnessError(f"{unreadable}: {_one_line(e)}") from None
+            if not _CODE_PICKLE.search(str(e)):
+                raise HarnessError(f"{unreadable}: {_one_line(e)}") from None
+            # A whole pickled model (the paper's checkpoints): recover its weights without running it.
+            from harness.unpickle import recover_state_dict
+            obj = recover_state_dict(path)
+            if all(k.startswith("model.") for k in obj):  # the paper's ImageEncoder wraps the CLIP as .model
+                obj = {k[len("model."):]: v for k, v in obj.items()}
+        except HarnessError:
+            raise
         except Exception as e:
             raise HarnessError(f"{unreadable}: {_one_line(e)}") from None
 
@@ -153,8 +172,11 @@ def build_clip(model_name: str, pretrained: str | None = None):
                                f"({len(known)} in open_clip.list_models())")
         name_arg, pre_arg = model_name, pretrained
         source = pretrained or "random init"
+        recovered = None
         if pretrained is not None and os.path.exists(pretrained):
-            load_state_dict(pretrained)
+            sd = load_state_dict(pretrained)
+            if is_pickled_module(pretrained):  # a whole pickled model: open_clip would unpickle it; we don't
+                recovered, pre_arg = sd, None
         elif pretrained is not None:
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             if pretrained not in tags and (os.sep in pretrained or Path(pretrained).suffix):
@@ -167,6 +189,10 @@ def build_clip(model_name: str, pretrained: str | None = None):
         model, _, preprocess = open_clip.create_model_and_transforms(
             name_arg, pretrained=pre_arg, weights_only=True, pretrained_text=False)
         tokenizer = open_clip.get_tokenizer(name_arg)
+        if pretrained is not None and not pretrained.startswith(LOCAL_DIR) and recovered is not None:
+            _load_recovered(model, recovered, pretrained)
+    except HarnessError:
+        raise
     except Exception as e:
         if pre_arg is not None and not os.path.exists(pre_arg):
             raise HarnessError(f"pretrained tag {pre_arg!r} of {model_name} could not be loaded offline; "
@@ -174,6 +200,20 @@ def build_clip(model_name: str, pretrained: str | None = None):
         raise HarnessError(f"could not build open_clip {model_name} from {source}: {_one_line(e)}") from None
     model.eval()
     return model, preprocess, tokenizer
+
+
+def _load_recovered(model: nn.Module, sd: dict[str, Tensor], path: str) -> None:
+    """Weights recovered from a pickled model into ``model``: every block must be there, shaped alike."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise HarnessError(f"checkpoint {path} lacks blocks of this model such as {missing[:3]} "
+                           f"({len(missing)} of {len(own)} missing; a different architecture?)")
+    wrong = [k for k in own if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise HarnessError(f"checkpoint {path}: block '{wrong[0]}' has shape {tuple(sd[wrong[0]].shape)}, "
+                           f"expected {tuple(own[wrong[0]].shape)}")
+    model.load_state_dict({k: sd[k] for k in own})
 
 
 def clip_task_vectors(model: nn.Module, checkpoint_paths: Sequence[str], prefix: str = "visual.",

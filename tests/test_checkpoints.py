@@ -147,8 +147,8 @@ def test_malicious_pickle_is_refused(clip, tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "x": evil}, path)
     assert not marker.exists()
-    expected = (f"checkpoint {path} was refused: it is a pickle that would run code; "
-                "save it with safetensors or as a plain state dict")
+    expected = (f"checkpoint {path} was refused: it is a pickle that would run code (posix.system); "
+                "nothing from it was run. Save it with safetensors or as a plain state dict")
     for load in (lambda: load_state_dict(path), lambda: clip_task_vectors(clip[0], [str(path)]),
                  lambda: build_clip("ViT-B-32", str(path))):
         with pytest.raises(HarnessError) as err:
