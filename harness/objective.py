@@ -15,6 +15,7 @@ searchers.
 """
 from __future__ import annotations
 
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -63,8 +64,14 @@ class ComposeOptions:
 
 
 def source_name(options) -> str:
-    """The source plugin a task's options pick (``open_clip`` when checkpoints are given)."""
-    return options.source or ("open_clip" if options.checkpoints else "effnet")
+    """The source plugin a task's options pick: ``source``, else ``hf_clip`` when ``pretrained`` is
+    a Hugging Face folder (it has a config.json), ``open_clip`` when checkpoints are given, else effnet."""
+    if options.source:
+        return options.source
+    if options.checkpoints:
+        hf = options.pretrained and os.path.isfile(os.path.join(options.pretrained, "config.json"))
+        return "hf_clip" if hf else "open_clip"
+    return "effnet"
 
 
 def _pairs(spec: str, what: str) -> dict[str, str]:

@@ -1,0 +1,134 @@
+"""Hugging Face CLIP checkpoints (FusionBench's layout) through the hf_clip source, checked against
+transformers' own modules on tiny models built from configs (no download)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPModel, CLIPVisionModel  # the test extra: pip install -e ".[test]"
+
+from harness.api import HarnessError
+from harness.checkpoints import build_clip
+from harness.sources.hf_clip import convert
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                             max_position_embeddings=16, vocab_size=49408),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                               image_size=32, patch_size=8),
+            projection_dim=24)
+
+
+def tower(vis):
+    """The vision transformer inside a CLIPVisionModel (transformers 5 flattens it into the model)."""
+    return getattr(vis, "vision_model", vis)
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """A tiny CLIPModel folder and three CLIPVisionModel fine-tunes: two saved by transformers 5
+    (keys without ``vision_model.``), one in transformers 4's layout (with it), as FusionBench has."""
+    tmp = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(**TINY)).eval()
+    model.save_pretrained(tmp / "pretrained")
+    tunes = {}
+    for i, name in enumerate(["skdigits", "lfw", "textures"]):
+        vis = CLIPVisionModel(model.config.vision_config)
+        tower(vis).load_state_dict(model.vision_model.state_dict())
+        with torch.no_grad():
+            for p in vis.parameters():
+                p.add_(0.02 * (i + 1) * torch.randn_like(p))
+        tunes[name] = vis.eval()
+        if name == "textures":
+            (tmp / name).mkdir()
+            sd = {f"vision_model.{k}": v.contiguous() for k, v in tower(vis).state_dict().items()}
+            save_file(sd, str(tmp / name / "model.safetensors"))
+            (tmp / name / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
+        else:
+            vis.save_pretrained(tmp / name)
+    return tmp, model, tunes
+
+
+def test_image_and_text_features_equal_transformers(hf, tmp_path):
+    tmp, model, _ = hf
+    local, _ = convert(str(tmp / "pretrained"), [], tmp_path)
+    oc, _, tokenizer = build_clip("", local)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ours = oc.encode_image(x)
+        theirs = model.get_image_features(pixel_values=x).pooler_output
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+        tokens = tokenizer(["a photo of a cat.", "a drawing of a dog."])
+        t_ours = oc.encode_text(tokens)
+        t_theirs = model.get_text_features(input_ids=tokens).pooler_output
+        assert (t_ours - t_theirs).abs().max() <= 1e-5 * t_theirs.abs().max()
+        assert float(oc.logit_scale) == pytest.approx(float(model.logit_scale))
+
+
+def test_task_vectors_are_the_fine_tunes_minus_the_base_in_both_layouts(hf, tmp_path):
+    tmp, model, tunes = hf
+    from harness.sources.open_clip import from_checkpoints
+    local, paths = convert(str(tmp / "pretrained"), [(n, str(tmp / n)) for n in tunes], tmp_path)
+    src = from_checkpoints("", local, paths, list(tunes), max_n=60)
+    assert len(src.base) == 2 * 12 + 8  # q/k/v are one in_proj block per layer
+    for name, vis in tunes.items():
+        base, ft = model.vision_model.encoder.layers[1].self_attn, tower(vis).encoder.layers[1].self_attn
+        want = torch.cat([ft.q_proj.weight - base.q_proj.weight, ft.k_proj.weight - base.k_proj.weight,
+                          ft.v_proj.weight - base.v_proj.weight])
+        got = src.task_vectors[name]["transformer.resblocks.1.attn.in_proj_weight"]
+        assert torch.allclose(got, want, atol=1e-6)
+        assert torch.equal(src.task_vectors[name]["proj"], torch.zeros_like(src.base["proj"]))
+
+
+def test_task_arithmetic_merge_equals_theta0_plus_alpha_sum_tau(hf, tmp_path):
+    tmp, model, tunes = hf
+    from harness.config import resolve_options
+    from tasks.addition import AdditionTask
+    opts = resolve_options(AdditionTask, {"pretrained": str(tmp / "pretrained"),
+                                          "checkpoints": [f"{n}={tmp / n}" for n in ("skdigits", "lfw")],
+                                          "source_options": "max_n=60", "search_n": 16}, "task")
+    AdditionTask.validate(opts)
+    task = AdditionTask(opts, space="per_task", seed=0, cache_dir=str(tmp_path))
+    task.setup("cpu")
+    assert task.provenance()["source"]["name"] == "hf_clip"
+    merged = task.engine.params(task.comp.isotropic(0.3), False)[0]
+    fc = [tower(vis).encoder.layers[0].mlp.fc1.weight for vis in (tunes["skdigits"], tunes["lfw"])]
+    theta0 = model.vision_model.encoder.layers[0].mlp.fc1.weight
+    want = theta0 + 0.3 * sum(f - theta0 for f in fc)
+    assert torch.allclose(merged["transformer.resblocks.0.mlp.c_fc.weight"], want, atol=1e-6)
+
+
+def test_a_run_on_hf_checkpoints_from_the_command_line(hf, tmp_path):
+    tmp, _, _ = hf
+    r = subprocess.run([sys.executable, "-m", "harness", "run", "--searcher", "task-arithmetic",
+                        "-t", f"pretrained={tmp / 'pretrained'}",
+                        "-t", f"checkpoints=skdigits={tmp / 'skdigits'},lfw={tmp / 'lfw'}",
+                        "-t", "source_options=max_n=60", "--cache-dir", str(tmp_path / "cache"),
+                        "--results-dir", str(tmp_path / "res"), "--quiet"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "res" / "runs").glob("*/record.json")]
+    assert rec["status"] == "complete" and rec["plugins"]["source"]["name"] == "hf_clip"
+    assert np.isfinite(rec["final"]["normalized_acc"])
+
+
+def test_malformed_hf_inputs_are_one_line_errors(hf, tmp_path):
+    tmp, _, _ = hf
+    (tmp_path / "noconfig").mkdir()
+    with pytest.raises(HarnessError, match="has no config.json"):
+        convert(str(tmp_path / "noconfig"), [], tmp_path / "a")
+    with pytest.raises(HarnessError, match="must be a full CLIPModel"):
+        convert(str(tmp / "skdigits"), [], tmp_path / "b")
+    other = dict(TINY, vision_config=dict(TINY["vision_config"], hidden_size=48, intermediate_size=96))
+    big = CLIPVisionModel(CLIPConfig(**other).vision_config)
+    big.save_pretrained(tmp_path / "big")
+    with pytest.raises(HarnessError, match="different base model"):
+        convert(str(tmp / "pretrained"), [("x", str(tmp_path / "big"))], tmp_path / "c")
