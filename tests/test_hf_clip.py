@@ -132,3 +132,37 @@ def test_malformed_hf_inputs_are_one_line_errors(hf, tmp_path):
     big.save_pretrained(tmp_path / "big")
     with pytest.raises(HarnessError, match="different base model"):
         convert(str(tmp / "pretrained"), [("x", str(tmp_path / "big"))], tmp_path / "c")
+
+
+def test_lora_adapters_are_task_vectors_equal_to_peft_merge(hf, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    tmp, model, _ = hf
+    vis = CLIPVisionModel(model.config.vision_config)
+    tower(vis).load_state_dict(model.vision_model.state_dict())
+    torch.manual_seed(3)
+    peft_model = get_peft_model(vis, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"],
+                                                init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "lora")
+    merged = peft_model.merge_and_unload().eval()
+    merged.save_pretrained(tmp_path / "merged")
+    from harness.sources.open_clip import from_checkpoints
+    local, paths = convert(str(tmp / "pretrained"), [("skdigits", str(tmp_path / "lora")),
+                                                     ("lfw", str(tmp_path / "merged"))], tmp_path / "out")
+    src = from_checkpoints("", local, paths, ["skdigits", "lfw"], max_n=60)
+    a, b = src.task_vectors["skdigits"], src.task_vectors["lfw"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert a["transformer.resblocks.0.attn.in_proj_weight"].abs().max() > 0  # q and v moved
+    k_rows = a["transformer.resblocks.0.attn.in_proj_weight"][32:64]
+    assert k_rows.abs().max() == 0  # k was not a target
+
+
+def test_a_lora_rank_mismatch_is_one_line(hf, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    tmp, model, _ = hf
+    vis = CLIPVisionModel(model.config.vision_config)
+    get_peft_model(vis, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    cfg["r"] = 8
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HarnessError, match="LoRA rank mismatch"):
+        convert(str(tmp / "pretrained"), [("x", str(tmp_path / "lora"))], tmp_path / "out")

@@ -70,6 +70,40 @@ def read_folder(path: str) -> tuple[dict, dict[str, Tensor]]:
     return config, tensors
 
 
+def lora_deltas(folder: Path) -> dict[str, Tensor]:
+    """A PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) as weight
+    differences ``{module.weight: ΔW}`` with ΔW = (α/r)·B·A (α/√r with rsLoRA; per-module ranks and
+    alphas from ``rank_pattern``/``alpha_pattern``), keyed like the vision tower's weights."""
+    from safetensors.torch import load_file
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+    except Exception as e:
+        raise HarnessError(f"{folder} is not a readable PEFT LoRA adapter: {type(e).__name__}: {e}") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise HarnessError(f"{folder} is a {cfg.get('peft_type')} adapter; only LoRA adapters are task vectors here")
+    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
+        if cfg.get(flag):
+            raise HarnessError(f"{folder}: LoRA adapters with {flag} are not supported")
+    out = {}
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.").removeprefix("vision_model.")
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        short = module.rsplit(".", 1)[-1]
+        r = cfg.get("rank_pattern", {}).get(short, cfg.get("r"))
+        alpha = cfg.get("alpha_pattern", {}).get(short, cfg.get("lora_alpha", r))
+        if b is None or a.shape[0] != r or b.shape[1] != r:
+            raise HarnessError(f"{folder}: LoRA rank mismatch at {module} (A {tuple(a.shape)}, "
+                               f"B {tuple(b.shape) if b is not None else None}, r {r})")
+        scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+        out[f"{module}.weight"] = scale * (b.float() @ a.float())
+    if not out:
+        raise HarnessError(f"{folder} holds no LoRA A/B weights")
+    return out
+
+
 def _tower(tensors: dict[str, Tensor], prefix: str, fixed: dict[str, str], out_prefix: str) -> dict[str, Tensor]:
     """One tower's weights in open_clip's names (q/k/v concatenated into in_proj)."""
     out, qkv = {}, {}
@@ -145,8 +179,20 @@ def convert(pretrained: str, checkpoints: list[tuple[str, str]], out_dir: Path) 
     save_state_dict(base, model_dir / "open_clip_model.safetensors")
     visual = {k for k in base if k.startswith("visual.")}
     paths = []
+    tower = {k[len("vision_model."):]: v for k, v in tensors.items() if k.startswith("vision_model.")}
     for ds, path in checkpoints:
-        cfg, ft = read_folder(path)
+        if (Path(path) / "adapter_config.json").is_file():  # a LoRA adapter: θ0's tower + ΔW
+            deltas = lora_deltas(Path(path))
+            unknown = sorted(k for k in deltas if k not in tower)
+            if unknown:
+                raise HarnessError(f"{path}: LoRA targets {unknown[:2]}, which the pre-trained image tower does not have")
+            bad = [k for k in deltas if deltas[k].shape != tower[k].shape]
+            if bad:
+                raise HarnessError(f"{path}: LoRA update of {bad[0]} has shape {tuple(deltas[bad[0]].shape)}, "
+                                   f"expected {tuple(tower[bad[0]].shape)} (an adapter of a different base model)")
+            cfg, ft = {}, {k: v + deltas[k] if k in deltas else v for k, v in tower.items()}
+        else:
+            cfg, ft = read_folder(path)
         if cfg and cfg.get("model_type") not in ("clip_vision_model", "clip"):
             raise HarnessError(f"{path} holds a {cfg.get('model_type')!r} model, not a CLIPVisionModel")
         sd = vision_to_open_clip(ft)
