@@ -139,6 +139,8 @@ class Searcher(Plugin):
     # A fixed reference (zero-shot, task arithmetic) rather than an optimiser: the conformance
     # suite checks it never does worse than the start instead of expecting it to find the optimum.
     reference: ClassVar[bool] = False
+    # False for a searcher whose answer ignores every score (zero-shot): it touches no data.
+    uses_scores: ClassVar[bool] = True
 
     def __init__(self, space: Space, budget: int, batch_size: int, seed: int, options):
         type(self).validate(options)
@@ -197,6 +199,9 @@ class Task(Plugin, ABC):
 
     headline: ClassVar[str] = "score"
     higher_is_better: ClassVar[bool] = True
+    # What data a method learning on this task touches (leaderboard column): "labelled validation",
+    # "few labelled train shots", "unlabelled test" or "none".
+    data: ClassVar[str] = "none"
     # Whether the task composes task vectors (so ``--space`` applies and is checked up front).
     composes: ClassVar[bool] = False
 

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(run)
     ls = sub.add_parser("list", help="list searchers, tasks, model sources and engines; or one plugin's options")
     ls.add_argument("name", nargs="?", help="show this plugin's options (type, default, help)")
+    cv = sub.add_parser("convert", help="checkpoints of any supported layout → plain safetensors + manifest")
+    cv.add_argument("--pretrained", required=True, help="CLIPModel folder, open_clip state dict or pickled model")
+    cv.add_argument("--checkpoints", required=True, help="NAME=PATH,...: CLIPVisionModel/LoRA folders, state dicts, pickles")
+    cv.add_argument("--out", required=True, help="folder for the converted files and manifest.json")
     ck = sub.add_parser("check-plugin", help="run the conformance suite on an installed plugin")
     ck.add_argument("name", help="plugin name (or module:Class)")
     ck.add_argument("--kind", choices=["searcher", "task", "source", "engine"], help="when the name is ambiguous")
@@ -228,6 +232,21 @@ def _wrappers():
     return Wrappers
 
 
+def cmd_convert(args) -> int:
+    from harness.config import coerce
+    from harness.convert import convert_checkpoints
+    pairs = []
+    for entry in coerce(args.checkpoints, list[str], "--checkpoints"):
+        name, sep, path = entry.partition("=")
+        if not sep or not name:
+            raise HarnessError(f"--checkpoints expects NAME=PATH entries, got {entry!r}")
+        pairs.append((name.strip(), path.strip()))
+    manifest = convert_checkpoints(args.pretrained, pairs, args.out)
+    print(f"read {len(manifest['read'])} inputs ({manifest['format_read']}); wrote {args.out}/manifest.json")
+    print(f"use them with: {manifest['use']}")
+    return 0
+
+
 def cmd_check_plugin(args) -> int:
     from harness.conformance import check_plugin
     kind, checks = check_plugin(args.name, args.kind, _pairs(args.searcher_options, "-s"),
@@ -310,7 +329,7 @@ def cmd_zoo(args) -> int:
     return 0
 
 
-COMMANDS = {"check-plugin": cmd_check_plugin, "finetune": cmd_finetune, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench,
+COMMANDS = {"check-plugin": cmd_check_plugin, "convert": cmd_convert, "finetune": cmd_finetune, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench,
             "sweep": cmd_sweep, "plot": cmd_plot}
 
 

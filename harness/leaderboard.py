@@ -64,7 +64,7 @@ def runs_frame(results_dir: str | Path, task: str | None = None, searcher: str |
         value = final.get(head)
         rows.append({
             "task": _task_label(rec), "searcher": rec["searcher"], "setting": _setting(rec), "key": rec.get("key"),
-            "family": family(rec),
+            "family": family(rec), "data": rec.get("data_touched", "?"),
             "seed": rec.get("seed"), "headline": head, "higher_is_better": rec.get("higher_is_better", True),
             "value": float("nan") if value is None else float(value),
             "constraint_ok": bool(rec.get("constraint_ok", True) if rec.get("constraint_ok") is not None else True),
@@ -87,10 +87,12 @@ def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str 
         return runs
     groups = []
     for (t, s, key, fam), g in runs.groupby(["task", "searcher", "key", "family"], sort=False):
+        data = g["data"].iloc[0]
         ok = g[g["constraint_ok"]]
         vals = ok["value"]
         groups.append({
-            "task": t, "searcher": s, "setting": g["setting"].iloc[0], "family": fam, "metric": g["headline"].iloc[0],
+            "task": t, "searcher": s, "setting": g["setting"].iloc[0], "family": fam, "data": data,
+            "metric": g["headline"].iloc[0],
             "mean": vals.mean() if len(vals) else float("nan"),
             "std": vals.std(ddof=1) if len(vals) > 1 else float("nan"),
             "n": len(g), "n_ok": len(ok), "higher_is_better": bool(g["higher_is_better"].iloc[0]),
@@ -105,7 +107,7 @@ def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str 
         g["rank"] = g["mean"].rank(ascending=asc, method="min")
         ranked.append(g)
     board = pd.concat(ranked, ignore_index=True)
-    cols = ["task", "rank", "searcher", "setting", "family", "metric", "mean", "std", "n", "n_ok",
+    cols = ["task", "rank", "searcher", "setting", "family", "data", "metric", "mean", "std", "n", "n_ok",
             "evaluations", "wall_time_s", "peak_rss_mb"]
     return board[cols]
 

@@ -99,6 +99,7 @@ class RunRecord:
     task_vectors: list | None = None
     task_info: dict | None = None
     selection: dict | None = None
+    data_touched: str = "none"
     traceback: str | None = None
     extra: dict = field(default_factory=dict)
 

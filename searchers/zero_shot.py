@@ -12,6 +12,7 @@ class ZeroShotSearcher(Searcher):
     default_budget = 1
     default_space = "per_task"
     reference = True
+    uses_scores = False
 
     def _ask(self, n):
         return [] if getattr(self, "_done", False) else [Candidate(x=self.space.start.copy())]

@@ -26,6 +26,7 @@ class AdditionTask(ComposingTask):
     description = "task addition: compose all task vectors into one multi-task model (validation → test)"
     headline = "normalized_acc"
     higher_is_better = True
+    data = "labelled validation"
 
     @dataclass
     class Options(ComposeOptions):

@@ -28,6 +28,7 @@ class FewShotTask(ComposingTask):
     description = "few-shot: k labelled shots per class of a target, other data sets' task vectors (train shots → test)"
     headline = "acc"
     higher_is_better = True
+    data = "few labelled train shots"
 
     @dataclass
     class Options(ComposeOptions):

@@ -42,6 +42,7 @@ class NegationTask(ComposingTask):
     description = "task negation: lower a target's accuracy, keep a control's ≥ 95% of zero-shot"
     headline = "target_acc"
     higher_is_better = False
+    data = "labelled validation"
 
     @dataclass
     class Options(ComposeOptions):

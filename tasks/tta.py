@@ -189,6 +189,7 @@ class TTATask(ComposingTask):
                    "(im|ufm|entropy|simclr)")
     headline = "acc"
     higher_is_better = True
+    data = "unlabelled test"
 
     @dataclass
     class Options(ComposeOptions):

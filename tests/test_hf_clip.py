@@ -166,3 +166,29 @@ def test_a_lora_rank_mismatch_is_one_line(hf, tmp_path):
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(HarnessError, match="LoRA rank mismatch"):
         convert(str(tmp / "pretrained"), [("x", str(tmp_path / "lora"))], tmp_path / "out")
+
+
+def test_convert_writes_plain_safetensors_that_run_the_same(hf, tmp_path):
+    tmp, _, _ = hf
+    cmd = [sys.executable, "-m", "harness", "convert", "--pretrained", str(tmp / "pretrained"),
+           "--checkpoints", f"skdigits={tmp / 'skdigits'},lfw={tmp / 'textures'}", "--out", str(tmp_path / "conv")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "conv" / "manifest.json").read_text())
+    assert manifest["format_read"] == "hugging face" and len(manifest["read"]) == 3
+    assert all(len(x["sha256"]) == 64 for x in manifest["read"])
+    runs = {}
+    for label, opts in (("hf", ["-t", f"pretrained={tmp / 'pretrained'}",
+                                "-t", f"checkpoints=skdigits={tmp / 'skdigits'},lfw={tmp / 'textures'}"]),
+                        ("converted", manifest["use"].replace("-t ", "").split(" "))):
+        if label == "converted":
+            opts = [x for o in opts for x in ("-t", o)]
+        r = subprocess.run([sys.executable, "-m", "harness", "run", "--searcher", "task-arithmetic", *opts,
+                            "-t", "source_options=max_n=60", "--cache-dir", str(tmp_path / "cache"),
+                            "--results-dir", str(tmp_path / label), "--quiet"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stderr
+        (rec,) = [json.loads(p.read_text()) for p in (tmp_path / label / "runs").glob("*/record.json")]
+        runs[label] = rec
+    assert runs["hf"]["final"] == runs["converted"]["final"]
+    assert runs["hf"]["family"] == runs["converted"]["family"]  # the same weights, whatever the layout
