@@ -192,3 +192,67 @@ def test_convert_writes_plain_safetensors_that_run_the_same(hf, tmp_path):
         runs[label] = rec
     assert runs["hf"]["final"] == runs["converted"]["final"]
     assert runs["hf"]["family"] == runs["converted"]["family"]  # the same weights, whatever the layout
+
+
+def test_every_format_of_one_model_gives_the_same_task_vectors_and_run(hf, tmp_path):
+    """One model and two fine-tunes as Hugging Face folders, as open_clip state dicts (torch files)
+    and as paper-style whole pickles (wrapper class deleted after saving): the same family (content
+    hash of θ0 and of the task vectors) and the same run result for a fixed seed."""
+    import textwrap
+    tmp, _, _ = hf
+    local, paths = convert(str(tmp / "pretrained"), [(n, str(tmp / n)) for n in ("skdigits", "lfw")], tmp_path / "oc")
+    model_dir = Path(local[len("local-dir:"):])
+    arch = json.loads((model_dir / "open_clip_config.json").read_text())["model_cfg"]
+    mod = tmp_path / "paper_wrap.py"
+    mod.write_text(textwrap.dedent("""
+        import torch, open_clip
+        class ImageEncoder(torch.nn.Module):
+            def __init__(self, arch, state):
+                super().__init__()
+                self.model = open_clip.CLIP(**arch)
+                self.model.load_state_dict(state)
+                self.val_preprocess = open_clip.image_transform(32, False)
+    """))
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from safetensors.torch import load_file
+        sys.path.insert(0, {str(tmp_path)!r})
+        from paper_wrap import ImageEncoder
+        base = load_file({str(model_dir / 'open_clip_model.safetensors')!r})
+        torch.save(base, {str(tmp_path / 'base_sd.pt')!r})
+        torch.save(ImageEncoder({arch!r}, base), {str(tmp_path / 'base_pickle.pt')!r})
+        for name, path in {list(zip(('skdigits', 'lfw'), paths))!r}:
+            ft = dict(base, **load_file(path))
+            torch.save(ft, {str(tmp_path)!r} + f"/{{name}}_sd.pt")
+            torch.save(ImageEncoder({arch!r}, ft), {str(tmp_path)!r} + f"/{{name}}_pickle.pt")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    mod.unlink()
+    cfg_path = tmp_path / "tiny-hf.json"
+    cfg_path.write_text(json.dumps(arch))
+    formats = {
+        "hf": [f"pretrained={tmp / 'pretrained'}", f"checkpoints=skdigits={tmp / 'skdigits'},lfw={tmp / 'lfw'}"],
+        "state dict": ["model=tiny-hf", f"pretrained={tmp_path / 'base_sd.pt'}",
+                       f"checkpoints=skdigits={tmp_path / 'skdigits_sd.pt'},lfw={tmp_path / 'lfw_sd.pt'}"],
+        "pickle": ["model=tiny-hf", f"pretrained={tmp_path / 'base_pickle.pt'}",
+                   f"checkpoints=skdigits={tmp_path / 'skdigits_pickle.pt'},lfw={tmp_path / 'lfw_pickle.pt'}"],
+    }
+    records = {}
+    for label, opts in formats.items():
+        args = ["run", "--searcher", "nevergrad", "--budget", "12", "--seed", "0", "-t", "source_options=max_n=60",
+                *[x for o in opts for x in ("-t", o)], "--cache-dir", str(tmp_path / "cache"),
+                "--results-dir", str(tmp_path / "res" / label.replace(" ", "_")), "--quiet"]
+        script = ("import open_clip, sys; open_clip.add_model_config(sys.argv[1]); from harness.cli import main; "
+                  "raise SystemExit(main(sys.argv[2:]))")
+        r = subprocess.run([sys.executable, "-c", script, str(cfg_path), *args], capture_output=True, text=True,
+                           cwd=ROOT, timeout=600)
+        assert r.returncode == 0, (label, r.stderr)
+        (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "res" / label.replace(" ", "_")).glob("runs/*/record.json")]
+        records[label] = rec
+    fams = {label: rec["family"] for label, rec in records.items()}
+    assert len({json.dumps(f, sort_keys=True) for f in fams.values()}) == 1, fams
+    finals = [rec["final"] for rec in records.values()]
+    assert finals[0] == finals[1] == finals[2]
+    assert records["hf"]["plugins"]["source"]["name"] == "hf_clip"
+    assert records["pickle"]["plugins"]["source"]["name"] == "open_clip"
