@@ -238,3 +238,14 @@ def test_a_full_disk_is_one_clear_line_and_leaves_no_stray_files(tmp_path):
     again = harness(*quad(tmp_path, budget="200"))
     assert again.returncode == 0 and "resuming run" in again.stderr
     assert [x["i"] for x in rows(tmp_path)] == list(range(1, 201))
+
+
+def test_a_killed_zoo_builds_temporary_file_is_cleaned_up(tmp_path):
+    from harness.sources.cache import _clean_stale
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".effnet-abc.safetensors.{dead.stdout.strip()}.tmp"
+    live = tmp_path / f".effnet-abc.safetensors.{os.getpid()}.tmp"
+    stale.write_bytes(b"half a file")
+    live.write_bytes(b"being written")
+    _clean_stale(tmp_path)
+    assert not stale.exists() and live.exists()

@@ -157,6 +157,18 @@ def _save(source: ModelSource, tensor_path: Path, meta_path: Path, with_inputs: 
     _atomic_write(meta_path, lambda p: p.write_text(json.dumps(source.meta, indent=1)))
 
 
+def _clean_stale(root: Path) -> None:
+    """Delete temporary files that killed builds left (``.NAME.PID.tmp`` of a process that is gone)."""
+    for tmp in root.glob(".*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            continue
+
+
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -265,6 +277,7 @@ def build_zoo(name: "str | type[ZooSource]" = "effnet", cache_dir: str | None = 
         print(f"notice: zoo cache {tensor_path} does not match its checksum (damaged); rebuilding it",
               file=sys.stderr, flush=True)
 
+    _clean_stale(root)
     stages = _Stages(name, progress)
     t0 = time.perf_counter()
     with _threads(cfg.threads):
