@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from harness.api import HarnessError, Source
 from harness.sources.base import ModelSource
-from harness.sources.open_clip import from_checkpoints
+from harness.sources.open_clip import FileOptions, from_checkpoints
 
 _LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
           "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -211,15 +211,9 @@ def convert(pretrained: str, checkpoints: list[tuple[str, str]], out_dir: Path) 
 
 
 @dataclass
-class HFClipOptions:
+class HFClipOptions(FileOptions):
     """``pretrained``: a Hugging Face ``CLIPModel`` folder; ``checkpoints``: ``CLIPVisionModel``
-    folders (or safetensors files) as ``NAME=PATH``; ``data_root``: image folders for data sets
-    that are not built in; ``max_n``: images per built-in data set."""
-
-    pretrained: str = ""
-    checkpoints: list[str] = field(default_factory=list)
-    data_root: str = ""
-    max_n: int = 4000
+    folders, LoRA adapter folders or safetensors files as ``NAME=PATH``."""
 
 
 class HFClipSource(Source):

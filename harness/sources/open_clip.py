@@ -143,18 +143,25 @@ def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Seque
 
 
 @dataclass
-class OpenClipOptions:
-    """``model``: an open_clip architecture; ``pretrained``: its weights (a local file,
-    ``local-dir:DIR``, or empty for random init); ``checkpoints``: one fine-tuned checkpoint per
-    data set as ``NAME=PATH`` (or a path whose file stem is the data set name, or a folder of such
-    files); ``data_root``: image folders ``<data_root>/<NAME>/<split>/<class>/*.png`` for data
-    sets that are not built in; ``max_n``: images per built-in data set."""
+class FileOptions:
+    """Options of a source that loads a user's files: ``pretrained`` (the pre-trained weights),
+    ``checkpoints`` (one fine-tuned checkpoint per data set as ``NAME=PATH``, or a path whose file
+    stem is the data set name, or a folder of such files), ``data_root`` (image folders
+    ``<data_root>/<NAME>/<split>/<class>/*.png`` for data sets that are not built in) and ``max_n``
+    (images per built-in data set)."""
 
-    model: str = ""
     pretrained: str = ""
     checkpoints: list[str] = field(default_factory=list)
     data_root: str = ""
     max_n: int = 4000
+
+
+@dataclass
+class OpenClipOptions(FileOptions):
+    """``model``: the open_clip architecture; ``pretrained``: a local file, ``local-dir:DIR``, or
+    empty for random init (see :class:`FileOptions` for the rest)."""
+
+    model: str = ""
 
 
 class OpenClipSource(Source):
