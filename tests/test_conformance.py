@@ -90,9 +90,36 @@ def open_clip_files(tmp_path_factory):
             "source_options": "max_n=200"}
 
 
+@pytest.fixture(scope="module")
+def hf_clip_files(tmp_path_factory):
+    """A tiny Hugging Face CLIPModel folder and two CLIPVisionModel fine-tunes (seeded noise) for
+    the built-in data sets skdigits and lfw: what the hf_clip source loads."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
+    tmp = tmp_path_factory.mktemp("hf_clip")
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                      max_position_embeddings=16, vocab_size=49408),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                        num_hidden_layers=1, image_size=32, patch_size=8), projection_dim=24)
+    model = CLIPModel(cfg)
+    model.save_pretrained(tmp / "pretrained")
+    for ds in ("skdigits", "lfw"):
+        vis = CLIPVisionModel(cfg.vision_config)
+        getattr(vis, "vision_model", vis).load_state_dict(model.vision_model.state_dict())
+        with torch.no_grad():
+            for p in vis.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        vis.save_pretrained(tmp / ds)
+    return {"pretrained": str(tmp / "pretrained"), "checkpoints": [f"{ds}={tmp / ds}" for ds in ("skdigits", "lfw")],
+            "source_options": "max_n=200"}
+
+
 def _source_task_options(name, request) -> dict:
     if name == "open_clip":
         return {"source": name, **request.getfixturevalue("open_clip_files")}
+    if name == "hf_clip":
+        return {"source": name, **request.getfixturevalue("hf_clip_files")}
     return {"source": name, "source_options": SOURCE_OPTIONS.get(name, "")}
 
 
