@@ -259,7 +259,7 @@ def cmd_check_plugin(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from harness.leaderboard import format_board, leaderboard, write
+    from harness.leaderboard import format_board, leaderboard
     board = leaderboard(args.results_dir, task=args.task, searcher=args.searcher, family_prefix=args.family)
     if board.empty:
         raise HarnessError(f"no completed runs under {args.results_dir}/runs; run `python -m harness run` first")

@@ -36,7 +36,6 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-import numpy as np
 
 from harness.api import Candidate, Evaluation, HarnessError, Task
 from harness.evaluators import PENALTY, Evaluator, fidelity_shard, reduce_shards, sanitize

@@ -18,7 +18,7 @@ import traceback
 import numpy as np
 
 from harness import registry
-from harness.api import Candidate, Evaluation, HarnessError
+from harness.api import Candidate, Evaluation, HarnessError, Task
 from harness.config import RunConfig
 from harness.evaluators import Evaluator, LocalEvaluator
 from harness.problem import Plan, build_task, make_searcher, plan

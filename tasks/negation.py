@@ -99,7 +99,7 @@ class NegationTask(ComposingTask):
         return scalar(correct[0].float().mean())
 
     def _minibatch(self, seed):
-        src, gen, o = self.source, torch.Generator().manual_seed(seed), self.options
+        gen, o = torch.Generator().manual_seed(seed), self.options
         pieces = []
         for ds in (o.target, o.control):
             xs, ys = self.pools[ds]
@@ -108,7 +108,7 @@ class NegationTask(ComposingTask):
         return WeightedSet(pieces)
 
     def evaluate(self, candidates: list[Candidate], shard=None):
-        o, out = self.options, []
+        out = []
         for c in candidates:
             data = self.search if c.batch is None else self._minibatch(c.batch)
             names, xs, ys, ws = data.part(shard)
