@@ -133,20 +133,19 @@ class ComposingTask(Task):
     def load_source(self):
         cls, opts = resolve_source(self.options)
         self.source = cls.load(opts, cache_dir=self.cache_dir, progress=True)
-        src = self.source
-        check_finite(src, source_name(self.options))
-        # The checkpoint family: the same method moves by points between families, so a record
-        # says which pre-trained weights and which task vectors it composed.
-        self.family = {"pretrained": content_hash(src.base),
-                       "task_vectors": content_hash({f"{ds}/{k}": v for ds in sorted(src.task_vectors)
-                                                     for k, v in src.task_vectors[ds].items()})}
-        return src
+        check_finite(self.source, source_name(self.options))
+        return self.source
 
     def provenance(self) -> dict:
-        """The source and engine plugins this task used, and the checkpoint family's hashes."""
+        """The source and engine plugins this task used, and the checkpoint family: the same method
+        moves by points between families, so a record says which pre-trained weights and which task
+        vectors it composed. Hashed here, in the runner only, not in every process that evaluates."""
+        src = self.source
+        family = {"pretrained": content_hash(src.base),
+                  "task_vectors": content_hash({f"{ds}/{k}": v for ds in sorted(src.task_vectors)
+                                                for k, v in src.task_vectors[ds].items()})}
         return {"source": registry.provenance("source", source_name(self.options)),
-                "engine": registry.provenance("engine", self.options.engine),
-                "family": getattr(self, "family", None)}
+                "engine": registry.provenance("engine", self.options.engine), "family": family}
 
     @property
     def source_name(self) -> str:

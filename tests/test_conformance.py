@@ -1,15 +1,14 @@
-"""One suite over every registered searcher and every registered task.
+"""One suite over every registered searcher, task, model source and engine (the checks of
+``harness/conformance.py``, which ``python -m harness check-plugin`` runs too).
 
 A new plugin is tested the moment it is installed. Options a plugin needs to be tested quickly go
-in the two dicts below; a plugin absent from them runs with its defaults.
+in the dicts and fixtures below; a plugin absent from them runs with its defaults.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from harness import registry
-from harness.api import Candidate, Searcher
 from harness.config import RunConfig, resolve_options
 from harness.conformance import check_engine, check_searcher, check_source, check_task
 from harness.runner import run
@@ -64,28 +63,19 @@ SOURCE_OPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def open_clip_files(tmp_path_factory):
-    """A tiny open_clip ``local-dir:`` model and two fine-tuned checkpoints (seeded noise) for the
-    built-in data sets skdigits and lfw: what the open_clip source loads."""
-    import json
-    import open_clip
+def open_clip_files(tmp_path_factory, tiny_open_clip):
+    """Two fine-tuned checkpoints (seeded noise) of the tiny open_clip model for the built-in data
+    sets skdigits and lfw: what the open_clip source loads."""
     import torch
     from harness.checkpoints import save_state_dict
-    arch = {"embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    model, folder = tiny_open_clip
     tmp = tmp_path_factory.mktemp("open_clip")
-    (tmp / "model").mkdir()
-    (tmp / "model" / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": {}}))
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**arch)
-    save_state_dict(dict(model.state_dict()), tmp / "model" / "open_clip_model.safetensors")
     gen = torch.Generator().manual_seed(1)
     for ds in ("skdigits", "lfw"):
         tuned = {f"visual.{k}": v + 0.02 * torch.randn(v.shape, generator=gen)
                  for k, v in model.visual.state_dict().items() if v.is_floating_point()}
         save_state_dict(tuned, tmp / f"{ds}.safetensors")
-    return {"pretrained": f"local-dir:{tmp / 'model'}", "checkpoints": [str(tmp / "skdigits.safetensors"),
+    return {"pretrained": f"local-dir:{folder}", "checkpoints": [str(tmp / "skdigits.safetensors"),
                                                                         str(tmp / "lfw.safetensors")],
             "source_options": "max_n=200"}
 

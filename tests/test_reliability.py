@@ -166,20 +166,12 @@ def test_resume_checks_losses_where_proposals_ignore_them(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_user_model(tmp_path_factory):
-    """A tiny open_clip ``local-dir:`` model and fine-tuned checkpoints for two built-in data sets."""
-    import open_clip
-    import torch
+def tiny_user_model(tmp_path_factory, tiny_open_clip):
+    """The tiny open_clip model's folder and fine-tuned checkpoints for two built-in data sets, one
+    of them holding a NaN."""
     from harness.checkpoints import save_state_dict
-    arch = {"embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    model, folder = tiny_open_clip
     tmp = tmp_path_factory.mktemp("user")
-    (tmp / "model").mkdir()
-    (tmp / "model" / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": {}}))
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**arch)
-    save_state_dict(dict(model.state_dict()), tmp / "model" / "open_clip_model.safetensors")
     visual = {k: v for k, v in model.visual.state_dict().items() if v.is_floating_point()}
     good = {f"visual.{k}": v + 0.01 for k, v in visual.items()}
     save_state_dict(good, tmp / "skdigits.safetensors")
@@ -187,12 +179,12 @@ def tiny_user_model(tmp_path_factory):
     bad["visual.conv1.weight"] = bad["visual.conv1.weight"].clone()
     bad["visual.conv1.weight"][0, 0, 0, 0] = float("nan")
     save_state_dict(bad, tmp / "lfw.safetensors")
-    return tmp
+    return tmp, folder
 
 
 def test_a_nan_in_a_checkpoint_names_the_file_and_block(tmp_path, tiny_user_model):
-    m = tiny_user_model
-    r = harness("run", "--searcher", "task-arithmetic", "-t", f"pretrained=local-dir:{m / 'model'}",
+    m, folder = tiny_user_model
+    r = harness("run", "--searcher", "task-arithmetic", "-t", f"pretrained=local-dir:{folder}",
                 "-t", f"checkpoints={m / 'skdigits.safetensors'},{m / 'lfw.safetensors'}",
                 "-t", "source_options=max_n=100", "--results-dir", str(tmp_path), "--quiet")
     one_line_error(r, "lfw.safetensors", "conv1.weight", "non-finite")

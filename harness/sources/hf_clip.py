@@ -32,7 +32,7 @@ from torch import Tensor
 
 from harness.api import HarnessError, Source
 from harness.sources.base import ModelSource
-from harness.sources.open_clip import FileOptions, from_checkpoints
+from harness.sources.open_clip import FileOptions, check_data_root, checkpoint_list, from_checkpoints
 
 _LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
           "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -231,21 +231,13 @@ class HFClipSource(Source):
         if not os.path.isdir(options.pretrained):
             raise HarnessError(f"Hugging Face model folder not found: {options.pretrained}")
         options.pretrained = os.path.abspath(options.pretrained)
-        entries = []
-        for entry in options.checkpoints:
-            name, sep, path = entry.partition("=")
-            name, path = (name, path) if sep else (Path(entry).name.split(".")[0], entry)
-            if not os.path.exists(path):
-                raise HarnessError(f"checkpoint not found: {path} (task option checkpoints)")
-            entries.append(f"{name}={os.path.abspath(path)}")
-        options.checkpoints = entries
-        if options.data_root:
-            options.data_root = os.path.abspath(options.data_root)
+        options.checkpoints = [f"{n}={p}" for n, p in checkpoint_list(options.checkpoints, folders=True)]
+        check_data_root(options)
 
     @classmethod
     def load(cls, options, *, cache_dir=None, progress=True) -> ModelSource:
         from harness.sources.cache import cache_root
-        pairs = [tuple(e.split("=", 1)) for e in options.checkpoints]
+        pairs = checkpoint_list(options.checkpoints, folders=True)
         key = hashlib.sha256(json.dumps([options.pretrained, pairs]).encode()).hexdigest()[:12]
         out = cache_root(cache_dir) / "hf_clip" / key
         local, paths = convert(options.pretrained, pairs, out)

@@ -22,11 +22,12 @@ from harness.sources.clip import TEMPLATES, clip_preprocessing, zero_shot_heads
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
-def checkpoint_list(entries: list[str]) -> list[tuple[str, str]]:
+def checkpoint_list(entries: list[str], folders: bool = False) -> list[tuple[str, str]]:
     """``["mnist=ft/mnist.pt", "ft/cars.safetensors", "ft/"]`` → ``[(data set, absolute path)]``.
 
     A bare path names its data set by its file stem; a folder contributes every checkpoint file in
-    it. A path that does not exist, or a data set named twice, is an error.
+    it, or, with ``folders`` (Hugging Face model folders), is one checkpoint itself. A path that
+    does not exist, or a data set named twice, is an error.
     """
     out: list[tuple[str, str]] = []
     for entry in entries:
@@ -34,6 +35,9 @@ def checkpoint_list(entries: list[str]) -> list[tuple[str, str]]:
         if not sep:
             name, path = "", entry
         path = os.path.abspath(os.path.expanduser(path.strip()))
+        if folders and os.path.isdir(path):
+            out.append((name.strip() or os.path.basename(path.rstrip(os.sep)), path))
+            continue
         if os.path.isdir(path) and not name:
             files = sorted(f for f in os.listdir(path) if f.endswith(CHECKPOINT_SUFFIXES))
             if not files:
@@ -50,6 +54,15 @@ def checkpoint_list(entries: list[str]) -> list[tuple[str, str]]:
                                "name each as NAME=PATH")
         seen.add(name)
     return out
+
+
+def check_data_root(options) -> None:
+    """``options.data_root`` made absolute, or a one-line error if it is not a folder."""
+    if options.data_root:
+        if not os.path.isdir(options.data_root):
+            raise HarnessError(f"data root not found: {options.data_root} (a folder holding "
+                               "<data_root>/<data set>/<split>/<class>/*.png)")
+        options.data_root = os.path.abspath(options.data_root)
 
 
 def _visual_keys(tv: dict[str, Tensor], visual_names: set[str]) -> dict[str, Tensor]:
@@ -180,11 +193,7 @@ class OpenClipSource(Source):
             raise HarnessError("task option checkpoints needs model (an open_clip architecture, e.g. "
                                "-t model=ViT-B-32) or pretrained=local-dir:DIR")
         options.checkpoints = [f"{n}={p}" for n, p in checkpoint_list(options.checkpoints)]
-        if options.data_root:
-            if not os.path.isdir(options.data_root):
-                raise HarnessError(f"data root not found: {options.data_root} (a folder holding "
-                                   "<data_root>/<data set>/<split>/<class>/*.png)")
-            options.data_root = os.path.abspath(options.data_root)
+        check_data_root(options)
 
     @classmethod
     def load(cls, options, *, cache_dir=None, progress=True) -> ModelSource:
