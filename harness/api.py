@@ -1,6 +1,6 @@
 """The seams of the harness: what searchers, tasks, model sources and engines provide.
 
-Four kinds of plugins, each found through its own entry-point group:
+Five kinds of plugins, each found through its own entry-point group:
 
 - a *searcher* (``harness.searchers``) proposes coefficient vectors and learns from their scores;
 - a *task* (``harness.tasks``) is an objective: which data sets and splits, the task vectors'
@@ -9,7 +9,9 @@ Four kinds of plugins, each found through its own entry-point group:
 - a *model source* (``harness.sources``) builds θ0, the task vectors, the frozen heads and the
   inputs (a :class:`harness.sources.ModelSource`), and knows nothing about objectives or searchers;
 - an *engine* (``harness.engines``) turns candidates into losses (and gradients) on a device:
-  merge, forward, chunking, sequential or population evaluation.
+  merge, forward, chunking, sequential or population evaluation;
+- a *transform* (``harness.transforms``) rewrites the task vectors before they are composed
+  (TIES trimming and sign election, DARE drop-and-rescale, Iso-C's flat spectrum).
 
 The runner (``harness.runner``) joins a searcher and a task; neither knows about the other.
 """
@@ -141,6 +143,9 @@ class Searcher(Plugin):
     reference: ClassVar[bool] = False
     # False for a searcher whose answer ignores every score (zero-shot): it touches no data.
     uses_scores: ClassVar[bool] = True
+    # The task-vector transform this searcher is the baseline of (``ties``): the planner sets the
+    # task's ``transform`` option to it (or checks that the one given has this name).
+    transform: ClassVar[str] = ""
 
     def __init__(self, space: Space, budget: int, batch_size: int, seed: int, options):
         type(self).validate(options)
@@ -302,3 +307,22 @@ class Engine(Plugin, ABC):
     @abstractmethod
     def accuracy(self, x, ds: str, split: str = "test") -> float:
         """Top-1 accuracy of coefficients ``x`` on one split of the source."""
+
+
+class Transform(Plugin):
+    """Rewrites the task vectors a composing task composes, before any searcher sees them.
+
+    ``-t transform=NAME:k=v,...`` picks the plugin and its ``Options``. :meth:`apply` maps the T
+    task vectors (already signed by the task) to the vectors the task composes instead. Contract:
+    the *plain sum* of the returned vectors is the method's merged task vector, so task arithmetic
+    over them (``α·1``) is the classic data-free method, and every searcher can learn anisotropic
+    coefficients over them. A transform may return fewer vectors (Iso-C returns one).
+    """
+
+    def __init__(self, options):
+        self.options = options
+
+    def apply(self, task_vectors: list[dict], names: list[str], seed: int) -> tuple[list[dict], list[str], dict]:
+        """``(vectors, their names, info recorded with the run)``; the inputs are not modified.
+        Random transforms draw only from generators seeded by ``seed`` (the run's)."""
+        raise NotImplementedError

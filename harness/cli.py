@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", help="run one search and record it")
     _add_run_flags(run)
-    ls = sub.add_parser("list", help="list searchers, tasks, model sources and engines; or one plugin's options")
+    ls = sub.add_parser("list", help="list searchers, tasks, model sources, engines and transforms; or one plugin's options")
     ls.add_argument("name", nargs="?", help="show this plugin's options (type, default, help)")
     cv = sub.add_parser("convert", help="checkpoints of any supported layout → plain safetensors + manifest")
     cv.add_argument("--pretrained", required=True, help="CLIPModel folder, open_clip state dict or pickled model")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--out", required=True, help="folder for the converted files and manifest.json")
     ck = sub.add_parser("check-plugin", help="run the conformance suite on an installed plugin")
     ck.add_argument("name", help="plugin name (or module:Class)")
-    ck.add_argument("--kind", choices=["searcher", "task", "source", "engine"], help="when the name is ambiguous")
+    ck.add_argument("--kind", choices=["searcher", "task", "source", "engine", "transform"], help="when the name is ambiguous")
     ck.add_argument("-s", dest="searcher_options", action="append", metavar="KEY=VALUE")
     ck.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE",
                     help="task options (for a source: e.g. -t source_options=...; for an engine: the task it runs)")
@@ -204,7 +204,7 @@ def print_run(record: dict) -> None:
 def cmd_list(args) -> int:
     from harness import registry
     if args.name:
-        kinds = [k for k in ("searcher", "task", "source", "engine") if args.name in registry.names(k)]
+        kinds = [k for k in registry.GROUPS if args.name in registry.names(k)]
         if not kinds:
             raise HarnessError(f"no installed plugin named '{args.name}'; `python -m harness list` shows them")
         for kind in kinds:
@@ -220,7 +220,7 @@ def cmd_list(args) -> int:
             if not rows:
                 print("  (no options)")
         return 0
-    for kind in ("searcher", "task", "source", "engine"):
+    for kind in registry.GROUPS:
         print(f"{kind}s:")
         for name, desc in registry.describe(kind):
             print(f"  {name:18s} {desc}")

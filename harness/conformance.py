@@ -16,6 +16,7 @@ The bars (see ``docs/plugins.md``):
   right shape; the headline metric in ``final``.
 - source: a task composing it scores finite losses (its task vectors match θ0's blocks).
 - engine: the losses and gradients of a plain merge + forward (``LocalEngine.weighted_ce``).
+- transform: keeps blocks and shapes, leaves its inputs alone, same seed gives the same vectors.
 """
 from __future__ import annotations
 
@@ -201,10 +202,33 @@ def check_engine(name: str, task_options: dict, cache_dir: str | None = None) ->
                   and bool(np.allclose(g.grad, g_ref.grad, rtol=1e-4, atol=1e-7)))]
 
 
+def check_transform(name: str) -> list[Check]:
+    """A transform plugin keeps the blocks and shapes, leaves its inputs alone, is a function of
+    the seed (same seed, same vectors), and returns one name per vector."""
+    import torch
+    from harness import transforms
+    gen = torch.Generator().manual_seed(0)
+    tvs = [{"w": torch.randn(6, 4, generator=gen), "b": torch.randn(6, generator=gen),
+            "conv": torch.randn(3, 2, 2, 2, generator=gen)} for _ in range(3)]
+    before = [{k: v.clone() for k, v in tv.items()} for tv in tvs]
+    t = transforms.load(name)
+    out, names, info = t.apply(tvs, ["a", "b", "c"], 5)
+    again, _, _ = t.apply(tvs, ["a", "b", "c"], 5)
+    shapes = all(set(o) == set(tvs[0]) and all(o[k].shape == tvs[0][k].shape for k in o) for o in out)
+    return [
+        Check("one name per vector, at least one vector", len(out) == len(names) >= 1, f"{len(out)} vectors, names {names}"),
+        Check("same blocks and shapes as the task vectors", shapes),
+        Check("finite values", all(bool(torch.isfinite(v).all()) for o in out for v in o.values())),
+        Check("inputs left unchanged", all(torch.equal(tv[k], b[k]) for tv, b in zip(tvs, before) for k in tv)),
+        Check("same seed, same vectors", all(torch.equal(o[k], a[k]) for o, a in zip(out, again) for k in o)),
+        Check("info is a dict", isinstance(info, dict)),
+    ]
+
+
 def check_plugin(name: str, kind: str | None = None, searcher_options: dict | None = None,
                  task_options: dict | None = None, cache_dir: str | None = None) -> tuple[str, list[Check]]:
     """``(kind, checks)`` for the plugin ``name`` (its kind found from the entry points unless given)."""
-    kinds = [k for k in ("searcher", "task", "source", "engine") if name in registry.names(k)]
+    kinds = [k for k in registry.GROUPS if name in registry.names(k)]
     if kind is None:
         if not kinds and ":" not in name:
             raise HarnessError(f"no installed plugin named '{name}'; `python -m harness list` shows them")
@@ -216,6 +240,8 @@ def check_plugin(name: str, kind: str | None = None, searcher_options: dict | No
         return kind, check_searcher(name, searcher_options)
     if kind == "task":
         return kind, check_task(name, task_options, cache_dir)
+    if kind == "transform":
+        return kind, check_transform(name)
     if kind == "source":
         return kind, check_source(name, task_options.pop("source_options", ""), task_options, cache_dir)
     return kind, check_engine(name, task_options, cache_dir)

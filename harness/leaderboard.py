@@ -37,8 +37,13 @@ def _task_label(rec: dict) -> str:
     """The task and its non-default options, e.g. ``negation[target=cvdigits]``."""
     opts = rec.get("config", {}).get("task_options", {})
     defaults = rec.get("task_defaults", {})
-    shown = {k: v for k, v in opts.items() if defaults.get(k, v) != v}
+    shown = {k: v for k, v in opts.items() if defaults.get(k, v) != v and k != "transform"}
     return rec["task"] + (f"[{','.join(f'{k}={v}' for k, v in sorted(shown.items()))}]" if shown else "")
+
+
+def transform(rec: dict) -> str:
+    """The task-vector transform a run composed over (``ties:merge=sum``), or ``—``."""
+    return rec.get("config", {}).get("task_options", {}).get("transform") or "—"
 
 
 def family(rec: dict) -> str:
@@ -63,7 +68,8 @@ def runs_frame(results_dir: str | Path, task: str | None = None, searcher: str |
         head = rec.get("headline")
         value = final.get(head)
         rows.append({
-            "task": _task_label(rec), "searcher": rec["searcher"], "setting": _setting(rec), "key": rec.get("key"),
+            "task": _task_label(rec), "searcher": rec["searcher"], "transform": transform(rec),
+            "setting": _setting(rec), "key": rec.get("key"),
             "family": family(rec), "data": rec.get("data_touched", "?"),
             "seed": rec.get("seed"), "headline": head, "higher_is_better": rec.get("higher_is_better", True),
             "value": float("nan") if value is None else float(value),
@@ -91,7 +97,7 @@ def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str 
         ok = g[g["constraint_ok"]]
         vals = ok["value"]
         groups.append({
-            "task": t, "searcher": s, "setting": g["setting"].iloc[0], "family": fam, "data": data,
+            "task": t, "searcher": s, "transform": g["transform"].iloc[0], "setting": g["setting"].iloc[0], "family": fam, "data": data,
             "metric": g["headline"].iloc[0],
             "mean": vals.mean() if len(vals) else float("nan"),
             "std": vals.std(ddof=1) if len(vals) > 1 else float("nan"),
@@ -107,7 +113,7 @@ def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str 
         g["rank"] = g["mean"].rank(ascending=asc, method="min")
         ranked.append(g)
     board = pd.concat(ranked, ignore_index=True)
-    cols = ["task", "rank", "searcher", "setting", "family", "data", "metric", "mean", "std", "n", "n_ok",
+    cols = ["task", "rank", "searcher", "transform", "setting", "family", "data", "metric", "mean", "std", "n", "n_ok",
             "evaluations", "wall_time_s", "peak_rss_mb"]
     return board[cols]
 

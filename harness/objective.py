@@ -48,6 +48,10 @@ class ComposeOptions:
     ``select=b`` (b ≥ 1) keeps only the ``b`` most informative task vectors per block, ranked by
     |∂L/∂λ| at the start point before any search (informative block selection, paper App. D.6;
     needs ``--space per_block`` or ``per_partition:K``); 0 keeps them all.
+
+    ``transform=NAME[:key=value,...]`` rewrites the task vectors before they are composed
+    (``ties``, ``dare``, ``iso``; see ``python -m harness list transform``); it is recorded in its
+    canonical form (non-default options only) and is part of the run's identity.
     """
 
     source: str = field(default="", metadata={"help": "model source plugin (effnet default; open_clip when checkpoints are given)"})
@@ -61,6 +65,7 @@ class ComposeOptions:
     dtype: str = field(default="fp32", metadata={"help": "task-vector storage: fp32 or fp16"})
     select: int = field(default=0, metadata={"help": "keep the b most informative task vectors per block (0: all)"})
     population: str = field(default="auto", metadata={"help": "engine's vmap evaluation of batches: auto or off"})
+    transform: str = field(default="", metadata={"help": "rewrite the task vectors first: ties, dare, iso [:key=value,...]"})
 
 
 def source_name(options) -> str:
@@ -127,7 +132,7 @@ class ComposingTask(Task):
         self.prepare()
         self.engine.to(device)
         for k, v in list(vars(self).items()):
-            if k not in ("source", "comp", "engine", "options", "task_info"):
+            if k not in ("source", "comp", "engine", "options", "task_info", "transform_info"):
                 setattr(self, k, _to(v, self.engine.device))
 
     def load_source(self):
@@ -172,12 +177,23 @@ class ComposingTask(Task):
         parse_space(self.space_kind)
         signs = signs or [1.0] * len(names)
         tvs = [{k: s * v for k, v in self.source.task_vectors[d].items()} for d, s in zip(names, signs)]
+        if self.options.transform:
+            from harness import transforms
+            tvs, names, info = transforms.load(self.options.transform).apply(tvs, list(names), self.seed)
+            self.transform_info = {"transform": self.options.transform, **info}
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[self.options.dtype]
         self.comp = Composition(self.source.base, tvs, names, space=self.space_kind, dtype=dtype, seed=self.seed)
         cls, opts = resolve_engine(self.options)
         self.engine = cls(self.source, self.comp, "cpu", opts)
         self.task_info = self.engine.info  # what the engine chooses is recorded with the run
+        if self.options.transform:
+            self.task_info["transform"] = self.transform_info
         return self.comp
+
+    def ta_label(self, alpha: float) -> str:
+        """The task-arithmetic reference's name: over the transformed vectors when there is a transform."""
+        over = f" over {self.options.transform}" if self.options.transform else ""
+        return f"task arithmetic{over} (α={alpha:.2f})"
 
     @classmethod
     def validate(cls, options):
@@ -196,6 +212,9 @@ class ComposingTask(Task):
             if getattr(options, k) and hasattr(src, k):
                 setattr(options, k, getattr(src, k))
         resolve_engine(options)
+        if options.transform:
+            from harness import transforms
+            options.transform = transforms.canonical(options.transform)
 
     @classmethod
     def check_space(cls, options, space: str) -> None:

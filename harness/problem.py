@@ -36,6 +36,7 @@ def plan(cfg: RunConfig) -> Plan:
     searcher_cls = registry.load("searcher", cfg.searcher)
     task_cls = registry.load("task", cfg.task)
     t_opts = resolve_options(task_cls, cfg.task_options, "task")
+    bind_transform(searcher_cls, task_cls, t_opts)
     # Wrapper options (warm, screen, finalists) are the harness's, unless the searcher declares them.
     own = searcher_cls.option_fields()
     w_given = {k: v for k, v in cfg.searcher_options.items() if k in Wrappers.option_fields() and k not in own}
@@ -74,6 +75,22 @@ def plan(cfg: RunConfig) -> Plan:
         cfg, budget=budget, batch_size=batch, space=cfg.space or searcher_cls.default_space,
         task_options=dataclasses.asdict(t_opts), searcher_options={**dataclasses.asdict(s_opts), **w_set})
     return Plan(resolved, task_cls, searcher_cls, t_opts, s_opts, w_opts)
+
+
+def bind_transform(searcher_cls, task_cls, t_opts) -> None:
+    """A baseline searcher (``ties``) composes its transform's vectors: set the task's ``transform``
+    to it when none is given; a transform of another name is a one-line error."""
+    want = searcher_cls.transform
+    if not want or "transform" not in task_cls.option_fields():
+        return
+    given = t_opts.transform
+    if not given:
+        t_opts.transform = want
+        return
+    from harness.transforms import parse
+    if parse(given)[0] != want:
+        raise HarnessError(f"searcher '{searcher_cls.name}' merges '{want}' task vectors, but -t transform={given} "
+                           f"names another transform; give -t transform={want}:key=value,... or leave it out")
 
 
 def make_searcher(p: Plan, space) -> Searcher:

@@ -10,15 +10,15 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from harness.api import Engine, HarnessError, Searcher, Source, Task
+from harness.api import Engine, HarnessError, Searcher, Source, Task, Transform
 
 GROUPS = {"searcher": "harness.searchers", "task": "harness.tasks", "source": "harness.sources",
-          "engine": "harness.engines"}
-_BASES = {"searcher": Searcher, "task": Task, "source": Source, "engine": Engine}
+          "engine": "harness.engines", "transform": "harness.transforms"}
+_BASES = {"searcher": Searcher, "task": Task, "source": Source, "engine": Engine, "transform": Transform}
 
 
 def names(kind: str) -> list[str]:
-    """Sorted names of every registered plugin of ``kind`` (searcher, task, source or engine)."""
+    """Sorted names of every registered plugin of ``kind`` (searcher, task, source, engine, transform)."""
     return sorted({ep.name for ep in entry_points(group=GROUPS[kind])})
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from harness import registry
 from harness.config import RunConfig, resolve_options
-from harness.conformance import check_engine, check_searcher, check_source, check_task
+from harness.conformance import check_engine, check_searcher, check_source, check_task, check_transform
 from harness.runner import run
 
 # Searcher options for the 6-D quadratic (paper defaults are tuned for real models).
@@ -36,6 +36,13 @@ def test_searcher_keeps_every_promise(tmp_path, name):
     """The shipped suite (``python -m harness check-plugin NAME`` runs the same)."""
     checks = check_searcher(name, SEARCHER_OPTIONS.get(name, {}), str(tmp_path))
     assert len(checks) == 4
+    assert all(c.ok for c in checks), [f"{c.name}: {c.detail}" for c in checks if not c.ok]
+
+
+@pytest.mark.parametrize("name", registry.names("transform"))
+def test_transform_keeps_every_promise(name):
+    checks = check_transform(name)
+    assert len(checks) == 6
     assert all(c.ok for c in checks), [f"{c.name}: {c.detail}" for c in checks if not c.ok]
 
 

@@ -1,0 +1,54 @@
+"""The data-free merging baselines the field cites, as task arithmetic over transformed vectors.
+
+Each searcher here is the task-arithmetic α grid with a task-vector transform (``harness.transforms``)
+bound to it: the run's task composes the transformed vectors, whose plain sum is the method's
+merged vector, so ``α·1`` is the method and α is chosen on the search split exactly as for task
+arithmetic. ``-t transform=NAME:key=value,...`` sets the transform's options (the name must be the
+searcher's own); without it the transform runs with its defaults. On a task that composes no task
+vectors (the quadratic test function) there is nothing to transform and the searcher is its grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from searchers.task_arithmetic import TaskArithmeticSearcher
+
+
+class TiesSearcher(TaskArithmeticSearcher):
+    """TIES-Merging (Yadav et al. 2023): θ0 + α · ties(τ_1..τ_T), α on ``linspace(0, 2, 21)``.
+
+    With the default ``merge=mean`` the merged vector has the scale of one task vector, so the
+    paper's α ≈ 1 is inside the grid. FusionBench's variant is ``-t transform=ties:merge=sum`` with
+    ``-s lo=0.3 -s hi=0.3 -s points=1`` (its fixed scaling factor 0.3)."""
+
+    name = "ties"
+    description = "TIES-Merging baseline: α grid over linspace(0, 2, 21) on TIES vectors (trim, elect, disjoint mean)"
+    transform = "ties"
+
+    @dataclass
+    class Options(TaskArithmeticSearcher.Options):
+        hi: float = 2.0
+
+
+class DareSearcher(TaskArithmeticSearcher):
+    """DARE + task arithmetic (Yu et al. 2024): θ0 + α Σ dare(τ_i), α on the task-arithmetic grid
+    ``linspace(0, 1, 21)`` (rescaled DARE keeps each task vector's expectation, so the α of task
+    arithmetic carries over). Masks are seeded by the run seed."""
+
+    name = "dare"
+    description = "DARE baseline: task arithmetic over linspace(0, 1, 21) on drop-and-rescale (p=0.5) vectors"
+    transform = "dare"
+
+
+class IsoSearcher(TaskArithmeticSearcher):
+    """Iso-C (Marczak et al. 2025): θ0 + α · iso(Σ τ_i), α on ``linspace(0, 2, 21)`` (the flat
+    spectrum shrinks the dominant directions, so the paper's α is above 1). FusionBench's variant
+    is ``-t transform=iso:other=mean,conv=other`` with ``-s lo=1 -s hi=1 -s points=1``."""
+
+    name = "iso"
+    description = "Iso-C baseline: α grid over linspace(0, 2, 21) on the flat-spectrum sum of the task vectors"
+    transform = "iso"
+
+    @dataclass
+    class Options(TaskArithmeticSearcher.Options):
+        hi: float = 2.0
