@@ -81,5 +81,5 @@ class AdditionTask(ComposingTask):
         alpha = float(_GRID[int(np.argmin(losses))])
         ft = {f"acc/{ds}": self.ft_acc[ds] for ds in self.names}
         ft.update(abs_acc=float(np.mean(list(self.ft_acc.values()))), normalized_acc=1.0)
-        return {"zero-shot": self.final(zero), f"task arithmetic (α={alpha:.2f})": self.final(self.comp.isotropic(alpha)),
+        return {"zero-shot": self.final(zero), self.ta_label(alpha): self.final(self.comp.isotropic(alpha)),
                 "fine-tuned (each its own)": ft}

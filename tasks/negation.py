@@ -148,4 +148,4 @@ class NegationTask(ComposingTask):
         losses = [self.complete(c, e).loss for c, e in zip(cands, self.evaluate(cands))]
         alpha = float(_GRID[int(np.argmin(losses))])
         return {"zero-shot": self.final(np.zeros(self.comp.dim)),
-                f"task arithmetic (α={alpha:.2f})": self.final(self.comp.isotropic(alpha))}
+                self.ta_label(alpha): self.final(self.comp.isotropic(alpha))}
