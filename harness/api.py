@@ -207,6 +207,11 @@ class Task(Plugin, ABC):
     # What data a method learning on this task touches (leaderboard column): "labelled validation",
     # "few labelled train shots", "unlabelled test" or "none".
     data: ClassVar[str] = "none"
+
+    @classmethod
+    def data_for(cls, options) -> str:
+        """:attr:`data` for these options (a task whose objective can change what it reads overrides it)."""
+        return cls.data
     # Whether the task composes task vectors (so ``--space`` applies and is checked up front).
     composes: ClassVar[bool] = False
 

@@ -45,7 +45,8 @@ def run_suite(name: str, seeds: list[int], results_dir: str, cache_dir: str | No
         for e in spec["searchers"]:
             cfg = RunConfig(task=task, searcher=e["name"], space=e.get("space"), budget=e.get("budget"), seed=seed,
                             searcher_options=dict(e.get("options") or {}),
-                            task_options={**spec.get("task_options", {}), **(task_options or {})},
+                            task_options={**spec.get("task_options", {}), **(e.get("task_options") or {}),
+                                          **(task_options or {})},
                             results_dir=results_dir, cache_dir=cache_dir, quiet=quiet)
             t0 = time.time()
             rec = run(cfg, log=lambda m: print(m, file=sys.stderr))

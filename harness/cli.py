@@ -20,6 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file with the same keys as these flags (flags override it)")
+    p.add_argument("--preset", help="a published method's settings (python -m harness presets); flags override it")
     p.add_argument("--task", help="task plugin name or module:Class (default: addition)")
     p.add_argument("--searcher", help="searcher plugin name or module:Class (default: nevergrad)")
     p.add_argument("--budget", type=int, help="evaluations (gradient: steps); default: the searcher's")
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", help="run one search and record it")
     _add_run_flags(run)
+    sub.add_parser("presets", help="the named presets: published methods mapped onto tasks, searchers and options")
     ls = sub.add_parser("list", help="list searchers, tasks, model sources, engines and transforms; or one plugin's options")
     ls.add_argument("name", nargs="?", help="show this plugin's options (type, default, help)")
     cv = sub.add_parser("convert", help="checkpoints of any supported layout → plain safetensors + manifest")
@@ -201,6 +203,14 @@ def print_run(record: dict) -> None:
     print(f"recorded in {os.path.dirname(record['coefficients'] or '')}")
 
 
+def cmd_presets(args) -> int:
+    import pandas as pd
+    from harness.leaderboard import markdown
+    from harness.presets import table
+    print(markdown(pd.DataFrame(table())))
+    return 0
+
+
 def cmd_list(args) -> int:
     from harness import registry
     if args.name:
@@ -329,7 +339,7 @@ def cmd_zoo(args) -> int:
     return 0
 
 
-COMMANDS = {"check-plugin": cmd_check_plugin, "convert": cmd_convert, "finetune": cmd_finetune, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench,
+COMMANDS = {"check-plugin": cmd_check_plugin, "presets": cmd_presets, "convert": cmd_convert, "finetune": cmd_finetune, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench,
             "sweep": cmd_sweep, "plot": cmd_plot}
 
 

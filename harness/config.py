@@ -172,7 +172,8 @@ def load_toml(path: str) -> dict[str, Any]:
 
 
 def build_config(flags: dict[str, Any]) -> RunConfig:
-    """Merge defaults < TOML file (``flags['config']``) < explicit flags (those not ``None``)."""
+    """Merge defaults < preset (``flags['preset']``) < TOML file (``flags['config']``) < explicit
+    flags (those not ``None``)."""
     values: dict[str, Any] = {}
     if flags.get("config"):
         values.update(load_toml(flags["config"]))
@@ -184,6 +185,9 @@ def build_config(flags: dict[str, Any]) -> RunConfig:
             values[k] = {**values.get(k, {}), **v}
         else:
             values[k] = v
+    if flags.get("preset"):
+        from harness.presets import apply
+        values = apply(flags["preset"], values)
     hints = typing.get_type_hints(RunConfig)
     for k, v in list(values.items()):
         if k not in ("searcher_options", "task_options"):

@@ -114,7 +114,7 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         extra = task.provenance() if hasattr(task, "provenance") else {}
         record.plugins.update({k: v for k, v in extra.items() if k != "family"})
         record.family = extra.get("family")
-        record.data_touched = p.task_cls.data if p.searcher_cls.uses_scores else "none"
+        record.data_touched = p.task_cls.data_for(p.task_options) if p.searcher_cls.uses_scores else "none"
         space = task.space()
         searcher = make_searcher(p, space)
         evaluator = make_evaluator(p, task)

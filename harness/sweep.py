@@ -22,6 +22,7 @@ A sweep file (``--file sweep.toml``)::
     name = "gradient"
     budget = 200
     options = { lr = 0.01 }
+    task_options = { transform = "ties" }   # this entry's own task options (over the shared ones)
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from harness.results import RunInUse
 from harness.runner import run
 
 _TOP = {"seeds", "tasks", "searchers", "results_dir", "cache_dir", "task_options", "workers", "quiet"}
-_SEARCHER = {"name", "label", "budget", "space", "options", "batch_size"}
+_SEARCHER = {"name", "label", "budget", "space", "options", "batch_size", "task_options"}
 
 
 def read_sweep_file(file: str) -> dict:
@@ -93,13 +94,14 @@ def configs(spec: dict) -> list[RunConfig]:
         for s in spec["searchers"]:
             for seed in spec["seeds"]:
                 where = f"sweep searcher {s['name']!r}"
-                if not isinstance(s.get("options") or {}, dict):
-                    raise HarnessError(f"{where}: options must be a table, e.g. options = {{ lr = 0.01 }}")
+                for key in ("options", "task_options"):
+                    if not isinstance(s.get(key) or {}, dict):
+                        raise HarnessError(f"{where}: {key} must be a table, e.g. {key} = {{ key = value }}")
                 cfg = RunConfig(task=task, searcher=str(s["name"]), budget=coerce(s.get("budget"), int | None, f"{where} budget"),
                                 space=coerce(s.get("space"), str | None, f"{where} space"),
                                 batch_size=coerce(s.get("batch_size"), int | None, f"{where} batch_size"),
                                 seed=coerce(seed, int, "sweep seed"), searcher_options=dict(s.get("options") or {}),
-                                task_options=dict(topts), results_dir=spec["results_dir"], cache_dir=spec["cache_dir"],
+                                task_options={**topts, **(s.get("task_options") or {})}, results_dir=spec["results_dir"], cache_dir=spec["cache_dir"],
                                 workers=spec["workers"], quiet=spec["quiet"])
                 plan(cfg)  # fail on a typo before hours of runs, not after
                 out.append(cfg)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from harness.api import Candidate, HarnessError
+from harness.engines.local import package
 from harness.objective import ComposeOptions, ComposingTask, WeightedSet
 
 _GRID = np.linspace(0.0, 1.0, 21)
@@ -20,6 +21,10 @@ class AdditionTask(ComposingTask):
     random mini-batches of ``batch_size`` per data set from the whole validation split).
     Reported: per-data-set test accuracy, the mean absolute accuracy and the mean normalised
     accuracy (each data set's accuracy ÷ that of its own fine-tuned model), the headline.
+
+    ``objective=entropy`` is AdaMerging's (Yang et al. 2024) instead: the mean over data sets of
+    the prediction entropy on a seeded subset of ``search_n`` *unlabelled test* images per data set
+    (test-time, transductive: labels are read only for the reported accuracies).
     """
 
     name = "addition"
@@ -33,6 +38,23 @@ class AdditionTask(ComposingTask):
         datasets: list[str] = field(default_factory=list)
         search_n: int = 64
         batch_size: int = 32
+        objective: str = field(default="ce", metadata={
+            "help": "ce: cross-entropy on labelled validation (aTLAS); entropy: on unlabelled test (AdaMerging)"})
+
+    @classmethod
+    def validate(cls, options):
+        super().validate(options)
+        if options.objective not in ("ce", "entropy"):
+            raise HarnessError(f"addition objective must be ce or entropy, got {options.objective!r}")
+
+    @classmethod
+    def data_for(cls, options) -> str:
+        return "unlabelled test" if options.objective == "entropy" else cls.data
+
+    @property
+    def split(self) -> str:
+        """The split the search objective reads: validation (labelled) or test (inputs only)."""
+        return "test" if self.options.objective == "entropy" else "val"
 
     def prepare(self):
         src = self.load_source()
@@ -44,8 +66,8 @@ class AdditionTask(ComposingTask):
         T = len(self.names)
         pieces = []
         for k, ds in enumerate(self.names):
-            idx = self.subset(ds, "val", self.options.search_n, salt=k)
-            pieces.append((ds, src.inputs[ds]["val"][idx], src.labels[ds]["val"][idx], 1.0 / T))
+            idx = self.subset(ds, self.split, self.options.search_n, salt=k)
+            pieces.append((ds, src.inputs[ds][self.split][idx], self._labels(ds, idx), 1.0 / T))
         self.search = WeightedSet(pieces)
         self.ft_acc = {ds: src.meta["finetuned_acc"][ds] for ds in self.names}
 
@@ -53,12 +75,38 @@ class AdditionTask(ComposingTask):
         src, gen = self.source, torch.Generator().manual_seed(seed)
         pieces = []
         for ds in self.names:
-            n = len(src.labels[ds]["val"])
+            n = len(src.inputs[ds][self.split])
             idx = torch.randint(0, n, (min(self.options.batch_size, n),), generator=gen)
-            pieces.append((ds, src.inputs[ds]["val"][idx], src.labels[ds]["val"][idx], 1.0 / len(self.names)))
+            pieces.append((ds, src.inputs[ds][self.split][idx], self._labels(ds, idx), 1.0 / len(self.names)))
         return WeightedSet(pieces)
 
+    def _labels(self, ds: str, idx):
+        """Validation labels for ``ce``; for ``entropy`` -1 placeholders (test labels are never searched on)."""
+        if self.options.objective == "entropy":
+            return torch.full((len(idx),), -1, dtype=torch.long)
+        return self.source.labels[ds]["val"][idx]
+
+    def _entropy(self, c: Candidate, data: WeightedSet, shard=None):
+        """The weighted mean prediction entropy of candidate ``c`` (AdaMerging's objective)."""
+        names, xs, _, ws = data.part(shard)
+        with torch.set_grad_enabled(c.grad):
+            params, xt = self.params(c.x, c.grad)
+            wsum = float(sum(w.sum() for w in ws))
+            if not any(len(x) for x in xs):
+                return package(xt.sum() * 0, 0.0, xt, c.grad, {})
+            z = self.source.features(params, torch.cat([x for x in xs if len(x)]))
+            total, i = 0, 0
+            for ds, x, w in zip(names, xs, ws):
+                logits = self.source.head(z[i:i + len(x)], ds)
+                i += len(x)
+                logp = logits.log_softmax(1)
+                total = total + (w * -(logp.exp() * logp).sum(1)).sum()
+            return package(total / wsum, wsum, xt, c.grad, {})
+
     def evaluate(self, candidates: list[Candidate], shard=None):
+        if self.options.objective == "entropy":
+            return [self._entropy(c, self.search if c.batch is None else self._minibatch(c.batch), shard)
+                    for c in candidates]
         full = [i for i, c in enumerate(candidates) if c.batch is None and not c.grad]
         out = dict(zip(full, self.engine.score([candidates[i] for i in full], self.search, shard)))
         return [out[i] if i in out else self.engine.weighted_ce(c, self._minibatch(c.batch) if c.batch is not None

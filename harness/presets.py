@@ -1,0 +1,108 @@
+"""Named presets: published methods mapped onto the harness (``run --preset NAME``).
+
+A preset is the lowest layer of a run's configuration: a ``--config`` file and explicit flags
+override it (``--preset adamerging-layer --budget 100``; ``-s``/``-t`` options are merged, the
+explicit ones winning). A preset names nothing the harness does not record: the run's record
+holds the resolved task, searcher, space, budget and options, so two ways of asking for the
+same run are the same run. ``python -m harness presets`` prints the table the README shows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.api import HarnessError
+
+
+@dataclass(frozen=True)
+class Preset:
+    method: str
+    paper: str
+    task: str
+    searcher: str
+    space: str | None = None
+    budget: int | None = None
+    searcher_options: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def flags(self) -> str:
+        """The equivalent command-line flags."""
+        parts = [f"--task {self.task}", f"--searcher {self.searcher}"]
+        if self.space:
+            parts.append(f"--space {self.space}")
+        if self.budget:
+            parts.append(f"--budget {self.budget}")
+        parts += [f"-t {k}={v}" for k, v in self.task_options.items()]
+        parts += [f"-s {k}={v}" for k, v in self.searcher_options.items()]
+        return " ".join(parts)
+
+
+_FB = "FusionBench's defaults (its fixed scaling factor, no α search)"
+_ADA = "entropy on unlabelled test inputs; start: best of 11 isotropic points (the paper: λ = 0.3)"
+
+PRESETS: dict[str, Preset] = {p_name: p for p_name, p in [
+    ("zero-shot", Preset("Zero-shot (pre-trained model)", "—", "addition", "zero-shot")),
+    ("task-arithmetic", Preset("Task arithmetic", "Ilharco et al. 2023", "addition", "task-arithmetic",
+                               note="α on linspace(0, 1, 21) by validation loss")),
+    ("ties", Preset("TIES-Merging", "Yadav et al. 2023", "addition", "ties",
+                    note="k = 20 %, disjoint mean, α on linspace(0, 2, 21)")),
+    ("ties-fusionbench", Preset("TIES-Merging (FusionBench)", "Yadav et al. 2023", "addition", "ties",
+                                searcher_options={"lo": 0.3, "hi": 0.3, "points": 1},
+                                task_options={"transform": "ties:merge=sum"}, note=_FB)),
+    ("dare", Preset("DARE + task arithmetic", "Yu et al. 2024", "addition", "dare",
+                    note="p = 0.5, rescaled; masks seeded by the run")),
+    ("dare-fusionbench", Preset("DARE + task arithmetic (FusionBench)", "Yu et al. 2024", "addition", "dare",
+                                searcher_options={"lo": 0.3, "hi": 0.3, "points": 1}, note=_FB)),
+    ("iso-c", Preset("Iso-C", "Marczak et al. 2025", "addition", "iso", note="α on linspace(0, 2, 21)")),
+    ("iso-c-fusionbench", Preset("Iso-C (FusionBench)", "Marczak et al. 2025", "addition", "iso",
+                                 searcher_options={"lo": 1.0, "hi": 1.0, "points": 1},
+                                 task_options={"transform": "iso:conv=other,other=mean"}, note=_FB)),
+    ("adamerging-task", Preset("Task-wise AdaMerging", "Yang et al. 2024", "addition", "gradient", "per_task", 500,
+                               {"warm": 11}, {"objective": "entropy"}, note=_ADA)),
+    ("adamerging-layer", Preset("Layer-wise AdaMerging", "Yang et al. 2024", "addition", "gradient", "per_layer", 500,
+                                {"warm": 11}, {"objective": "entropy"}, note=_ADA)),
+    ("adamerging++-layer", Preset("Layer-wise AdaMerging++", "Yang et al. 2024", "addition", "gradient", "per_layer",
+                                  500, {"warm": 11}, {"objective": "entropy", "transform": "ties"},
+                                  note="AdaMerging over TIES vectors")),
+    ("atlas", Preset("aTLAS task addition", "Zhang et al. 2024", "addition", "gradient", "per_block", 300,
+                     {"lr": 0.01}, note="the paper's method: per-block coefficients, validation cross-entropy")),
+    ("atlas-ties", Preset("aTLAS over TIES vectors", "this harness", "addition", "gradient", "per_block", 300,
+                          {"lr": 0.01}, {"transform": "ties"})),
+    ("atlas-blackbox", Preset("aTLAS, gradient-free", "Zhang et al. 2024 (Table 16)", "addition", "nevergrad",
+                              "per_layer", 300, note="the best black-box setting measured here")),
+    ("atlas-negation", Preset("aTLAS task negation", "Zhang et al. 2024", "negation", "gradient", "per_block", 300,
+                              {"lr": 0.01})),
+    ("atlas-few-shot", Preset("aTLAS few-shot recognition", "Zhang et al. 2024", "few_shot", "gradient",
+                              "per_block")),
+    ("atlas-tta", Preset("aTLAS test-time adaptation (UFM)", "Zhang et al. 2024", "tta", "gradient", "per_block",
+                         task_options={"objective": "ufm"})),
+]}
+
+
+def get(name: str) -> Preset:
+    if name not in PRESETS:
+        raise HarnessError(f"unknown preset '{name}'; valid: {', '.join(PRESETS)} (python -m harness presets)")
+    return PRESETS[name]
+
+
+def apply(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (config keys from a file and flags) over the preset's: theirs win, options merge."""
+    p = get(name)
+    out = {"task": p.task, "searcher": p.searcher}
+    if p.space:
+        out["space"] = p.space
+    if p.budget:
+        out["budget"] = p.budget
+    for k, v in values.items():
+        if k not in ("searcher_options", "task_options"):
+            out[k] = v
+    out["searcher_options"] = {**p.searcher_options, **values.get("searcher_options", {})}
+    out["task_options"] = {**p.task_options, **values.get("task_options", {})}
+    return out
+
+
+def table() -> list[dict[str, str]]:
+    """One row per preset, for the CLI and the README."""
+    return [{"preset": f"`{n}`", "method": p.method, "paper": p.paper, "runs": f"`{p.flags()}`", "note": p.note}
+            for n, p in PRESETS.items()]
