@@ -46,3 +46,39 @@ def test_readme_shows_the_preset_table():
     from harness.leaderboard import markdown
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert markdown(pd.DataFrame(table())) in readme
+
+
+SMALL_ZOO = "datasets=skdigits,lfw;max_n=400;pretrain_steps=40;ft_steps=15"
+
+
+def test_adamerging_objective_is_entropy_on_unlabelled_test_inputs(cache_dir):
+    """addition -t objective=entropy: the search loss is the mean over data sets of the mean
+    prediction entropy on test inputs, computed here by hand from the source; no label is read."""
+    import numpy as np
+    from harness.api import Candidate
+    from harness.config import resolve_options
+    from harness.evaluators import reduce_shards
+    from tasks.addition import AdditionTask
+    opts = resolve_options(AdditionTask, {"source": "tiny-clip", "source_options": SMALL_ZOO, "search_n": 16,
+                                          "objective": "entropy"}, "task")
+    AdditionTask.validate(opts)
+    task = AdditionTask(opts, space="per_layer", seed=0, cache_dir=cache_dir)
+    task.setup("cpu")
+    assert AdditionTask.data_for(opts) == "unlabelled test"
+    assert all(bool((y == -1).all()) for y in task.search.labels)
+    x = np.full(task.comp.dim, 0.4)
+    params = task.comp.merge(x)
+    want = []
+    for ds in task.names:
+        idx = task.subset(ds, "test", 16, salt=task.names.index(ds))
+        logp = task.source.logits(params, task.source.inputs[ds]["test"][idx], ds).log_softmax(1)
+        want.append(float(-(logp.exp() * logp).sum(1).mean()))
+    ev = task.evaluate([Candidate(x=x)])[0]
+    assert ev.loss == pytest.approx(np.mean(want), rel=1e-5)
+    # Shards reduce to the whole-set loss, and the gradient path works on mini-batches.
+    parts = [task.evaluate([Candidate(x=x)], shard=(i, 3))[0] for i in range(3)]
+    assert reduce_shards(parts).loss == pytest.approx(ev.loss, rel=1e-5)
+    g = task.evaluate([Candidate(x=x, grad=True, batch=5)])[0]
+    assert g.grad is not None and np.isfinite(g.grad).all() and np.abs(g.grad).sum() > 0
+    with pytest.raises(HarnessError, match="addition objective must be ce or entropy, got 'mse'"):
+        AdditionTask.validate(resolve_options(AdditionTask, {"objective": "mse"}, "task"))
