@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 import pickle
 import re
 from pathlib import Path
@@ -249,6 +250,11 @@ def clip_task_vectors(model: nn.Module, checkpoint_paths: Sequence[str], prefix:
             first = next(iter(base))
             raise HarnessError(f"checkpoint {path} holds none of the image encoder's {len(base)} blocks "
                                f"(expected keys like '{prefix}{first}' or '{first}')")
+        known = set(model.state_dict()) if lead else set(encoder.state_dict())
+        unknown = sorted(k for k in sd if k not in known)
+        if unknown:
+            print(f"warning: checkpoint {path} has {len(unknown)} key(s) this model does not have, such as "
+                  f"{unknown[:3]}; they are ignored", file=sys.stderr)
         tau = {}
         for k, b in base.items():
             v = sd.get(lead + k)

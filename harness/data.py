@@ -260,11 +260,14 @@ def _read_image(path: Path, size: int) -> np.ndarray:
         raise HarnessError(f"cannot read image {path}: {e}") from None
 
 
-def load_image_folder(root: str, name: str | None = None, size: int = 64) -> Dataset:
+def load_image_folder(root: str, name: str | None = None, size: int = 64, max_n: int | None = None,
+                      seed: int = 0) -> Dataset:
     """Load ``root/<split>/<class>/*.png|jpg|jpeg`` as RGB images resized to ``size`` x ``size``.
 
     Splits are those of ``SPLITS`` present as folders. The class list is the sorted union of
-    class folder names over all splits, so a label means the same class in every split.
+    class folder names over all splits, so a label means the same class in every split. ``max_n``
+    caps every split at that many images, a random subset drawn with ``seed`` (kept in file
+    order) before any image is decoded.
     """
     base = Path(root)
     if not base.is_dir():
@@ -281,6 +284,9 @@ def load_image_folder(root: str, name: str | None = None, size: int = 64) -> Dat
         if not files:
             raise HarnessError(f"split folder {folder} has no {'/'.join(_IMAGE_SUFFIXES)} images "
                                "in class folders")
+        if max_n is not None and len(files) > max_n:
+            keep = np.sort(np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(files))[:max_n])
+            files = [files[i] for i in keep]
         images = np.stack([_read_image(p, size) for p, _ in files])
         splits[split] = (images, np.array([label for _, label in files], dtype=np.int64))
     return Dataset(name or base.resolve().name, classes, splits)

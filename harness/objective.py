@@ -148,7 +148,8 @@ class ComposingTask(Task):
         src = self.source
         family = {"pretrained": content_hash(src.base),
                   "task_vectors": content_hash({f"{ds}/{k}": v for ds in sorted(src.task_vectors)
-                                                for k, v in src.task_vectors[ds].items()})}
+                                                for k, v in src.task_vectors[ds].items()}),
+                  "data": data_hash(src)}
         return {"source": registry.provenance("source", source_name(self.options)),
                 "engine": registry.provenance("engine", self.options.engine), "family": family}
 
@@ -254,6 +255,15 @@ class ComposingTask(Task):
 
     def accuracy(self, x, ds: str, split: str = "test") -> float:
         return self.engine.accuracy(x, ds, split)
+
+
+def data_hash(src) -> str:
+    """A content hash of what a source scores on: every split's inputs and labels and the heads."""
+    tensors = {f"{ds}/{split}/{kind}": t for ds in src.inputs for split in src.inputs[ds]
+               for kind, t in (("x", src.inputs[ds][split]), ("y", src.labels[ds][split]))}
+    tensors.update({f"{ds}/head/{i}": t for ds, head in src.heads.items() for i, t in enumerate(head)
+                    if t is not None})
+    return content_hash(tensors)
 
 
 def check_finite(src, name: str) -> None:

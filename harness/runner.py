@@ -16,6 +16,7 @@ import time
 import traceback
 
 import numpy as np
+import torch
 
 from harness import registry
 from harness.api import Candidate, Evaluation, HarnessError, Task
@@ -115,6 +116,9 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         record.plugins.update({k: v for k, v in extra.items() if k != "family"})
         record.family = extra.get("family")
         record.data_touched = p.task_cls.data_for(p.task_options) if p.searcher_cls.uses_scores else "none"
+        meta = getattr(getattr(task, "source", None), "meta", None) or {}
+        if "references_cached" in meta:  # the source's zero-shot/fine-tuned accuracies came from the cache
+            record.update(source_references_cached=meta["references_cached"])
         space = task.space()
         searcher = make_searcher(p, space)
         evaluator = make_evaluator(p, task)
@@ -170,7 +174,7 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         record.task_vectors = list(comp.task_names) if comp is not None else None
         record.update(status="complete", evaluations=used, failed_evaluations=failed,
                       best_search_loss=best if math.isfinite(best) else None,
-                      searcher_info=searcher.info, references=task.references())
+                      searcher_info=searcher.info, references=_references(task, p, record))
         if getattr(task, "task_info", None):
             record.task_info = task.task_info
         # A wrong result is never recorded as complete: nothing scored, or metrics that are not numbers.
@@ -213,6 +217,22 @@ def _check_losses(task, prior: list[TraceRow]) -> None:
     if not math.isclose(now_loss, row.loss, rel_tol=1e-5, abs_tol=1e-9):
         raise HarnessError(f"the task's losses changed since this run started (evaluation {row.i}: recorded "
                            f"{row.loss:.6g}, now {now_loss:.6g}); use --rerun to start it over")
+
+
+def _references(task, p, record) -> dict:
+    """The task's references, from the reference cache when this content was scored before
+    (``harness/refcache.py``); tasks that compose no checkpoints are not cached (nothing to key)."""
+    if not record.family:
+        return task.references()
+    from harness import refcache
+    from harness.sources.cache import cache_root
+    c = p.config
+    material = {"task": c.task, "options": c.task_options, "space": c.space, "seed": c.seed,
+                "family": record.family, "device": str(torch.device(c.device).type),
+                "code": refcache.code_version(p.task_cls)}
+    refs, hit = refcache.cached(cache_root(c.cache_dir), "task", material, task.references)
+    record.update(references_cached=hit)
+    return refs
 
 
 def _first_error(store: RunStore) -> str:

@@ -96,7 +96,8 @@ class Ties(Transform):
     agreeing entry of largest magnitude (the first task on a tie). Tie rule: an entry whose summed
     trimmed value is exactly 0 takes the majority sign, the sign of the sum of all elected signs
     (over the whole vector for ``scope=global``, within the block for ``scope=tensor``); if that is
-    0 too, the entry is dropped from every task vector.
+    0 too, the entry keeps its negative trimmed values (``sum``, ``mean``) or nothing (``max``),
+    as FusionBench's ``disjoint_merge`` does.
     """
 
     name = "ties"
@@ -142,7 +143,9 @@ class Ties(Transform):
             t, s = trimmed(k), signs.pop(k).float()
             zero_signs += int(((s == 0) & (t != 0).any(0)).sum())  # trimmed values that cancel exactly
             s = torch.where(s == 0, majority[k].float(), s)
-            agree = torch.where(s > 0, t > 0, t < 0)
+            agree = torch.where(s > 0, t > 0, t < 0)  # sign still 0: the negative entries (FusionBench's rule)
+            if o.merge == "max":
+                agree &= s != 0  # FusionBench multiplies the max by the sign, 0
             t = t * agree
             if o.merge == "mean":
                 t = t / agree.sum(0).clamp(min=1)

@@ -183,3 +183,14 @@ def test_gradient_over_ties_vectors(tmp_path, cache_dir):
     from harness.api import HarnessError
     with pytest.raises(HarnessError, match="searcher 'iso' merges 'iso' task vectors, but -t transform=ties"):
         _run(tmp_path, cache_dir, "iso", task_options={"transform": "ties"})
+
+
+def test_ties_when_even_the_majority_sign_is_zero():
+    """One block, k = 1: entries 0 and 1 cancel exactly (2 − 2, −1 + 1), entry 2 is +3 and entry 3
+    is −3, so the elected signs are 0 0 + − and their sum, the majority sign, is 0 too. As in
+    FusionBench's disjoint merge, such entries keep their negative values under sum and mean and
+    nothing under max."""
+    tvs = [{"w": torch.tensor([2.0, -1, 3, 0])}, {"w": torch.tensor([-2.0, 1, 0, -3])}]
+    merged = {m: sum(o["w"] for o in transforms.load(f"ties:k=1,merge={m}").apply(tvs, ["x", "y"], 0)[0]).tolist()
+              for m in ("sum", "mean", "max")}
+    assert merged == {"sum": [-2.0, -1.0, 3.0, -3.0], "mean": [-2.0, -1.0, 3.0, -3.0], "max": [0.0, 0.0, 3.0, -3.0]}

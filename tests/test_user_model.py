@@ -167,3 +167,48 @@ def test_malicious_pickle_checkpoint_is_refused_from_the_command_line(user, tmp_
     assert line == (f"error: checkpoint {path} was refused: it is a pickle that would run code (posix.system); "
                     "nothing from it was run. Save it with safetensors or as a plain state dict")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_second_run_reads_references_from_the_cache(user, tmp_path):
+    """The fixed cost of a run (the source's zero-shot and fine-tuned accuracies, the task's
+    references) is paid once: a second run on the same content reads it from the reference cache,
+    with identical figures; other content (another checkpoint) misses."""
+    ckpts = f"skdigits={user['ft'] / 'skdigits.safetensors'},{user['ft'] / 'shapes.pt'}"
+    cache = tmp_path / "cache"
+    first = _run(user, "-t", f"checkpoints={ckpts}", "--cache-dir", str(cache), results=tmp_path / "a")
+    second = _run(user, "-t", f"checkpoints={ckpts}", "--cache-dir", str(cache), results=tmp_path / "b")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    a, b = (json.loads(next((tmp_path / d).glob("runs/*/record.json")).read_text()) for d in "ab")
+    assert (a["references_cached"], a["source_references_cached"]) == (False, False)
+    assert (b["references_cached"], b["source_references_cached"]) == (True, True)
+    assert a["references"] == b["references"] and a["final"] == b["final"]
+    assert len(list((cache / "references").glob("*.json"))) == 2
+    # Other weights: both keys miss (the cache never answers for content it did not see).
+    other = user["tmp"] / "other.safetensors"
+    save_state_dict({"visual." + k: v * 1.5 for k, v in user["tuned"][0].items()}, other)
+    third = _run(user, "-t", f"checkpoints=skdigits={other},{user['ft'] / 'shapes.pt'}", "--cache-dir", str(cache),
+                 results=tmp_path / "c")
+    c = json.loads(next((tmp_path / "c").glob("runs/*/record.json")).read_text())
+    assert third.returncode == 0 and (c["references_cached"], c["source_references_cached"]) == (False, False)
+
+
+def test_image_folder_cap_and_unknown_checkpoint_keys(user, tmp_path, capsys):
+    from harness.checkpoints import build_clip, clip_task_vectors
+    from harness.data import load_image_folder
+    full = load_image_folder(str(user["data"] / "shapes"), size=8)
+    capped = load_image_folder(str(user["data"] / "shapes"), size=8, max_n=5, seed=0)
+    again = load_image_folder(str(user["data"] / "shapes"), size=8, max_n=5, seed=0)
+    other = load_image_folder(str(user["data"] / "shapes"), size=8, max_n=5, seed=1)
+    assert {s: len(y) for s, (_, y) in full.splits.items()} == {"train": 12, "val": 12, "test": 12}
+    assert {s: len(y) for s, (_, y) in capped.splits.items()} == {"train": 5, "val": 5, "test": 5}
+    assert all(np.array_equal(capped.splits[s][0], again.splits[s][0]) for s in capped.splits)
+    assert any(not np.array_equal(capped.splits[s][0], other.splits[s][0]) for s in capped.splits)
+    model, _, _ = build_clip("", user["model"])
+    extra = tmp_path / "extra.safetensors"
+    save_state_dict({**{"visual." + k: v for k, v in user["tuned"][0].items()}, "visual.adapter.weight": torch.ones(2),
+                     "lora_A.weight": torch.ones(2)}, extra)
+    capsys.readouterr()
+    clip_task_vectors(model, [str(extra)])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has 2 key(s) this model does not have, such as ['lora_A.weight', " \
+                                      "'visual.adapter.weight']; they are ignored" in err

@@ -163,8 +163,24 @@ class ModelSource:
                 self.inputs[ds][split] = self.encode(images)
                 self.labels[ds][split] = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
 
-    def evaluate_references(self) -> None:
-        """Record zero-shot and fine-tuned test accuracy per data set in ``meta``."""
+    def evaluate_references(self, cache_dir: str | None = None) -> None:
+        """Record zero-shot and fine-tuned test accuracy per data set in ``meta``. With a
+        ``cache_dir``, figures computed before from the same weights, heads, test data and code
+        are read from the reference cache (``harness/refcache.py``); ``meta["references_cached"]``
+        says which."""
+        if cache_dir is not None:
+            from harness import refcache
+            from harness.objective import data_hash
+            material = {"base": content_hash(self.base), "device": self.device.type if self.device else "cpu",
+                        "task_vectors": content_hash({f"{ds}/{k}": v for ds in sorted(self.task_vectors)
+                                                      for k, v in self.task_vectors[ds].items()}),
+                        "data": data_hash(self), "code": refcache.code_version()}
+            (zs, ft), hit = refcache.cached(cache_dir, "source", material, self._reference_accuracies)
+            self.meta.update(zero_shot_acc=zs, finetuned_acc=ft, references_cached=hit)
+            return
+        self.meta["zero_shot_acc"], self.meta["finetuned_acc"] = self._reference_accuracies()
+
+    def _reference_accuracies(self) -> tuple[dict, dict]:
         zs, ft = {}, {}
         for ds in self.datasets:
             if "test" not in self.inputs[ds]:
@@ -172,7 +188,7 @@ class ModelSource:
             zs[ds] = self.accuracy(self.base, ds, "test")
             if ds in self.task_vectors:
                 ft[ds] = self.accuracy(self.finetuned(ds), ds, "test")
-        self.meta["zero_shot_acc"], self.meta["finetuned_acc"] = zs, ft
+        return zs, ft
 
 
 def scalar(t: Tensor) -> float:

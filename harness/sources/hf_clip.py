@@ -242,6 +242,6 @@ class HFClipSource(Source):
         out = cache_root(cache_dir) / "hf_clip" / key
         local, paths = convert(options.pretrained, pairs, out)
         src = from_checkpoints("", local, paths, [n for n, _ in pairs], data_root=options.data_root or None,
-                               max_n=options.max_n)
+                               max_n=options.max_n, reference_cache=str(cache_root(cache_dir)))
         src.meta.update(pretrained=options.pretrained, checkpoints=[p for _, p in pairs], source="hf_clip")
         return src

@@ -85,7 +85,7 @@ def _load_split_data(ds: str, data_root: str | None, image_size: int, seed: int,
     if not os.path.isdir(os.path.join(data_root, ds)):
         raise HarnessError(f"data set '{ds}' not found: no folder {os.path.join(data_root, ds)} and it is not "
                            f"built in ({', '.join(OFFLINE)})")
-    data = load_image_folder(os.path.join(data_root, ds), name=ds, size=image_size)
+    data = load_image_folder(os.path.join(data_root, ds), name=ds, size=image_size, max_n=max_n, seed=seed)
     missing = [s for s in ("val", "test") if s not in data.splits]
     if missing:
         raise HarnessError(f"image folder {os.path.join(data_root, ds)} has no "
@@ -95,7 +95,7 @@ def _load_split_data(ds: str, data_root: str | None, image_size: int, seed: int,
 def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Sequence[str] | None,
                      datasets: Sequence[str], data_root: str | None = None, *,
                      templates: Sequence[str] = TEMPLATES, seed: int = 0,
-                     max_n: int | None = 4000) -> ModelSource:
+                     max_n: int | None = 4000, reference_cache: str | None = None) -> ModelSource:
     """A :class:`ModelSource` from a user's open_clip model and fine-tuned checkpoints.
 
     The tail is the whole image tower (no prefix), the inputs are the images preprocessed to the
@@ -111,7 +111,9 @@ def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Seque
             see :func:`harness.data.load_image_folder`) or a built-in offline set.
         data_root: where image folders live.
         templates: prompt templates for the zero-shot heads, with ``{}`` for the class name.
-        seed, max_n: subset and split of the built-in data sets.
+        seed, max_n: subset and split of the built-in data sets (and the cap of an image folder).
+        reference_cache: a cache root: zero-shot and fine-tuned accuracies computed before from
+            the same weights, data and code are read from there (:mod:`harness.refcache`).
 
     Note:
         Cached inputs are fp32 images: at 224 px that is 0.6 MB per image, so keep data sets
@@ -148,7 +150,7 @@ def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Seque
         source.classes[ds] = list(data.classes)
         source.heads[ds] = zero_shot_heads(model, tokenizer, data.classes, templates)
         source.add_data(ds, data.splits)
-    source.evaluate_references()
+    source.evaluate_references(reference_cache)
     source.meta.update(source_stats(source), model=model_name, pretrained=pretrained,
                        checkpoints=checkpoints, templates=list(templates),
                        build_seconds=round(time.perf_counter() - t0, 2))
@@ -197,7 +199,8 @@ class OpenClipSource(Source):
 
     @classmethod
     def load(cls, options, *, cache_dir=None, progress=True) -> ModelSource:
+        from harness.sources.cache import cache_root
         pairs = checkpoint_list(options.checkpoints)
         return from_checkpoints(options.model, options.pretrained or None, [p for _, p in pairs],
                                 [n for n, _ in pairs], data_root=options.data_root or None,
-                                max_n=options.max_n)
+                                max_n=options.max_n, reference_cache=str(cache_root(cache_dir)))
