@@ -177,7 +177,9 @@ class ComposingTask(Task):
         (on the CPU until :meth:`setup` moves it)."""
         parse_space(self.space_kind)
         signs = signs or [1.0] * len(names)
-        tvs = [{k: s * v for k, v in self.source.task_vectors[d].items()} for d, s in zip(names, signs)]
+        # Signed views: a sign of +1 shares the source's tensors (no copy of every task vector).
+        tvs = [dict(self.source.task_vectors[d]) if s == 1 else {k: s * v for k, v in self.source.task_vectors[d].items()}
+               for d, s in zip(names, signs)]
         if self.options.transform:
             from harness import transforms
             tvs, names, info = transforms.load(self.options.transform).apply(tvs, list(names), self.seed)
