@@ -16,6 +16,7 @@ moves anything to the run's device.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,7 +98,11 @@ class Ties(Transform):
     trimmed value is exactly 0 takes the majority sign, the sign of the sum of all elected signs
     (over the whole vector for ``scope=global``, within the block for ``scope=tensor``); if that is
     0 too, the entry keeps its negative trimmed values (``sum``, ``mean``) or nothing (``max``),
-    as FusionBench's ``disjoint_merge`` does.
+    as FusionBench's ``disjoint_merge`` does. ``exclude`` (a regular expression) leaves the
+    matching blocks out of the ranking and the election and passes them through unchanged: with
+    Hugging Face ``CLIPVisionModel`` checkpoints, ``exclude=^proj$`` leaves out the visual
+    projection they do not have (an all-zero block here), so the global top-k counts the same
+    entries as FusionBench.
     """
 
     name = "ties"
@@ -108,6 +113,7 @@ class Ties(Transform):
         k: float = field(default=0.2, metadata={"help": "fraction of each task vector's entries kept by magnitude"})
         scope: str = field(default="global", metadata={"help": "top-k over the whole vector (global) or per tensor"})
         merge: str = field(default="mean", metadata={"help": "what the vectors sum to: mean (paper), sum (FusionBench), max"})
+        exclude: str = field(default="", metadata={"help": "regex of blocks left out (passed through unchanged)"})
 
     @classmethod
     def validate(cls, options):
@@ -117,11 +123,16 @@ class Ties(Transform):
             raise HarnessError(f"transform ties: scope must be global or tensor, got {options.scope!r}")
         if options.merge not in ("mean", "sum", "max"):
             raise HarnessError(f"transform ties: merge must be mean, sum or max, got {options.merge!r}")
+        try:
+            re.compile(options.exclude)
+        except re.error as e:
+            raise HarnessError(f"transform ties: exclude is not a regular expression ({e}): {options.exclude!r}") from None
 
     def apply(self, task_vectors, names, seed):
-        o, keys = self.options, list(task_vectors[0])
+        o = self.options
+        keys = [k for k in task_vectors[0] if not (o.exclude and re.search(o.exclude, k))]
         if o.scope == "global":
-            limits = [{k: thr for k in keys} for thr in (trim_threshold(list(tv.values()), o.k) for tv in task_vectors)]
+            limits = [{k: thr for k in keys} for thr in (trim_threshold([tv[k] for k in keys], o.k) for tv in task_vectors)]
         else:
             limits = [{k: trim_threshold([tv[k]], o.k) for k in keys} for tv in task_vectors]
 
@@ -137,7 +148,7 @@ class Ties(Transform):
         else:
             majority = {k: torch.sign(s.sum(dtype=torch.int64)) for k, s in signs.items()}
         # Pass 2: keep the agreeing entries and weight them so the vectors sum to the merge.
-        out = [{} for _ in task_vectors]
+        out = [{k: v.detach().float().clone() for k, v in tv.items() if k not in keys} for tv in task_vectors]
         zero_signs = kept = total_n = 0
         for k in keys:
             t, s = trimmed(k), signs.pop(k).float()
@@ -156,7 +167,9 @@ class Ties(Transform):
             total_n += t.numel()
             for i in range(len(out)):
                 out[i][k] = t[i].clone()
-        return out, list(names), {"kept_fraction": kept / max(total_n, 1), "zero_sign_entries": zero_signs}
+        out = [{k: o_[k] for k in task_vectors[0]} for o_ in out]  # the blocks in their own order
+        return out, list(names), {"kept_fraction": kept / max(total_n, 1), "zero_sign_entries": zero_signs,
+                                  "excluded_blocks": len(task_vectors[0]) - len(keys)}
 
 
 def _seed(seed: int, i: int) -> int:

@@ -36,7 +36,7 @@ def test_flags_override_the_preset():
 
 def test_fusionbench_variants_resolve_to_a_fixed_scale():
     p = plan(build_config({"preset": "ties-fusionbench"}))
-    assert p.config.task_options["transform"] == "ties:merge=sum"
+    assert p.config.task_options["transform"] == "ties:exclude=^proj$,merge=sum"
     assert (p.searcher_options.lo, p.searcher_options.hi, p.searcher_options.points) == (0.3, 0.3, 1)
     p = plan(build_config({"preset": "iso-c-fusionbench"}))
     assert p.config.task_options["transform"] == "iso:conv=other,other=mean"

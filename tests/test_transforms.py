@@ -194,3 +194,15 @@ def test_ties_when_even_the_majority_sign_is_zero():
     merged = {m: sum(o["w"] for o in transforms.load(f"ties:k=1,merge={m}").apply(tvs, ["x", "y"], 0)[0]).tolist()
               for m in ("sum", "mean", "max")}
     assert merged == {"sum": [-2.0, -1.0, 3.0, -3.0], "mean": [-2.0, -1.0, 3.0, -3.0], "max": [0.0, 0.0, 3.0, -3.0]}
+
+
+def test_ties_exclude_leaves_blocks_out_of_the_ranking():
+    """Excluding block b is TIES on block a alone (d = 3, k = 0.4: ⌊1.2⌋ = 1 kept, threshold the 2nd
+    smallest magnitude), with b passed through unchanged."""
+    out, _, info = _apply("ties:k=0.4,merge=sum,exclude=^b$")
+    alone, _, _ = transforms.load("ties:k=0.4,merge=sum").apply([{"a": tv["a"]} for tv in _tvs()], ["x", "y", "z"], 0)
+    assert all(torch.equal(o["a"], a["a"]) for o, a in zip(out, alone))
+    assert all(torch.equal(o["b"], tv["b"]) for o, tv in zip(out, _tvs()))
+    assert list(out[0]) == ["a", "b"] and info["excluded_blocks"] == 1
+    with pytest.raises(HarnessError, match="exclude is not a regular expression"):
+        transforms.canonical("ties:exclude=(")
