@@ -233,3 +233,45 @@ def test_from_checkpoints_with_image_folder_and_offline_set(tmp_path):
         assert 0 <= source.meta["zero_shot_acc"][ds] <= 1 and ds in source.meta["finetuned_acc"]
     with pytest.raises(HarnessError, match="one fine-tuned checkpoint per data set"):
         from_checkpoints(name, None, paths[:1], ["shades", "lfw"], str(tmp_path / "data"))
+
+
+def test_compact_inputs_score_like_fp32(tmp_path, tiny_open_clip):
+    """User-model sources hold inputs as uint8 at the model's resolution (a quarter of fp32) and
+    normalise them per chunk on the device: on image folders (read at the model's size) every
+    logit is identical to the fp32 path; on a resized built-in set accuracy and logits agree to
+    the rounding of one grey level."""
+    import numpy as np
+    from PIL import Image
+    from harness.engines.local import LocalEngine, LocalOptions
+    from harness.composition import Composition
+    from harness.sources.open_clip import from_checkpoints
+    _, folder = tiny_open_clip
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for label in ("a", "b"):
+            (tmp_path / "data" / "blobs" / split / label).mkdir(parents=True)
+            for j in range(5):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / "blobs" / split / label / f"{j}.png")
+    kw = dict(datasets=["blobs", "skdigits"], data_root=str(tmp_path / "data"), max_n=120)
+    small = from_checkpoints("", f"local-dir:{folder}", None, **kw)
+    big = from_checkpoints("", f"local-dir:{folder}", None, compact=False, **kw)
+    assert small.inputs["blobs"]["test"].dtype == torch.uint8 and big.inputs["blobs"]["test"].dtype == torch.float32
+    assert small.meta["input_dtype"] == "torch.uint8"
+    nbytes = [sum(x.numel() * x.element_size() for sp in s.inputs.values() for x in sp.values()) for s in (big, small)]
+    assert nbytes[0] == 4 * nbytes[1] and small.meta["resident_inputs_mb"] == round(nbytes[1] / 2**20, 1)
+    params = small.base
+    assert torch.equal(small.logits(params, small.inputs["blobs"]["test"], "blobs"),
+                       big.logits(params, big.inputs["blobs"]["test"], "blobs"))
+    assert small.meta["zero_shot_acc"]["blobs"] == big.meta["zero_shot_acc"]["blobs"]
+    diff = (small.prepare(small.inputs["skdigits"]["test"]) - big.inputs["skdigits"]["test"]).abs().max()
+    assert 0 < float(diff) <= 0.5 / 255 / min(small.std) + 1e-6
+    assert abs(small.meta["zero_shot_acc"]["skdigits"] - big.meta["zero_shot_acc"]["skdigits"]) <= 0.02
+    # The engine's population (vmap) path normalises uint8 inputs too.
+    gen = torch.Generator().manual_seed(0)
+    tv = {k: 0.01 * torch.randn(v.shape, generator=gen) for k, v in params.items()}
+    comp = Composition(params, [tv], ["blobs"], space="per_task")
+    eng = LocalEngine(small, comp, "cpu", LocalOptions())
+    x = small.inputs["blobs"]["test"]
+    z = eng.population_features([comp.merge(np.array([0.5])), comp.merge(np.array([-0.5]))], x)
+    torch.testing.assert_close(z[0], small.features(comp.merge(np.array([0.5])), x), rtol=1e-5, atol=1e-5)

@@ -70,6 +70,7 @@ class LocalEngine(Engine):
         chunks = x.split(src.chunk_size) if src.chunk_size else (x,)
         outs = []
         for c in chunks:
+            c = src.prepare(c)
             if src.channels_last and c.dim() == 4:
                 c = c.contiguous(memory_format=torch.channels_last)
             with warnings.catch_warnings():  # ops without a batching rule fall back (slower, same result)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.composition import functional_forward
-from harness.data import to_tensor
+from harness.data import to_tensor, to_uint8
 
 SPLITS = ("train", "val", "test")  # the splits a source carries (pretrain data is a zoo's business)
 
@@ -49,6 +49,9 @@ class ModelSource:
             cores the EfficientNet tail is ~1.7x faster on chunks of 96 than on 384 at once.
         channels_last: feed 4-D inputs in channels-last memory format (2x faster for the
             EfficientNet tail's depthwise convolutions, forward and backward).
+        compact: hold the cached inputs as uint8 images at the tail's resolution (4× less memory
+            than fp32; no prefix only) and normalise them chunk by chunk on the device, in
+            :meth:`prepare`. The user-model sources (open_clip, hf_clip) are compact.
         meta: facts about the source: accuracies, block and parameter counts, timings, config.
         device: where the tail, θ_0, heads and cached inputs live (see :meth:`to`).
     """
@@ -70,6 +73,7 @@ class ModelSource:
     images: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     chunk_size: int = 0
     channels_last: bool = False
+    compact: bool = False
     meta: dict = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -88,10 +92,21 @@ class ModelSource:
         chunks = x.split(self.chunk_size) if self.chunk_size else (x,)
         outs = []
         for c in chunks:
+            c = self.prepare(c)
             if self.channels_last and c.dim() == 4:
                 c = c.contiguous(memory_format=torch.channels_last)
             outs.append(functional_forward(self.tail, params, c))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """Tail inputs from stored ones: uint8 images (``compact``) become ``(x / 255 − mean) / std``
+        in fp32 on their device, the same arithmetic :func:`harness.data.to_tensor` does; anything
+        else is returned as it is."""
+        if x.dtype != torch.uint8:
+            return x
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
+        return (x.float() / 255 - mean) / std
 
     def head(self, z: Tensor, ds: str) -> Tensor:
         """``ds``'s frozen head on tail features ``z`` (L2-normalised first for CLIP). Lets a task
@@ -127,6 +142,8 @@ class ModelSource:
 
         Tasks use this to cache extra views of images (e.g. augmentations for test-time adaptation).
         """
+        if self.compact and self.prefix is None:
+            return to_uint8(images, self.image_size, channels=3).to(self.device)
         x = to_tensor(images, self.image_size, channels=3, mean=self.mean, std=self.std).to(self.device)
         if self.prefix is None:
             return x
@@ -235,6 +252,9 @@ def source_stats(source: ModelSource) -> dict:
         "blocks": len(source.base),
         "params": int(sum(v.numel() for v in source.base.values())),
         "sizes": {ds: {s: int(len(y)) for s, y in source.labels[ds].items()} for ds in source.datasets},
+        "resident_inputs_mb": round(sum(x.numel() * x.element_size() for sp in source.inputs.values()
+                                        for x in sp.values()) / 2**20, 1),
+        "input_dtype": str(next((x.dtype for sp in source.inputs.values() for x in sp.values()), "none")),
     }
 
 
