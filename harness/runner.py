@@ -119,6 +119,8 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         meta = getattr(getattr(task, "source", None), "meta", None) or {}
         if "references_cached" in meta:  # the source's zero-shot/fine-tuned accuracies came from the cache
             record.update(source_references_cached=meta["references_cached"])
+        if "resident_inputs_mb" in meta:  # what the source holds in memory as inputs, and how
+            record.update(resident_inputs_mb=meta["resident_inputs_mb"], input_dtype=meta.get("input_dtype"))
         space = task.space()
         searcher = make_searcher(p, space)
         evaluator = make_evaluator(p, task)

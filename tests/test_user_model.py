@@ -181,6 +181,7 @@ def test_second_run_reads_references_from_the_cache(user, tmp_path):
     a, b = (json.loads(next((tmp_path / d).glob("runs/*/record.json")).read_text()) for d in "ab")
     assert (a["references_cached"], a["source_references_cached"]) == (False, False)
     assert (b["references_cached"], b["source_references_cached"]) == (True, True)
+    assert b["input_dtype"] == "torch.uint8" and b["resident_inputs_mb"] > 0
     assert a["references"] == b["references"] and a["final"] == b["final"]
     assert len(list((cache / "references").glob("*.json"))) == 2
     # Other weights: both keys miss (the cache never answers for content it did not see).
