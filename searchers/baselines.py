@@ -9,7 +9,7 @@ vectors (the quadratic test function) there is nothing to transform and the sear
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from searchers.task_arithmetic import TaskArithmeticSearcher
 
@@ -27,7 +27,7 @@ class TiesSearcher(TaskArithmeticSearcher):
 
     @dataclass
     class Options(TaskArithmeticSearcher.Options):
-        hi: float = 2.0
+        hi: float = field(default=2.0, metadata={"help": "last α of the grid"})
 
 
 class DareSearcher(TaskArithmeticSearcher):
@@ -51,4 +51,4 @@ class IsoSearcher(TaskArithmeticSearcher):
 
     @dataclass
     class Options(TaskArithmeticSearcher.Options):
-        hi: float = 2.0
+        hi: float = field(default=2.0, metadata={"help": "last α of the grid"})

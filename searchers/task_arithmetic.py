@@ -1,7 +1,7 @@
 """Task arithmetic: the isotropic baseline θ0 + α Σ τ_i, α chosen on the search split."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,9 +25,9 @@ class TaskArithmeticSearcher(Searcher):
 
     @dataclass
     class Options:
-        lo: float = 0.0
-        hi: float = 1.0
-        points: int = 21
+        lo: float = field(default=0.0, metadata={"help": "first α of the grid"})
+        hi: float = field(default=1.0, metadata={"help": "last α of the grid"})
+        points: int = field(default=21, metadata={"help": "grid points (the budget)"})
 
     @classmethod
     def validate(cls, options):
