@@ -22,6 +22,12 @@ class FewShotTask(ComposingTask):
     optional L1 term). Whole-set scores use every shot; a gradient step uses a random mini-batch
     of ``batch_size`` of them (all of them when there are fewer). Reported on test: ``acc``
     (headline) and ``zero_shot_acc`` of the target, and their difference ``gain``.
+
+    ``calibrate`` first fits one temperature to the shots at the start point (the target head's
+    logits scaled by the s minimising the shots' cross-entropy, found by golden-section search on
+    log s), so the search cannot lower the loss merely by calming an over-confident head: at the
+    start, the scale is already the best one. Accuracy is unchanged by a positive scale. The
+    temperature 1/s is recorded in ``task_info``.
     """
 
     name = "few_shot"
@@ -38,6 +44,7 @@ class FewShotTask(ComposingTask):
         flip: bool = True
         l1: float = 0.0
         batch_size: int = 64
+        calibrate: bool = False
 
     @classmethod
     def validate(cls, options):
@@ -62,6 +69,13 @@ class FewShotTask(ComposingTask):
             x, ys = torch.cat([x, *views]), ys.repeat(1 + o.augment)
         self.search = WeightedSet([(o.target, x, ys, 1.0)])
         self.zero = np.zeros(self.comp.dim)
+        if o.calibrate:
+            with torch.no_grad():
+                z = src.logits(self.engine.params(self.zero, False)[0], x, o.target)
+            scale = fit_scale(z, ys)
+            w, b = src.heads[o.target]
+            src.heads = {**src.heads, o.target: (w * scale, None if b is None else b * scale)}  # a new dict: no sharing
+            self.task_info["temperature"] = round(1.0 / scale, 6)
         self.zero_shot_acc = self.accuracy(self.zero, o.target, "test")
 
     def _minibatch(self, seed: int) -> WeightedSet:
@@ -90,3 +104,27 @@ class FewShotTask(ComposingTask):
             refs["fine-tuned on the target (not used)"] = {"acc": ft, "zero_shot_acc": self.zero_shot_acc,
                                                          "gain": ft - self.zero_shot_acc}
         return refs
+
+
+def fit_scale(logits: torch.Tensor, labels: torch.Tensor, lo: float = -5.0, hi: float = 3.0, steps: int = 60) -> float:
+    """The s > 0 minimising the mean cross-entropy of ``s · logits`` (golden-section search on
+    log s over [lo, hi]; the loss is convex in s)."""
+    import math
+    import torch.nn.functional as F
+
+    def loss(t: float) -> float:
+        return float(F.cross_entropy(logits * math.exp(t), labels))
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(steps):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = loss(d)
+    return math.exp((a + b) / 2)

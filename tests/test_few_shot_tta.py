@@ -234,3 +234,21 @@ def test_tta_gradient_run_through_the_runner(cache_dir, tmp_path, tta_tasks, obj
             _task(TTATask, cache_dir, objective=objective, **{**TTA, **extra})
         start_loss = start.evaluate([Candidate(x=np.zeros(start.space().dim))])[0].loss
         assert min(validations) < start_loss - 1e-3, (objective, start_loss, validations)
+
+
+def test_few_shot_calibration_puts_the_start_at_the_best_temperature(cache_dir, few_shot):
+    """With calibrate, the start point's loss is the minimum over every temperature of the head
+    (so calming confidence alone cannot lower it), accuracy is unchanged, the temperature is recorded."""
+    from tasks.few_shot import fit_scale
+    task = _task(FewShotTask, cache_dir, shots=2, calibrate=True)
+    zero = Candidate(x=np.zeros(task.space().dim))
+    start, plain = task.evaluate([zero])[0].loss, few_shot.evaluate([zero])[0].loss
+    assert start <= plain + 1e-7
+    assert task.final(zero.x)["acc"] == few_shot.final(zero.x)["acc"]
+    t = task.task_info["temperature"]
+    z = few_shot.source.logits(few_shot.source.base, few_shot.search.inputs[0], "skdigits")
+    y = few_shot.search.labels[0]
+    assert t == pytest.approx(1 / fit_scale(z, y), rel=1e-5)
+    ce = [float(torch.nn.functional.cross_entropy(z / (t * f), y)) for f in (0.8, 1.0, 1.25)]
+    assert ce[1] == pytest.approx(start, rel=1e-5) and ce[1] < ce[0] and ce[1] < ce[2]
+    assert few_shot.source.heads["skdigits"][0] is not task.source.heads["skdigits"][0]
