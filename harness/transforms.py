@@ -131,6 +131,8 @@ class Ties(Transform):
     def apply(self, task_vectors, names, seed):
         o = self.options
         keys = [k for k in task_vectors[0] if not (o.exclude and re.search(o.exclude, k))]
+        if not keys:
+            raise HarnessError(f"transform ties: exclude={o.exclude!r} leaves out every block; nothing to merge")
         if o.scope == "global":
             limits = [{k: thr for k in keys} for thr in (trim_threshold([tv[k] for k in keys], o.k) for tv in task_vectors)]
         else:

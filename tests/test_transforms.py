@@ -206,3 +206,5 @@ def test_ties_exclude_leaves_blocks_out_of_the_ranking():
     assert list(out[0]) == ["a", "b"] and info["excluded_blocks"] == 1
     with pytest.raises(HarnessError, match="exclude is not a regular expression"):
         transforms.canonical("ties:exclude=(")
+    with pytest.raises(HarnessError, match="exclude='.' leaves out every block"):
+        _apply("ties:exclude=.")
