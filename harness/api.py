@@ -147,6 +147,12 @@ class Searcher(Plugin):
     # task's ``transform`` option to it (or checks that the one given has this name).
     transform: ClassVar[str] = ""
 
+    @classmethod
+    def budget_for(cls, options) -> int:
+        """The budget of a run that sets none: ``default_budget`` unless the options imply one
+        (the task-arithmetic grid's ``points``)."""
+        return cls.default_budget
+
     def __init__(self, space: Space, budget: int, batch_size: int, seed: int, options):
         type(self).validate(options)
         self.space, self.budget, self.batch_size, self.seed, self.options = space, budget, batch_size, seed, options

@@ -51,7 +51,7 @@ def plan(cfg: RunConfig) -> Plan:
     defaults = Wrappers.Options()
     w_set = {k: v for k, v in dataclasses.asdict(w_opts).items() if v != getattr(defaults, k)}
     registry.validate("task", task_cls, t_opts)
-    budget = cfg.budget if cfg.budget is not None else searcher_cls.default_budget
+    budget = cfg.budget if cfg.budget is not None else searcher_cls.budget_for(s_opts)
     batch = cfg.batch_size if cfg.batch_size is not None else searcher_cls.default_batch
     if budget < 1:
         raise HarnessError(f"--budget must be at least 1, got {budget}")

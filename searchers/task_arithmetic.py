@@ -30,6 +30,10 @@ class TaskArithmeticSearcher(Searcher):
         points: int = field(default=21, metadata={"help": "grid points (the budget)"})
 
     @classmethod
+    def budget_for(cls, options) -> int:
+        return options.points  # the whole grid
+
+    @classmethod
     def validate(cls, options):
         if options.points < 1 or options.hi < options.lo:
             raise HarnessError(f"task-arithmetic grid needs points >= 1 and hi >= lo, got {options}")

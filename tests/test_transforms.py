@@ -208,3 +208,11 @@ def test_ties_exclude_leaves_blocks_out_of_the_ranking():
         transforms.canonical("ties:exclude=(")
     with pytest.raises(HarnessError, match="exclude='.' leaves out every block"):
         _apply("ties:exclude=.")
+
+
+def test_grid_budget_follows_the_number_of_points():
+    from harness.config import build_config
+    from harness.problem import plan
+    assert plan(build_config({"searcher": "ties", "searcher_options": {"hi": 4, "points": 41}})).config.budget == 41
+    assert plan(build_config({"searcher": "task-arithmetic"})).config.budget == 21
+    assert plan(build_config({"searcher": "iso", "budget": 5})).config.budget == 5
