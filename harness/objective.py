@@ -26,7 +26,7 @@ from harness import registry
 from harness.api import HarnessError, Space, Task
 from harness.composition import Composition, parse_space
 from harness.config import resolve_options
-from harness.sources.base import content_hash
+from harness.sources.base import content_hash, data_hash
 
 # Task options forwarded to the source / the engine when their Options have a field of that name.
 SOURCE_FIELDS = ("model", "pretrained", "checkpoints", "data_root")
@@ -257,15 +257,6 @@ class ComposingTask(Task):
 
     def accuracy(self, x, ds: str, split: str = "test") -> float:
         return self.engine.accuracy(x, ds, split)
-
-
-def data_hash(src) -> str:
-    """A content hash of what a source scores on: every split's inputs and labels and the heads."""
-    tensors = {f"{ds}/{split}/{kind}": t for ds in src.inputs for split in src.inputs[ds]
-               for kind, t in (("x", src.inputs[ds][split]), ("y", src.labels[ds][split]))}
-    tensors.update({f"{ds}/head/{i}": t for ds, head in src.heads.items() for i, t in enumerate(head)
-                    if t is not None})
-    return content_hash(tensors)
 
 
 def check_finite(src, name: str) -> None:

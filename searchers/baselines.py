@@ -14,6 +14,13 @@ from dataclasses import dataclass, field
 from searchers.task_arithmetic import TaskArithmeticSearcher
 
 
+@dataclass
+class WideGrid(TaskArithmeticSearcher.Options):
+    """The α grid ``linspace(0, 2, 21)``: merges whose scale sits near one task vector's."""
+
+    hi: float = field(default=2.0, metadata={"help": "last α of the grid"})
+
+
 class TiesSearcher(TaskArithmeticSearcher):
     """TIES-Merging (Yadav et al. 2023): θ0 + α · ties(τ_1..τ_T), α on ``linspace(0, 2, 21)``.
 
@@ -24,10 +31,7 @@ class TiesSearcher(TaskArithmeticSearcher):
     name = "ties"
     description = "TIES-Merging baseline: α grid over linspace(0, 2, 21) on TIES vectors (trim, elect, disjoint mean)"
     transform = "ties"
-
-    @dataclass
-    class Options(TaskArithmeticSearcher.Options):
-        hi: float = field(default=2.0, metadata={"help": "last α of the grid"})
+    Options = WideGrid
 
 
 class DareSearcher(TaskArithmeticSearcher):
@@ -48,7 +52,4 @@ class IsoSearcher(TaskArithmeticSearcher):
     name = "iso"
     description = "Iso-C baseline: α grid over linspace(0, 2, 21) on the flat-spectrum sum of the task vectors"
     transform = "iso"
-
-    @dataclass
-    class Options(TaskArithmeticSearcher.Options):
-        hi: float = field(default=2.0, metadata={"help": "last α of the grid"})
+    Options = WideGrid

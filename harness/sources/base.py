@@ -187,7 +187,6 @@ class ModelSource:
         says which."""
         if cache_dir is not None:
             from harness import refcache
-            from harness.objective import data_hash
             material = {"base": content_hash(self.base), "device": self.device.type if self.device else "cpu",
                         "task_vectors": content_hash({f"{ds}/{k}": v for ds in sorted(self.task_vectors)
                                                       for k, v in self.task_vectors[ds].items()}),
@@ -226,6 +225,15 @@ def content_hash(tensors: dict[str, Tensor]) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def data_hash(src) -> str:
+    """A content hash of what a source scores on: every split's inputs and labels and the heads."""
+    tensors = {f"{ds}/{split}/{kind}": t for ds in src.inputs for split in src.inputs[ds]
+               for kind, t in (("x", src.inputs[ds][split]), ("y", src.labels[ds][split]))}
+    tensors.update({f"{ds}/head/{i}": t for ds, head in src.heads.items() for i, t in enumerate(head)
+                    if t is not None})
+    return content_hash(tensors)
 
 
 def host_array(t: Tensor) -> np.ndarray:
