@@ -26,6 +26,11 @@ EXECUTION_FIELDS = ("workers", "address", "gpus_per_worker", "cpus_per_worker", 
                     "results_dir", "cache_dir", "quiet", "rerun", "resume", "device", "config")
 
 
+# Options added after runs were recorded, with the value that reproduces those runs: at that value
+# they are left out of the run key, so adding an option keeps every earlier run id (and resume).
+NEUTRAL: dict[str, dict[str, Any]] = {"task_options": {"precision": "fp32"}}
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run. ``None`` means "the plugin's default" until resolved."""
@@ -57,8 +62,11 @@ class RunConfig:
         return {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}
 
     def key(self) -> str:
-        """A short stable hash of :meth:`identity` without the seed (seeds group in leaderboards)."""
+        """A short stable hash of :meth:`identity` without the seed (seeds group in leaderboards).
+        Options of :data:`NEUTRAL` at their neutral value are left out of it."""
         ident = {k: v for k, v in self.identity().items() if k != "seed"}
+        for group, neutral in NEUTRAL.items():
+            ident[group] = {k: v for k, v in ident[group].items() if not (k in neutral and v == neutral[k])}
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def run_id(self) -> str:

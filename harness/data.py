@@ -260,14 +260,14 @@ def _read_image(path: Path, size: int) -> np.ndarray:
         raise HarnessError(f"cannot read image {path}: {e}") from None
 
 
-def load_image_folder(root: str, name: str | None = None, size: int = 64, max_n: int | None = None,
-                      seed: int = 0) -> Dataset:
-    """Load ``root/<split>/<class>/*.png|jpg|jpeg`` as RGB images resized to ``size`` x ``size``.
+def scan_image_folder(root: str, max_n: int | None = None, seed: int = 0
+                      ) -> tuple[list[str], dict[str, tuple[list[Path], np.ndarray]]]:
+    """List ``root/<split>/<class>/*.png|jpg|jpeg`` without decoding anything.
 
-    Splits are those of ``SPLITS`` present as folders. The class list is the sorted union of
-    class folder names over all splits, so a label means the same class in every split. ``max_n``
-    caps every split at that many images, a random subset drawn with ``seed`` (kept in file
-    order) before any image is decoded.
+    Returns the class list (the sorted union of class folder names over all splits, so a label
+    means the same class in every split) and ``{split: (files, labels)}`` for the splits of
+    ``SPLITS`` present as folders. ``max_n`` caps every split at that many files, a random
+    subset drawn with ``seed`` and kept in file order.
     """
     base = Path(root)
     if not base.is_dir():
@@ -287,9 +287,20 @@ def load_image_folder(root: str, name: str | None = None, size: int = 64, max_n:
         if max_n is not None and len(files) > max_n:
             keep = np.sort(np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(files))[:max_n])
             files = [files[i] for i in keep]
-        images = np.stack([_read_image(p, size) for p, _ in files])
-        splits[split] = (images, np.array([label for _, label in files], dtype=np.int64))
-    return Dataset(name or base.resolve().name, classes, splits)
+        splits[split] = ([p for p, _ in files], np.array([label for _, label in files], dtype=np.int64))
+    return classes, splits
+
+
+def load_image_folder(root: str, name: str | None = None, size: int = 64, max_n: int | None = None,
+                      seed: int = 0) -> Dataset:
+    """Load ``root/<split>/<class>/*.png|jpg|jpeg`` as RGB images resized to ``size`` x ``size``
+    (bilinear, aspect ratio not kept; sources with their own transform read folders through
+    :mod:`harness.stream` instead). Splits, classes and ``max_n``: see :func:`scan_image_folder`.
+    """
+    classes, listing = scan_image_folder(root, max_n, seed)
+    splits = {split: (np.stack([_read_image(p, size) for p in files]), labels)
+              for split, (files, labels) in listing.items()}
+    return Dataset(name or Path(root).resolve().name, classes, splits)
 
 
 def to_uint8(images: np.ndarray, size: int, channels: int = 3) -> "torch.Tensor":

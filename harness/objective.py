@@ -30,7 +30,7 @@ from harness.sources.base import content_hash, data_hash
 
 # Task options forwarded to the source / the engine when their Options have a field of that name.
 SOURCE_FIELDS = ("model", "pretrained", "checkpoints", "data_root")
-ENGINE_FIELDS = ("population",)
+ENGINE_FIELDS = ("population", "precision")
 
 
 @dataclass
@@ -43,7 +43,8 @@ class ComposeOptions:
     ``checkpoints`` and ``data_root`` go to sources that take them (your own open_clip model).
 
     ``engine`` names the engine plugin (``local``); ``population`` (``auto`` or ``off``) is its
-    choice of vmap evaluation for batches of candidates.
+    choice of vmap evaluation for batches of candidates, and ``precision`` (``fp32``, ``bf16`` or
+    ``fp16``) the autocast of its forward, kept only where it measured within tolerance of fp32.
 
     ``select=b`` (b ≥ 1) keeps only the ``b`` most informative task vectors per block, ranked by
     |∂L/∂λ| at the start point before any search (informative block selection, paper App. D.6;
@@ -65,6 +66,7 @@ class ComposeOptions:
     dtype: str = field(default="fp32", metadata={"help": "task-vector storage: fp32 or fp16"})
     select: int = field(default=0, metadata={"help": "keep the b most informative task vectors per block (0: all)"})
     population: str = field(default="auto", metadata={"help": "engine's vmap evaluation of batches: auto or off"})
+    precision: str = field(default="fp32", metadata={"help": "engine's forward precision: fp32, or bf16/fp16 autocast kept within a measured tolerance"})
     transform: str = field(default="", metadata={"help": "rewrite the task vectors first: ties, dare, iso [:key=value,...]"})
 
 

@@ -119,8 +119,12 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         meta = getattr(getattr(task, "source", None), "meta", None) or {}
         if "references_cached" in meta:  # the source's zero-shot/fine-tuned accuracies came from the cache
             record.update(source_references_cached=meta["references_cached"])
+        if "heads_cached" in meta:  # the zero-shot heads (text tower) came from the cache
+            record.update(heads_cached=meta["heads_cached"])
         if "resident_inputs_mb" in meta:  # what the source holds in memory as inputs, and how
             record.update(resident_inputs_mb=meta["resident_inputs_mb"], input_dtype=meta.get("input_dtype"))
+            if meta.get("streamed_splits"):  # read from disk in batches when scored, never all in memory
+                record.update(streamed_splits=meta["streamed_splits"], streamed_inputs_mb=meta["streamed_inputs_mb"])
         space = task.space()
         searcher = make_searcher(p, space)
         evaluator = make_evaluator(p, task)
@@ -129,6 +133,7 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
             _check_losses(task, prior)
         replay = _Replay(prior)
         t_search = time.time()
+        record.update(setup_s=round(t_search - t0, 2))  # process work before the first evaluation
         wall_offset = float(prior[-1].t) if prior else 0.0
         used, failed, best = 0, 0, math.inf
         bar = _progress(c, p)

@@ -132,3 +132,40 @@ def test_what_the_engine_chooses_is_recorded_with_the_run(tmp_path, cache_dir):
     rec = run(cfg, log=lambda m: None)
     note = rec["task_info"]["population"]
     assert note["candidates"] == 3 and note["chosen"] in ("vmap", "sequential")
+
+
+def _precision_task(cache_dir, precision):
+    cls = registry.load("task", "addition")
+    opts = resolve_options(cls, {**SMALL, **CASES["addition"], "precision": precision}, "task")
+    cls.validate(opts)
+    task = cls(opts, space="per_block", seed=0, cache_dir=cache_dir)
+    task.setup("cpu")
+    return task
+
+
+def test_bf16_autocast_is_measured_against_fp32_and_kept_only_within_tolerance(cache_dir, monkeypatch):
+    from harness.engines import local
+    ref, task = _precision_task(cache_dir, "fp32"), _precision_task(cache_dir, "bf16")
+    x = np.linspace(-0.3, 0.3, task.space().dim)
+    a, b = ref.evaluate([Candidate(x=x)])[0], task.evaluate([Candidate(x=x)])[0]
+    note = task.task_info["precision"]
+    assert note["asked"] == "bf16" and note["loss_fp32"] == pytest.approx(a.loss, rel=1e-6)
+    assert note["loss_rel_err"] == pytest.approx(abs(note["loss_bf16"] - a.loss) / a.loss)
+    kept = note["loss_rel_err"] <= local.LOSS_RTOL and note["acc_abs_err"] <= local.ACC_ATOL
+    assert note["used"] == ("bf16" if kept else "fp32")
+    assert b.loss == pytest.approx(note["loss_bf16"] if kept else a.loss, rel=1e-6)
+    assert 0 < abs(note["loss_bf16"] - a.loss) / a.loss < 0.05  # bf16 really ran, and is close
+    g = task.evaluate([Candidate(x=x, grad=True)])[0]                  # gradients run under autocast too
+    assert np.isfinite(g.grad).all() and g.grad.shape == (len(x),)
+    assert task.final(x) == ref.final(x)                               # accuracies are always fp32
+    assert "precision" not in ref.task_info
+    # A tolerance the measurement misses: the engine stays in fp32 and says so.
+    monkeypatch.setattr(local, "LOSS_RTOL", 0.0)
+    strict = _precision_task(cache_dir, "bf16")
+    c = strict.evaluate([Candidate(x=x)])[0]
+    assert strict.task_info["precision"]["used"] == "fp32" and c.loss == a.loss
+
+
+def test_an_unknown_precision_is_one_line():
+    with pytest.raises(HarnessError, match="precision must be one of fp32, bf16, fp16"):
+        plan(RunConfig(task="addition", task_options={"precision": "fp8"}))

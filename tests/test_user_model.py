@@ -180,10 +180,12 @@ def test_second_run_reads_references_from_the_cache(user, tmp_path):
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     a, b = (json.loads(next((tmp_path / d).glob("runs/*/record.json")).read_text()) for d in "ab")
     assert (a["references_cached"], a["source_references_cached"]) == (False, False)
-    assert (b["references_cached"], b["source_references_cached"]) == (True, True)
+    assert (b["references_cached"], b["source_references_cached"], b["heads_cached"]) == (True, True, True)
+    assert a["heads_cached"] is False and b["setup_s"] >= 0
     assert b["input_dtype"] == "torch.uint8" and b["resident_inputs_mb"] > 0
     assert a["references"] == b["references"] and a["final"] == b["final"]
-    assert len(list((cache / "references").glob("*.json"))) == 2
+    kinds = sorted(p.name.split("-")[0] for p in (cache / "references").glob("*.json"))
+    assert kinds == ["heads", "heads", "source", "task"]  # one head per data set
     # Other weights: both keys miss (the cache never answers for content it did not see).
     other = user["tmp"] / "other.safetensors"
     save_state_dict({"visual." + k: v * 1.5 for k, v in user["tuned"][0].items()}, other)
@@ -191,6 +193,7 @@ def test_second_run_reads_references_from_the_cache(user, tmp_path):
                  results=tmp_path / "c")
     c = json.loads(next((tmp_path / "c").glob("runs/*/record.json")).read_text())
     assert third.returncode == 0 and (c["references_cached"], c["source_references_cached"]) == (False, False)
+    assert c["heads_cached"] is True  # the text tower is the same: only the image tower changed
 
 
 def test_image_folder_cap_and_unknown_checkpoint_keys(user, tmp_path, capsys):

@@ -10,6 +10,7 @@ on CPU that is sequential (vmap measured 0.36× on the effnet tail).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,9 +26,19 @@ from harness.sources.base import host_array, scalar
 
 @dataclass
 class LocalOptions:
-    """``population``: ``auto`` (measure vmap against sequential once, keep the faster) or ``off``."""
+    """``population``: ``auto`` (measure vmap against sequential once, keep the faster) or ``off``.
+    ``precision``: ``fp32``, or ``bf16``/``fp16`` autocast of the tail's forward (and backward) when
+    scoring candidates, kept only if, on the first candidate scored, the search loss is within
+    :data:`LOSS_RTOL` and the search accuracy within :data:`ACC_ATOL` of fp32 (measured and
+    recorded in ``task_info.precision``). Heads and losses run in fp32 on fp32 features, and
+    accuracies (references, the final test score) are always computed in fp32."""
 
     population: str = "auto"
+    precision: str = "fp32"
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS_RTOL, ACC_ATOL = 0.01, 0.01  # reduced precision is kept within these of fp32
 
 
 class LocalEngine(Engine):
@@ -41,11 +52,47 @@ class LocalEngine(Engine):
     def validate(cls, options):
         if options.population not in ("auto", "off"):
             raise HarnessError(f"task option population must be auto or off, got {options.population!r}")
+        if options.precision not in PRECISIONS:
+            raise HarnessError(f"task option precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
 
     def __init__(self, source, composition, device: str, options):
         super().__init__(source, composition, device, options)
         self._vmap_faster = None
+        self._amp = None  # the autocast dtype in use, once the precision check has run
         self.to(device)
+
+    def autocast(self):
+        """The forward's precision context: autocast to the checked dtype, else nothing (fp32)."""
+        if self._amp is None or self.device.type not in ("cpu", "cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._amp)
+
+    def features(self, params, x):
+        """The tail's features of ``x`` under :meth:`autocast`, as fp32."""
+        with self.autocast():
+            return self.source.features(params, x).float()
+
+    def check_precision(self, c: Candidate, data, shard=None) -> None:
+        """Score ``c`` in fp32 and in the asked precision; keep the latter only within tolerance.
+        Runs once, on the first candidate; the outcome is recorded in ``info["precision"]``."""
+        asked = self.options.precision
+        if self._amp is not None or "precision" in self.info or asked == "fp32":
+            return
+        full = Candidate(c.x, grad=False, batch=c.batch, fidelity=c.fidelity)
+        ref = self.weighted_ce(full, data, shard)
+        self._amp = PRECISIONS[asked]
+        t0 = time.perf_counter()
+        low = self.weighted_ce(full, data, shard)
+        loss_err = abs(low.loss - ref.loss) / max(abs(ref.loss), 1e-12)
+        acc_err = abs(low.metrics["acc"] - ref.metrics["acc"])
+        ok = loss_err <= LOSS_RTOL and acc_err <= ACC_ATOL
+        if not ok:
+            self._amp = None
+        self.info["precision"] = {
+            "asked": asked, "used": asked if ok else "fp32", "loss_fp32": ref.loss, f"loss_{asked}": low.loss,
+            "acc_fp32": ref.metrics["acc"], f"acc_{asked}": low.metrics["acc"],
+            "loss_rel_err": loss_err, "acc_abs_err": acc_err, "tolerance": {"loss_rtol": LOSS_RTOL, "acc_atol": ACC_ATOL},
+            f"{asked}_s": round(time.perf_counter() - t0, 4)}
 
     def to(self, device) -> "LocalEngine":
         """Move the source (tail, θ0, heads, inputs) and the composition to ``device``, once."""
@@ -73,9 +120,9 @@ class LocalEngine(Engine):
             c = src.prepare(c)
             if src.channels_last and c.dim() == 4:
                 c = c.contiguous(memory_format=torch.channels_last)
-            with warnings.catch_warnings():  # ops without a batching rule fall back (slower, same result)
+            with warnings.catch_warnings(), self.autocast():  # ops without a batching rule fall back (slower, same result)
                 warnings.filterwarnings("ignore", message=".*batching rule.*")
-                outs.append(torch.func.vmap(lambda p, inp=c: functional_forward(src.tail, p, inp))(stacked))
+                outs.append(torch.func.vmap(lambda p, inp=c: functional_forward(src.tail, p, inp))(stacked).float())
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def per_sample_ce(self, params, names, xs, ys):
@@ -85,7 +132,7 @@ class LocalEngine(Engine):
         if not nonempty:
             return ([torch.zeros(0, device=self.device) for _ in xs],
                     [torch.zeros(0, dtype=torch.bool, device=self.device) for _ in xs])
-        return ce_from_features(self.source, self.source.features(params, torch.cat(nonempty)), names, xs, ys)
+        return ce_from_features(self.source, self.features(params, torch.cat(nonempty)), names, xs, ys)
 
     def weighted_ce(self, c: Candidate, data, shard=None, regularizer=None) -> Evaluation:
         """Candidate ``c`` on shard ``shard`` of ``data`` (a :class:`harness.objective.WeightedSet`):
@@ -121,6 +168,8 @@ class LocalEngine(Engine):
     def score(self, cands: list[Candidate], data, shard=None, regularizer=None) -> list[Evaluation]:
         """:meth:`weighted_ce` of every candidate: one vmap pass for a batch of several full-set
         scores where that measured faster (``population=auto``), else one after another."""
+        if cands:
+            self.check_precision(cands[0], data, shard)
         plain = (len(cands) < 2 or self.options.population == "off" or regularizer is not None
                  or any(c.grad for c in cands))
         if plain or self._vmap_faster is False:
@@ -144,7 +193,7 @@ class LocalEngine(Engine):
         return seq + self.score(cands[len(trial):], data, shard)
 
     def accuracy(self, x, ds: str, split: str = "test") -> float:
-        with torch.no_grad():
+        with torch.no_grad():  # fp32 always: every reported accuracy is exact
             return self.source.accuracy(self.params(x, False)[0], ds, split)
 
 

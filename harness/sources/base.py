@@ -124,12 +124,21 @@ class ModelSource:
     def accuracy(self, params: dict[str, Tensor], ds: str, split: str = "test",
                  batch_size: int = 512) -> float:
         """Top-1 accuracy of the tail with ``params`` on one cached split."""
-        x, y = self.inputs[ds][split], self.labels[ds][split]
-        correct = 0
-        for i in range(0, len(y), batch_size):
-            correct += scalar((self.logits(params, x[i:i + batch_size], ds).argmax(1)
-                               == y[i:i + batch_size]).sum())
+        y, correct, i = self.labels[ds][split], 0, 0
+        for x in self.batches(ds, split, batch_size):
+            correct += scalar((self.logits(params, x, ds).argmax(1) == y[i:i + len(x)]).sum())
+            i += len(x)
+        if i != len(y):
+            raise RuntimeError(f"split {ds}/{split} yielded {i} inputs for {len(y)} labels")
         return correct / max(len(y), 1)
+
+    def batches(self, ds: str, split: str, batch_size: int = 512):
+        """One split's tail inputs in order, ``batch_size`` at a time, on the source's device:
+        slices of a resident tensor, or a streamed split's batches (:mod:`harness.stream`)."""
+        x = self.inputs[ds][split]
+        if isinstance(x, Tensor):
+            return (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+        return x.batches(batch_size, self.device)
 
     def finetuned(self, ds: str) -> dict[str, Tensor]:
         """θ_0 + τ_ds: the parameters of ``ds``'s own fine-tuned tail."""
@@ -165,20 +174,34 @@ class ModelSource:
             self.prefix.to(device)
         self.base = {k: v.to(device) for k, v in self.base.items()}
         self.heads = {ds: (w.to(device), b.to(device)) for ds, (w, b) in self.heads.items()}
-        self.inputs = {ds: {s: x.to(device) for s, x in sp.items()} for ds, sp in self.inputs.items()}
+        self.inputs = {ds: {s: x.to(device) for s, x in sp.items()} for ds, sp in self.inputs.items()}  # lazy splits too
         self.labels = {ds: {s: y.to(device) for s, y in sp.items()} for ds, sp in self.labels.items()}
         self.device = device
         return self
 
-    def add_data(self, ds: str, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        """Encode and store raw ``{split: (images, labels)}`` of ``ds`` (train/val/test only)."""
+    def add_data(self, ds: str, splits: dict[str, tuple]) -> None:
+        """Encode and store raw ``{split: (images, labels)}`` of ``ds`` (train/val/test only).
+
+        ``images`` is a uint8 array, or a :class:`harness.stream.LazySplit`, which is kept as it
+        is and read in batches when scored (a streamed split). A compact source's raw images of
+        a resident split at the model's size are a view of its inputs, not a second copy.
+        """
+        from harness.stream import LazySplit
         self.images[ds], self.inputs[ds], self.labels[ds] = {}, {}, {}
         for split in SPLITS:
-            if split in splits:
-                images, labels = splits[split]
+            if split not in splits:
+                continue
+            images, labels = splits[split]
+            self.labels[ds][split] = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+            if isinstance(images, LazySplit):
+                self.inputs[ds][split], self.images[ds][split] = images.to(self.device), images.hwc()
+                continue
+            x = self.inputs[ds][split] = self.encode(images)
+            at_size = images.ndim == 4 and images.shape[1:] == (self.image_size, self.image_size, 3)
+            if x.dtype == torch.uint8 and x.device.type == "cpu" and at_size:
+                self.images[ds][split] = x.permute(0, 2, 3, 1).numpy()  # the same values, shared
+            else:
                 self.images[ds][split] = np.ascontiguousarray(images)
-                self.inputs[ds][split] = self.encode(images)
-                self.labels[ds][split] = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
 
     def evaluate_references(self, cache_dir: str | None = None) -> None:
         """Record zero-shot and fine-tuned test accuracy per data set in ``meta``. With a
@@ -223,7 +246,7 @@ def content_hash(tensors: dict[str, Tensor]) -> str:
     for k in sorted(tensors):
         t = tensors[k].detach().contiguous().cpu()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
@@ -231,6 +254,9 @@ def data_hash(src) -> str:
     """A content hash of what a source scores on: every split's inputs and labels and the heads."""
     tensors = {f"{ds}/{split}/{kind}": t for ds in src.inputs for split in src.inputs[ds]
                for kind, t in (("x", src.inputs[ds][split]), ("y", src.labels[ds][split]))}
+    for k, t in tensors.items():  # a streamed split counts by its fingerprint (files and transform)
+        if not isinstance(t, Tensor):
+            tensors[k] = torch.frombuffer(bytearray(f"{type(t).__name__}:{t.fingerprint()}".encode()), dtype=torch.uint8)
     tensors.update({f"{ds}/head/{i}": t for ds, head in src.heads.items() for i, t in enumerate(head)
                     if t is not None})
     return content_hash(tensors)
@@ -255,14 +281,20 @@ def tail_parameters(tail: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().float().clone() for n, p in tail.named_parameters() if p.is_floating_point()}
 
 def source_stats(source: ModelSource) -> dict:
-    """Block and parameter counts of the composed part, and split sizes per data set."""
+    """Block and parameter counts of the composed part, split sizes per data set, and what the
+    inputs take in memory: resident tensors, and the splits streamed instead (with what they
+    would have taken)."""
+    held = [x for sp in source.inputs.values() for x in sp.values()]
+    resident = [x for x in held if isinstance(x, Tensor)]
     return {
         "blocks": len(source.base),
         "params": int(sum(v.numel() for v in source.base.values())),
         "sizes": {ds: {s: int(len(y)) for s, y in source.labels[ds].items()} for ds in source.datasets},
-        "resident_inputs_mb": round(sum(x.numel() * x.element_size() for sp in source.inputs.values()
-                                        for x in sp.values()) / 2**20, 1),
-        "input_dtype": str(next((x.dtype for sp in source.inputs.values() for x in sp.values()), "none")),
+        "resident_inputs_mb": round(sum(x.numel() * x.element_size() for x in resident) / 2**20, 1),
+        "streamed_splits": {ds: [s for s, x in sp.items() if not isinstance(x, Tensor)]
+                            for ds, sp in source.inputs.items() if any(not isinstance(x, Tensor) for x in sp.values())},
+        "streamed_inputs_mb": round(sum(len(x) * x.item_bytes for x in held if not isinstance(x, Tensor)) / 2**20, 1),
+        "input_dtype": str(next((x.dtype for x in held), "none")),
     }
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from harness.api import HarnessError, Source
 from harness.sources.base import ModelSource
-from harness.sources.open_clip import FileOptions, check_data_root, checkpoint_list, from_checkpoints
+from harness.sources.open_clip import FileOptions, check_file_options, checkpoint_list, from_checkpoints
 
 _LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
           "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -232,7 +232,7 @@ class HFClipSource(Source):
             raise HarnessError(f"Hugging Face model folder not found: {options.pretrained}")
         options.pretrained = os.path.abspath(options.pretrained)
         options.checkpoints = [f"{n}={p}" for n, p in checkpoint_list(options.checkpoints, folders=True)]
-        check_data_root(options)
+        check_file_options(options)
 
     @classmethod
     def load(cls, options, *, cache_dir=None, progress=True) -> ModelSource:
@@ -242,6 +242,7 @@ class HFClipSource(Source):
         out = cache_root(cache_dir) / "hf_clip" / key
         local, paths = convert(options.pretrained, pairs, out)
         src = from_checkpoints("", local, paths, [n for n, _ in pairs], data_root=options.data_root or None,
-                               max_n=options.max_n, reference_cache=str(cache_root(cache_dir)))
+                               max_n=options.max_n, reference_cache=str(cache_root(cache_dir)),
+                               max_resident_mb=options.max_resident_mb, loader_workers=options.loader_workers)
         src.meta.update(pretrained=options.pretrained, checkpoints=[p for _, p in pairs], source="hf_clip")
         return src
