@@ -48,6 +48,7 @@ if HERE not in sys.path:  # the source below is loaded as gpu_check:SyntheticCli
 from harness.api import Candidate, HarnessError, Source  # noqa: E402
 from harness.config import RunConfig  # noqa: E402
 from harness.engines import check_device  # noqa: E402
+from harness.engines.local import ACC_ATOL, LOSS_RTOL  # noqa: E402
 from harness.problem import make_task, plan  # noqa: E402
 from harness.sources.base import ModelSource, freeze, tail_parameters  # noqa: E402
 
@@ -165,6 +166,24 @@ def score(task, cands, path: str, data=None, repeats: int = 1) -> dict:
         return failed
     return {"status": "ok", "rate": len(cands) / statistics.median(times), "losses": [e.loss for e in evs],
             "grads": [e.grad for e in evs], "peak": _peak(eng.device), "note": ""}
+
+
+def precision_rows(task, cands, fp32: dict) -> list[str]:
+    """For bf16 (and fp16 on CUDA): what the engine's precision check measured on the first
+    candidate, whether it kept the precision, and its sequential evals/s against fp32."""
+    eng, rows = task.engine, []
+    for name in ("bf16", "fp16") if eng.device.type == "cuda" else ("bf16",):
+        eng.options.precision, eng._amp = name, None
+        eng.info.pop("precision", None)
+        eng.check_precision(cands[0], task.search)
+        note = eng.info["precision"]
+        r = score(task, cands, "sequential") if note["used"] == name else {"status": "refused"}
+        speed = f"{r['rate'] / fp32['rate']:.2f}x fp32 evals/s" if r["status"] == "ok" and fp32["status"] == "ok" else r["status"]
+        rows.append(f"{name}: loss rel err {note['loss_rel_err']:.1e}, acc err {note['acc_abs_err']:.3f} -> "
+                    f"{'kept' if note['used'] == name else 'refused (stays fp32)'}; {speed}")
+    eng.options.precision, eng._amp = "fp32", None
+    eng.info.pop("precision", None)
+    return rows
 
 
 @contextlib.contextmanager
@@ -302,11 +321,16 @@ def main(argv=None) -> int:
         if device != "cpu":
             check(f"{device} sequential vs {ref_label} sequential (torch default flags)", score(task, k, "sequential", data),
                   cpu_seq, info=True)
+    amp_rows = precision_rows(runs[device][1], cands[batches[0]], res[device, batches[0], "sequential"])
     seen = [x for r in res.values() for x in r.get("losses", [])]
     print(f"\nloss check: the same candidates on two paths; max |loss difference| <= {args.tol:g} (absolute) passes; "
           f"losses of {min(seen, default=0):.3f} .. {max(seen, default=0):.3f}")
     for c in checks:
         show(c)
+    print("autocast (the engine's -t precision check on the first candidate; kept within "
+          f"loss rtol {LOSS_RTOL:g}, acc atol {ACC_ATOL:g}), sequential batch {batches[0]}:")
+    for row in amp_rows:
+        print("  " + row)
 
     big, counts, gpus = batches[-1], [], 0.0
     if ngpu >= 2 and device.startswith("cuda"):
@@ -337,7 +361,7 @@ def main(argv=None) -> int:
         print(f"NOT TESTED: CUDA (device is cpu; torch.cuda.is_available() = {torch.cuda.is_available()})")
     if len(runs) == 1:
         print("NOT TESTED: device vs CPU losses and gradients (device is cpu; --with-cpu runs that code on two CPU tasks)")
-    print("NOT TESTED: bf16/fp16 autocast (the engine computes in fp32), fp16 task-vector storage (-t dtype=fp16), "
+    print("NOT TESTED: fp16 task-vector storage (-t dtype=fp16), "
           "searchers and the runner (only the engine's scoring path is timed)")
     n = {k: sum(c[3].startswith(k) for c in checks) for k in ("PASS", "FAIL", "SKIPPED", "INFO")}
     print(f"{'FAIL' if n['FAIL'] else 'PASS'}: {', '.join(f'{v} {k}' for k, v in n.items())} of {len(checks)} checks; "
