@@ -10,8 +10,8 @@ copied) over the reduced vector ``u`` in the box ``|u| ≤ radius_k / step_k``. 
 ``step_k`` (Cobyla's initial simplex is x0 + e_j), and ``radius_k`` bounds how far stage k can move
 a group from where it started. Each stage multiplies both by ``shrink``; the default 1 keeps
 them (step 0.3, box ±1.5 in every stage), which scored better on the default zoo than halving
-them per stage (README-style figures in the docstring of :class:`CoarseToFine`). The groupings
-come from ``Space.labels`` (``"fashion/_blocks.13._bn0.weight"``):
+them per stage (figures in :class:`CoarseToFine`'s docstring). The groupings come from
+``Space.labels`` (``"fashion/_blocks.13._bn0.weight"``):
 
 - ``per_task``: the task name before ``/``;
 - ``per_layer``: task and layer, the layer given by :func:`harness.composition.layer_of` (the
@@ -22,6 +22,20 @@ come from ``Space.labels`` (``"fashion/_blocks.13._bn0.weight"``):
 A label without ``/`` (or a space without labels) is a group of its own in every grouping, and a
 stage whose grouping is the same partition as the one before it is merged into it (its budget is
 added), so on an unlabelled space this is one nevergrad run with the first stage's step and radius.
+
+Bookkeeping that keeps every evaluation a new point:
+
+- a proposal already scored (a stage's start, which is its optimiser's first proposal; Cobyla's
+  restarts) is answered from memory, not evaluated again;
+- a group whose start sits near the upper bound moves down for positive ``u`` (``flipped`` in the
+  record), so its first probes are not all clipped to the same point;
+- a stage whose optimiser proposes more than a simplex of scored points in a row (converged, or
+  cycling) ends early and gives its unused budget to the next stage; the last stage restarts
+  around the best point with half its step and box (``converged``/``restart`` in the record).
+
+``info["stages"]`` records per stage its grouping, reduced dimension, budget, first and last
+evaluation (1-based, in the run's trace), step, radius, the algorithm NGOpt chose, the loss it
+started from, its best loss, and how many proposals it answered from memory.
 """
 from __future__ import annotations
 
@@ -103,11 +117,13 @@ class CoarseToFine(Searcher):
     evaluation) probes groups from every task rather than the first tasks' only.
 
     Measured on the default zoo (addition, per_block, 300 evaluations, seeds 0–2, normalised
-    accuracy): the defaults .8725 ± .0016 (.8742, .8723, .8710); ``splits=0.2,0.4,0.4 shrink=0.5``
-    .8621 ± .0075. Plain NGOpt per_layer 300 gives .8758 ± .0080 and gradient per_block .9090: the
-    stages do not close the gap. Black-box solutions overfit the 384-image search set (their loss
-    on the whole validation split is 0.06–0.08 higher than on the search set; the gradient's,
-    which draws mini-batches from the whole split, 0.003–0.008).
+    accuracy): defaults .8725 ± .0016; ``splits=0.2,0.4,0.4 shrink=0.5`` .8621 ± .0074; over the
+    Iso-C vector (``-t transform=iso``) .9081 ± .0032. Plain NGOpt: per_layer .8758 ± .0080, over
+    Iso-C .9077 ± .0035; gradient per_block .9090 ± .0021. Over Iso-C the stages reach a lower
+    search loss than plain NGOpt on every seed, but not a better test accuracy: black-box solutions
+    fit the 384-image search set, while the gradient, whose mini-batches come from the whole
+    2580-image validation split, generalises (loss on that whole split: coarse-to-fine .461–.494,
+    NGOpt per_layer .435–.528, gradient per_layer .399–.402, gradient per_block .344–.345).
     """
 
     name = "coarse-to-fine"
