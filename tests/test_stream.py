@@ -158,3 +158,11 @@ def test_a_run_with_its_test_split_streamed_scores_what_the_in_memory_run_scores
                         "-t", "source_options=max_resident_mb=0.01", "--results-dir", str(tmp_path / "small")],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 2 and "max_resident_mb=0.01" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_to_uint8_at_the_models_size_equals_the_float_round_trip():
+    from harness.data import to_tensor, to_uint8
+    x = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    slow = (to_tensor(x, 16, mean=0.0, std=1.0) * 255).round_().clamp_(0, 255).to(torch.uint8)
+    assert torch.equal(to_uint8(x, 16), slow)
+    assert to_uint8(x, 8).shape == (5, 3, 8, 8)  # a resize still takes the float path
