@@ -143,6 +143,9 @@ class Searcher(Plugin):
     reference: ClassVar[bool] = False
     # False for a searcher whose answer ignores every score (zero-shot): it touches no data.
     uses_scores: ClassVar[bool] = True
+    # True for a searcher that can be asked while earlier candidates are unscored and told scores
+    # one at a time in any order: it can run pipelined (``--parallel async``).
+    asynchronous: ClassVar[bool] = False
     # The task-vector transform this searcher is the baseline of (``ties``): the planner sets the
     # task's ``transform`` option to it (or checks that the one given has this name).
     transform: ClassVar[str] = ""

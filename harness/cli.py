@@ -36,7 +36,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address to join (default: start a local one)")
     p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float)
     p.add_argument("--gpus-per-worker", dest="gpus_per_worker", type=float)
-    p.add_argument("--parallel", choices=None, help="auto | candidates | data (how Ray workers share the work)")
+    p.add_argument("--parallel", choices=None, help="auto | candidates | data | async (how Ray workers share the work; async pipelines: each score is told as it comes in and the worker takes the next candidate)")
     p.add_argument("--device", help="torch device for local evaluation (default cpu)")
     p.add_argument("--results-dir", dest="results_dir", help="where runs are recorded (default results/)")
     p.add_argument("--cache-dir", dest="cache_dir", help="zoo cache (default $ATLAS_HARNESS_CACHE or ~/.cache/atlas-harness)")

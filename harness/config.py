@@ -28,7 +28,7 @@ EXECUTION_FIELDS = ("workers", "address", "gpus_per_worker", "cpus_per_worker", 
 
 # Options added after runs were recorded, with the value that reproduces those runs: at that value
 # they are left out of the run key, so adding an option keeps every earlier run id (and resume).
-NEUTRAL: dict[str, dict[str, Any]] = {"task_options": {"precision": "fp32"}}
+NEUTRAL: dict[str, dict[str, Any]] = {"task_options": {"precision": "fp32", "eval_chunk": "auto"}}
 
 
 @dataclass
@@ -59,7 +59,10 @@ class RunConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that determine the result (used for the run id and deduplication)."""
         d = dataclasses.asdict(self)
-        return {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}
+        ident = {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}
+        if self.parallel == "async":  # pipelined: scores are told in the order they finish
+            ident["parallel"] = "async"
+        return ident
 
     def key(self) -> str:
         """A short stable hash of :meth:`identity` without the seed (seeds group in leaderboards).

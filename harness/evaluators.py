@@ -48,6 +48,17 @@ class Evaluator(ABC):
     @abstractmethod
     def evaluate(self, candidates: list[Candidate]) -> list[Evaluation]: ...
 
+    def submit(self, candidates: list[Candidate]) -> None:
+        """Queue candidates for :meth:`collect` (pipelined runs). Here they wait for it; the Ray
+        evaluator starts them on free workers at once."""
+        self._backlog = getattr(self, "_backlog", []) + list(candidates)
+
+    def collect(self) -> list[tuple[Candidate, Evaluation]]:
+        """Submitted candidates that are scored, with their evaluations, in the order they finished
+        (at least one while any is outstanding). Here: all of them, scored now, in order."""
+        todo, self._backlog = getattr(self, "_backlog", []), []
+        return list(zip(todo, self.evaluate(todo))) if todo else []
+
     def close(self) -> None:
         pass
 

@@ -30,7 +30,7 @@ from harness.sources.base import content_hash, data_hash
 
 # Task options forwarded to the source / the engine when their Options have a field of that name.
 SOURCE_FIELDS = ("model", "pretrained", "checkpoints", "data_root")
-ENGINE_FIELDS = ("population", "precision")
+ENGINE_FIELDS = ("population", "precision", "eval_chunk")
 
 
 @dataclass
@@ -44,7 +44,8 @@ class ComposeOptions:
 
     ``engine`` names the engine plugin (``local``); ``population`` (``auto`` or ``off``) is its
     choice of vmap evaluation for batches of candidates, and ``precision`` (``fp32``, ``bf16`` or
-    ``fp16``) the autocast of its forward, kept only where it measured within tolerance of fp32.
+    ``fp16``) the autocast of its forward, kept only where it measured within tolerance of fp32;
+    ``eval_chunk`` (``auto`` or N) the images per forward pass (sized to the GPU's memory on CUDA).
 
     ``select=b`` (b ≥ 1) keeps only the ``b`` most informative task vectors per block, ranked by
     |∂L/∂λ| at the start point before any search (informative block selection, paper App. D.6;
@@ -67,6 +68,7 @@ class ComposeOptions:
     select: int = field(default=0, metadata={"help": "keep the b most informative task vectors per block (0: all)"})
     population: str = field(default="auto", metadata={"help": "engine's vmap evaluation of batches: auto or off"})
     precision: str = field(default="fp32", metadata={"help": "engine's forward precision: fp32, or bf16/fp16 autocast kept within a measured tolerance"})
+    eval_chunk: str = field(default="auto", metadata={"help": "images per forward: auto (source's own on CPU, sized to free memory on CUDA) or N"})
     transform: str = field(default="", metadata={"help": "rewrite the task vectors first: ties, dare, iso [:key=value,...]"})
 
 

@@ -65,8 +65,16 @@ def plan(cfg: RunConfig) -> Plan:
         raise HarnessError(f"--device {cfg.device} with Ray workers needs --gpus-per-worker > 0: each worker "
                            "computes on the GPU Ray assigns it")
     check_device(cfg.device)  # the driver scores the final result on it
-    if cfg.parallel not in ("auto", "candidates", "data"):
-        raise HarnessError(f"--parallel must be one of auto, candidates, data; got {cfg.parallel!r}")
+    if cfg.parallel not in ("auto", "candidates", "data", "async"):
+        raise HarnessError(f"--parallel must be one of auto, candidates, data, async; got {cfg.parallel!r}")
+    if cfg.parallel == "async":
+        if not searcher_cls.asynchronous:
+            ok = ", ".join(_asynchronous_searchers())
+            raise HarnessError(f"--parallel async needs a searcher that takes scores in any order; '{cfg.searcher}' "
+                               f"does not (asynchronous searchers: {ok})")
+        if w_set:
+            raise HarnessError(f"--parallel async does not combine with the searcher options {', '.join(sorted(w_set))} "
+                               "(their stages wait for whole batches); use --parallel candidates")
     if task_cls.composes:
         from harness.composition import parse_space
         parse_space(cfg.space or searcher_cls.default_space)
@@ -75,6 +83,18 @@ def plan(cfg: RunConfig) -> Plan:
         cfg, budget=budget, batch_size=batch, space=cfg.space or searcher_cls.default_space,
         task_options=dataclasses.asdict(t_opts), searcher_options={**dataclasses.asdict(s_opts), **w_set})
     return Plan(resolved, task_cls, searcher_cls, t_opts, s_opts, w_opts)
+
+
+def _asynchronous_searchers() -> list[str]:
+    """Names of the installed searchers that can run pipelined (a plugin that fails to load is left out)."""
+    out = []
+    for name in registry.names("searcher"):
+        try:
+            if getattr(registry.load("searcher", name), "asynchronous", False):
+                out.append(name)
+        except Exception:
+            pass
+    return out
 
 
 def bind_transform(searcher_cls, task_cls, t_opts) -> None:

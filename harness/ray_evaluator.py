@@ -13,7 +13,12 @@ Two kinds of parallelism (DESIGN.md §2):
   ``complete`` is applied once on the whole-set result, in the driver. For sequential searchers
   and the gradient searcher, which ask for one candidate at a time.
 
-``auto`` picks ``data`` when the batch has fewer candidates than there are workers. A candidate of
+``auto`` picks ``data`` when the batch has fewer candidates than there are workers.
+
+``async`` pipelines (:meth:`RayEvaluator.submit` / :meth:`RayEvaluator.collect`): the runner keeps
+``--batch-size`` candidates in flight, tells the searcher each score as soon as its worker is done
+and hands the worker the searcher's next candidate, so no worker waits for the slowest candidate
+of a batch or for the driver's bookkeeping (for searchers whose class sets ``asynchronous``). A candidate of
 low fidelity (``Candidate.fidelity < 1``) is scored whole by one worker on its fixed part of the
 search set (:func:`harness.evaluators.fidelity_shard`), exactly as the local evaluator does.
 
@@ -43,7 +48,7 @@ from harness.evaluators import PENALTY, Evaluator, fidelity_shard, reduce_shards
 if TYPE_CHECKING:
     from harness.problem import Plan
 
-MODES = ("auto", "candidates", "data")
+MODES = ("auto", "candidates", "data", "async")
 # Times one piece of work may take its worker down before it is reported as failed.
 MAX_ATTEMPTS = 3
 
@@ -73,6 +78,8 @@ class HarnessWorker:
             plan = cloudpickle.loads(payload)
             t0 = time.perf_counter()
             self.task, _ = build_task(plan, context["device"])
+            if context.get("precision"):  # decided once, on the driver, for every worker
+                self.task.engine.adopt_precision(context["precision"])
             self.setup_s = time.perf_counter() - t0
         except Exception as e:  # reported by ready(): an actor whose __init__ raises is only "dead"
             user = isinstance(e, HarnessError)
@@ -96,6 +103,10 @@ class HarnessWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def task_info(self) -> dict:
+        """What this worker's engine chose (precision, evaluation chunk, population pass)."""
+        return dict(getattr(self.task, "task_info", None) or {})
 
 
 def start_local_ray(num_cpus: int, quiet: bool = True) -> None:
@@ -159,6 +170,10 @@ class RayEvaluator(Evaluator):
                                "workers; use --parallel candidates or auto")
         self.cpus, self.gpus = float(cpus_per_worker), float(gpus_per_worker)
         self._task, self.restarts, self.actors, self._starting, self._owns_ray = task, 0, [], {}, False
+        # Scheduler state (see _step): items by key, the queue of (key, attempt), running refs,
+        # idle worker slots, and the candidates submitted for pipelined scoring by key.
+        self._items, self._queue, self._running, self._idle, self._next_key = {}, deque(), {}, deque(), 0
+        self._submitted: dict[int, Candidate] = {}
         self._stats = {"calls": 0, "wall_s": 0.0, "worker_s": 0.0}
         import ray
         from ray import cloudpickle
@@ -172,10 +187,12 @@ class RayEvaluator(Evaluator):
             self._context = {"sys_path": list(sys.path), "cwd": os.getcwd(), "threads": max(1, int(self.cpus)),
                              "device": "cuda" if self.gpus > 0 else "cpu",
                              "env": {k: v for k, v in os.environ.items() if k.startswith("ATLAS_HARNESS")}}
+            self._context["precision"] = self._decide_precision()
             self._payload = cloudpickle.dumps(plan)  # by value for classes defined in __main__
             self._remote = ray.remote(HarnessWorker).options(
                 num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0, max_concurrency=1)
             self.actors = [self._spawn() for _ in range(self.workers)]
+            self._idle.extend(range(self.workers))
             try:
                 infos = [self._ready(info) for info in ray.get([a.ready.remote() for a in self.actors])]
             except _lost_errors() as e:
@@ -200,6 +217,21 @@ class RayEvaluator(Evaluator):
         else:
             start_local_ray(max(1, math.ceil(workers * self.cpus)), quiet=self.quiet)
         self._owns_ray = True
+
+    def _decide_precision(self) -> dict | None:
+        """Reduced precision is checked once, here, on the whole search set of the driver's task;
+        the workers adopt the decision, so no shard or worker computes in another precision."""
+        opts = self.plan.task_options
+        asked = opts.get("precision", "fp32") if isinstance(opts, dict) else getattr(opts, "precision", "fp32")
+        if asked == "fp32":
+            return None
+        task = self._driver_task(always=True)
+        engine = getattr(task, "engine", None)
+        if engine is None or not hasattr(engine, "adopt_precision"):
+            return None
+        if "precision" not in engine.info:
+            task.evaluate([Candidate(x=task.space().start)])
+        return engine.info.get("precision")
 
     def _fit_workers(self) -> int:
         cpus = self._ray.cluster_resources().get("CPU", 0)
@@ -235,6 +267,7 @@ class RayEvaluator(Evaluator):
             except Exception:  # already dead, or Ray already gone
                 pass
         self.actors, self._starting = [], {}
+        self._running, self._idle, self._queue, self._items, self._submitted = {}, deque(), deque(), {}, {}
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False
@@ -287,9 +320,10 @@ class RayEvaluator(Evaluator):
         workers' utilisation; the rest is waiting, transport and the driver's reduction."""
         return {**self._stats, "workers": len(self.actors), "restarts": self.restarts}
 
-    def _driver_task(self) -> Task | None:
-        """The task ``complete`` runs on after a reduction; None when the task keeps the default."""
-        if self.plan.task_cls.complete is Task.complete:
+    def _driver_task(self, always: bool = False) -> Task | None:
+        """The task ``complete`` runs on after a reduction; None when the task keeps the default
+        (unless ``always``)."""
+        if self.plan.task_cls.complete is Task.complete and not always:
             return None
         if self._task is None:
             from harness.problem import build_task
@@ -297,54 +331,86 @@ class RayEvaluator(Evaluator):
         return self._task
 
     def _run(self, work: list[tuple[list[Candidate], tuple[int, int] | None, bool]]) -> list[list[Evaluation]]:
-        """Hand out work items to free workers until every item has a result (in item order).
+        """Hand out work items to free workers until every item has a result (in item order)."""
+        keys = [self._put(w) for w in work]
+        want, got = set(keys), {}
+        while want - got.keys():
+            for key, res in self._step():
+                got[key] = res
+        return [got.pop(k) for k in keys]
 
-        A worker lost mid-item is replaced (the new actor sets up while the others keep working)
-        and the item goes back to the front of the queue.
-        """
+    # The scheduler behind both ``evaluate`` and ``submit``/``collect``: items wait in a queue, an
+    # idle worker takes the next one, and a worker lost mid-item is replaced (the new actor sets up
+    # while the others keep working) and the item goes back to the front of the queue. Its state
+    # lives on the evaluator, so work submitted in one call can finish in a later one.
+
+    def _put(self, item: tuple[list[Candidate], tuple[int, int] | None, bool]) -> int:
+        key = self._next_key
+        self._next_key += 1
+        self._items[key] = item
+        self._queue.append((key, 1))
+        return key
+
+    def _step(self) -> list[tuple[int, list[Evaluation]]]:
+        """Dispatch queued items to idle workers, wait for one event, and return the items it
+        finished (none when the event was a replacement worker becoming ready)."""
         ray, lost = self._ray, _lost_errors()
-        results: list[list[Evaluation] | None] = [None] * len(work)
-        queue = deque((k, 1) for k in range(len(work)))
-        starting = self._starting  # ready ref of a replacement actor → slot (may outlive a batch)
-        idle = deque(s for s in range(len(self.actors)) if s not in starting.values())
-        running: dict = {}   # object ref → (slot, item, attempt)
-        done = 0
-        while done < len(work):
-            while idle and queue:
-                slot, (k, attempt) = idle.popleft(), queue.popleft()
-                cands, shard, whole = work[k]
-                running[self.actors[slot].evaluate.remote(cands, shard, whole)] = (slot, k, attempt)
-            if not running and not starting:
-                raise RuntimeError("no Ray worker is left to evaluate on")
-            (ref,), _ = ray.wait(list(running) + list(starting), num_returns=1)
-            if ref in starting:
-                slot = starting.pop(ref)
-                try:
-                    self._ready(ray.get(ref))
-                except lost as e:
-                    raise RuntimeError(f"a replacement Ray worker died while setting up: {e}") from None
-                idle.append(slot)
-                continue
-            slot, k, attempt = running.pop(ref)
+        starting, running, idle = self._starting, self._running, self._idle
+        while idle and self._queue:
+            slot, (k, attempt) = idle.popleft(), self._queue.popleft()
+            cands, shard, whole = self._items[k]
+            running[self.actors[slot].evaluate.remote(cands, shard, whole)] = (slot, k, attempt)
+        if not running and not starting:
+            raise RuntimeError("no Ray worker is left to evaluate on")
+        (ref,), _ = ray.wait(list(running) + list(starting), num_returns=1)
+        if ref in starting:
+            slot = starting.pop(ref)
             try:
-                results[k], busy = ray.get(ref)
-                self._stats["worker_s"] += busy
+                self._ready(ray.get(ref))
             except lost as e:
-                if attempt >= MAX_ATTEMPTS:
-                    msg = f"Ray worker lost {attempt} times on this work: {type(e).__name__}"
-                    cands = work[k][0]
-                    results[k] = [Evaluation(loss=PENALTY, weight=0.0, ok=False, error=msg) for _ in cands]
-                    done += 1
-                else:
-                    queue.appendleft((k, attempt + 1))
-                if not self.quiet:
-                    print(f"ray evaluator: worker {slot} lost ({type(e).__name__}); starting a new one and "
-                          "handing its work out again", file=sys.stderr, flush=True)
-                starting[self._replace(slot)] = slot
-                continue
-            done += 1
+                raise RuntimeError(f"a replacement Ray worker died while setting up: {e}") from None
             idle.append(slot)
-        return results
+            return []
+        slot, k, attempt = running.pop(ref)
+        try:
+            result, busy = ray.get(ref)
+            self._stats["worker_s"] += busy
+        except lost as e:
+            if not self.quiet:
+                print(f"ray evaluator: worker {slot} lost ({type(e).__name__}); starting a new one and "
+                      "handing its work out again", file=sys.stderr, flush=True)
+            starting[self._replace(slot)] = slot
+            if attempt < MAX_ATTEMPTS:
+                self._queue.appendleft((k, attempt + 1))
+                return []
+            msg = f"Ray worker lost {attempt} times on this work: {type(e).__name__}"
+            result = [Evaluation(loss=PENALTY, weight=0.0, ok=False, error=msg) for _ in self._items[k][0]]
+        else:
+            idle.append(slot)
+        del self._items[k]
+        return [(k, result)]
+
+    # ------------------------------------------------------------------ pipelined (asynchronous) use
+
+    def submit(self, candidates: list[Candidate]) -> None:
+        """Queue candidates, each scored whole by the next free worker (``--parallel async``)."""
+        for c in candidates:
+            shard = fidelity_shard(c.fidelity)
+            self._submitted[self._put(([c], shard, True))] = c
+
+    def collect(self) -> list[tuple[Candidate, Evaluation]]:
+        """Wait until at least one submitted candidate is scored; return those that are, in the
+        order they finished. Workers that finish meanwhile take the next queued candidates."""
+        if not self._submitted:
+            return []
+        t0 = time.perf_counter()
+        out = []
+        while not out:
+            for k, res in self._step():
+                out.append((self._submitted.pop(k), sanitize(_writable(res[0]))))
+        self._stats["calls"] += 1
+        self._stats["wall_s"] += time.perf_counter() - t0
+        return out
 
     def _replace(self, slot: int):
         """Start a fresh actor in ``slot`` (the old one is dead or killed); returns its ready ref."""

@@ -47,6 +47,7 @@ class TraceRow:
     fidelity: float = 1.0
     best: float | None = None
     t: float = 0.0
+    cand: int | None = None  # the searcher's candidate id (pipelined runs, whose rows are in finish order)
 
     @classmethod
     def from_dict(cls, row: dict) -> "TraceRow":
@@ -284,7 +285,10 @@ class RunStore:
     def append(self, row: TraceRow) -> None:
         """Append one evaluation and flush it to disk."""
         try:
-            self._trace.write(dumps(dataclasses.asdict(row)) + "\n")
+            d = dataclasses.asdict(row)
+            if d["cand"] is None:  # only pipelined runs name their candidates
+                del d["cand"]
+            self._trace.write(dumps(d) + "\n")
             self._trace.flush()
         except OSError as e:
             raise HarnessError(f"cannot write the trace of run {self.run_id}: {e.strerror} (disk full?); the rows "

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+from collections import deque
 
 import numpy as np
 import torch
@@ -49,9 +50,13 @@ class _Replay:
             raise HarnessError(f"the trace does not match the searcher's proposal at evaluation {self.pos + 1} "
                                "(config or code changed since the run started); use --rerun to start it over")
         self.pos += 1
+        return self.evaluation(row), float(row.t)
+
+    @staticmethod
+    def evaluation(row: TraceRow) -> Evaluation:
+        """The evaluation a trace row recorded."""
         loss = row.loss if row.loss is not None else float("nan")
-        ev = Evaluation(loss=loss, grad=row.grad, metrics=row.metrics, weight=row.weight, ok=row.ok, error=row.error)
-        return ev, float(row.t)
+        return Evaluation(loss=loss, grad=row.grad, metrics=row.metrics, weight=row.weight, ok=row.ok, error=row.error)
 
 
 def run(cfg: RunConfig, log=print) -> dict:
@@ -131,45 +136,21 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         record.evaluator = evaluator.describe()
         if prior:
             _check_losses(task, prior)
-        replay = _Replay(prior)
         t_search = time.time()
         record.update(setup_s=round(t_search - t0, 2))  # process work before the first evaluation
         wall_offset = float(prior[-1].t) if prior else 0.0
-        used, failed, best = 0, 0, math.inf
         bar = _progress(c, p)
-        while used < c.budget:
-            cands = searcher.ask(min(c.batch_size, c.budget - used))[: c.budget - used]
-            if not cands:
-                break
-            evals: list[Evaluation | None] = [None] * len(cands)
-            fresh = []
-            for i, cand in enumerate(cands):
-                hit = replay.take(cand)
-                if hit:
-                    evals[i] = hit[0]
-                    wall_offset = hit[1]
-                    t_search = time.time()
-                else:
-                    fresh.append(i)
-            if fresh:
-                for i, ev in zip(fresh, evaluator.evaluate([cands[i] for i in fresh])):
-                    evals[i] = ev
-            for i, (cand, ev) in enumerate(zip(cands, evals)):
-                used += 1
-                failed += not ev.ok
-                if ev.ok and cand.batch is None and cand.fidelity >= 1.0:
-                    best = min(best, ev.loss)
-                if i in fresh:
-                    store.append(TraceRow(i=used, x=np.asarray(cand.x, dtype=np.float64), loss=ev.loss,
-                                          grad=ev.grad, ok=ev.ok, error=ev.error, metrics=ev.metrics,
-                                          weight=ev.weight, want_grad=cand.grad, batch=cand.batch,
-                                          fidelity=cand.fidelity, best=best if math.isfinite(best) else None,
-                                          t=wall_offset + time.time() - t_search))
-            searcher.tell(cands, evals)
-            if bar is not None:
-                bar.update(len(cands))
-                if math.isfinite(best):
-                    bar.set_postfix(best=f"{best:.4f}", refresh=False)
+        state = _Progress(store, bar, wall_offset, t_search)
+        if c.parallel == "async":
+            _search_async(c, searcher, evaluator, prior, state)
+        else:
+            _search(c, searcher, evaluator, prior, state)
+        used, failed, best = state.used, state.failed, state.best
+        stats = getattr(evaluator, "stats", None)
+        if stats is not None:  # Ray: where the time went, and the workers' utilisation
+            st = stats()
+            busy = st["worker_s"] / max(st["wall_s"] * max(st["workers"], 1), 1e-9)
+            record.evaluator = {**record.evaluator, "stats": {**st, "utilisation": round(busy, 4)}}
         if bar is not None:
             bar.close()
         x = np.asarray(searcher.recommend(), dtype=np.float64)
@@ -210,6 +191,112 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         except HarnessError as e:
             print(f"warning: {e}", file=sys.stderr)
     return record.to_dict()
+
+
+class _Progress:
+    """What the search loop has spent and found, and how each evaluation is written down."""
+
+    def __init__(self, store: RunStore, bar, wall_offset: float, t_search: float):
+        self.store, self.bar, self.wall_offset, self.t_search = store, bar, wall_offset, t_search
+        self.used, self.failed, self.best = 0, 0, math.inf
+
+    def replayed(self, t: float) -> None:
+        """A replayed evaluation took the run's clock to ``t`` (its recorded time)."""
+        self.wall_offset, self.t_search = t, time.time()
+
+    def count(self, cand: Candidate, ev: Evaluation, fresh: bool, cand_id: int | None = None) -> None:
+        """Count one evaluation; append it to the trace when it was computed now (not replayed)."""
+        self.used += 1
+        self.failed += not ev.ok
+        if ev.ok and cand.batch is None and cand.fidelity >= 1.0:
+            self.best = min(self.best, ev.loss)
+        if fresh:
+            best = self.best if math.isfinite(self.best) else None
+            self.store.append(TraceRow(i=self.used, x=np.asarray(cand.x, dtype=np.float64), loss=ev.loss,
+                                       grad=ev.grad, ok=ev.ok, error=ev.error, metrics=ev.metrics,
+                                       weight=ev.weight, want_grad=cand.grad, batch=cand.batch,
+                                       fidelity=cand.fidelity, best=best, cand=cand_id,
+                                       t=self.wall_offset + time.time() - self.t_search))
+
+    def tick(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if math.isfinite(self.best):
+                self.bar.set_postfix(best=f"{self.best:.4f}", refresh=False)
+
+
+def _search(c: RunConfig, searcher, evaluator: Evaluator, prior: list[TraceRow], state: _Progress) -> None:
+    """Batch by batch: ask ``--batch-size`` candidates, score them together, tell them together."""
+    replay = _Replay(prior)
+    while state.used < c.budget:
+        cands = searcher.ask(min(c.batch_size, c.budget - state.used))[: c.budget - state.used]
+        if not cands:
+            break
+        evals: list[Evaluation | None] = [None] * len(cands)
+        fresh = []
+        for i, cand in enumerate(cands):
+            hit = replay.take(cand)
+            if hit:
+                evals[i] = hit[0]
+                state.replayed(hit[1])
+            else:
+                fresh.append(i)
+        if fresh:
+            for i, ev in zip(fresh, evaluator.evaluate([cands[i] for i in fresh])):
+                evals[i] = ev
+        for i, (cand, ev) in enumerate(zip(cands, evals)):
+            state.count(cand, ev, i in fresh)
+        searcher.tell(cands, evals)
+        state.tick(len(cands))
+
+
+def _search_async(c: RunConfig, searcher, evaluator: Evaluator, prior: list[TraceRow], state: _Progress) -> None:
+    """Pipelined (``--parallel async``): ``--batch-size`` candidates are kept in flight; each score
+    is told as soon as it is in, and the searcher's next candidate goes to the freed worker.
+
+    The trace is in the order scores came in, each row naming its candidate (``cand``, the id the
+    searcher gave it). A resumed run replays that order exactly (asks as many, tells the recorded
+    candidate next), so the searcher is back in the state it had; the candidates that were in
+    flight when the run stopped are scored again."""
+    rows = deque(prior)
+    outstanding: dict[int, Candidate] = {}   # asked, not yet told
+    unsent: list[Candidate] = []              # asked, not yet handed to the evaluator
+    scored: deque = deque()                   # (candidate, evaluation) collected, not yet told
+    asked = 0
+    while state.used < c.budget:
+        # One score is told per turn, and the searcher is asked to refill before every turn, so a
+        # resumed run that replays the recorded order goes through exactly the same asks and tells.
+        while len(outstanding) < c.batch_size and asked < c.budget:
+            new = searcher.ask(1)[:1]
+            if not new:
+                break
+            for cand in new:
+                outstanding[cand.id] = cand
+                unsent.append(cand)
+                asked += 1
+        if not outstanding:
+            break
+        if rows:
+            row = rows.popleft()
+            cand = outstanding.get(row.cand) if row.cand is not None else None
+            if cand is None or not np.array_equal(row.x, np.asarray(cand.x, dtype=np.float64)):
+                raise HarnessError(f"the trace does not match the searcher's proposals at evaluation {state.used + 1} "
+                                   "(config or code changed since the run started); use --rerun to start it over")
+            unsent.remove(cand)
+            ev, fresh = _Replay.evaluation(row), False
+            state.replayed(float(row.t))
+        else:
+            if unsent:
+                evaluator.submit(unsent)
+                unsent = []
+            if not scored:
+                scored.extend(evaluator.collect())
+            cand, ev = scored.popleft()
+            fresh = True
+        del outstanding[cand.id]
+        state.count(cand, ev, fresh, cand_id=cand.id)
+        searcher.tell([cand], [ev])
+        state.tick(1)
 
 
 def _check_losses(task, prior: list[TraceRow]) -> None:

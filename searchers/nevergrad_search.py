@@ -29,6 +29,7 @@ class NevergradSearcher(Searcher):
     # evaluations .870 normalised, per_task 200 .851, per_block 500 .840 (task arithmetic .782).
     default_budget = 300
     default_batch = 1
+    asynchronous = True  # asks and tells in any order (nevergrad: ask/tell with num_workers)
     default_space = "per_layer"
 
     @dataclass

@@ -19,6 +19,7 @@ class RandomSearcher(Searcher):
     description = "random search: Gaussian samples around the best point so far (or uniform in the box)"
     default_budget = 200
     default_batch = 1
+    asynchronous = True  # each sample only needs the best point so far
     default_space = "per_task"
 
     @dataclass

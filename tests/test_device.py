@@ -169,3 +169,59 @@ def test_bf16_autocast_is_measured_against_fp32_and_kept_only_within_tolerance(c
 def test_an_unknown_precision_is_one_line():
     with pytest.raises(HarnessError, match="precision must be one of fp32, bf16, fp16"):
         plan(RunConfig(task="addition", task_options={"precision": "fp8"}))
+
+
+def test_the_evaluation_chunk_is_sized_from_free_memory_and_settable():
+    from harness.engines.local import choose_chunk, parse_chunk
+    mb = 2**20
+    assert choose_chunk(8000 * mb, 10 * mb) == 400            # half of 8000 MB at 10 MB an image
+    assert choose_chunk(8000 * mb, 10 * mb, fraction=0.25) == 200
+    assert choose_chunk(1000 * mb, 30 * mb) == 16             # 16.7 → a multiple of 8
+    assert choose_chunk(10 * mb, 30 * mb) == 1                # never below one image
+    assert choose_chunk(10**15, 1.0) == 4096                  # nor above the cap
+    assert parse_chunk("auto") is None and parse_chunk("64") == 64 and parse_chunk(0) == 0
+    with pytest.raises(HarnessError, match="eval_chunk must be auto or an integer >= 0"):
+        parse_chunk("-3")
+    with pytest.raises(HarnessError, match="eval_chunk must be auto or an integer"):
+        plan(RunConfig(task="addition", task_options={"eval_chunk": "lots"}))
+
+
+def test_a_set_evaluation_chunk_gives_the_same_scores_and_is_recorded(cache_dir):
+    def task(chunk):
+        cls = registry.load("task", "addition")
+        opts = resolve_options(cls, {**SMALL, **CASES["addition"], "eval_chunk": chunk}, "task")
+        cls.validate(opts)
+        t = cls(opts, space="per_block", seed=0, cache_dir=cache_dir)
+        t.setup("cpu")
+        return t
+
+    auto, small = task("auto"), task("5")
+    x = np.linspace(-0.3, 0.3, auto.space().dim)
+    a, b = auto.evaluate([Candidate(x=x)])[0], small.evaluate([Candidate(x=x)])[0]
+    assert small.source.chunk_size == 5 and small.task_info["eval_chunk"] == {"asked": 5, "chunk": 5}
+    assert "eval_chunk" not in auto.task_info               # auto on the CPU: the source's own chunking
+    assert b.loss == pytest.approx(a.loss, rel=1e-5) and b.metrics["acc"] == a.metrics["acc"]
+    assert small.final(x) == pytest.approx(auto.final(x), abs=1e-9)
+    # The population pass shares a chunk sized by the engine between its candidates.
+    pop = small.engine.population_ce([Candidate(x=x), Candidate(x=-x)], small.search)
+    assert pop[0].loss == pytest.approx(a.loss, rel=1e-5)
+
+
+def test_the_precision_check_scores_the_first_candidate_once_and_workers_adopt_it(cache_dir, monkeypatch):
+    from harness.engines import local
+    calls = []
+    real = local.LocalEngine.weighted_ce
+    monkeypatch.setattr(local.LocalEngine, "weighted_ce", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    task = _precision_task(cache_dir, "bf16")
+    x = np.linspace(-0.3, 0.3, task.space().dim)
+    ev = task.evaluate([Candidate(x=x)])[0]
+    assert len(calls) == 2                                   # fp32 and bf16 once each; the kept one is returned
+    note = task.task_info["precision"]
+    assert ev.loss == note["loss_bf16" if note["used"] == "bf16" else "loss_fp32"]
+    # Another engine of the run (a Ray worker) adopts the decision instead of checking on its shard.
+    other = _precision_task(cache_dir, "bf16")
+    other.engine.adopt_precision(note)
+    calls.clear()
+    ev2 = other.evaluate([Candidate(x=x)])[0]
+    assert len(calls) == 1 and ev2.loss == ev.loss
+    assert other.task_info["precision"]["adopted"] is True and other.task_info["precision"]["used"] == note["used"]

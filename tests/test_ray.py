@@ -181,6 +181,40 @@ def test_ray_equals_local_on_quadratic(quad, mode):
     assert all(e.metrics["completed"] == 1.0 for e in got)
 
 
+def test_submitted_candidates_come_back_as_workers_finish_them(quad):
+    """Pipelined use: submit, then collect until every candidate is back; each score equals the
+    local one (whole candidates), and candidates submitted while others run join the queue."""
+    ev, local = quad
+    cands = _candidates(7, n=6, seed=5) + [Candidate(x=np.r_[0.9, np.zeros(6)])]
+    for i, c in enumerate(cands):
+        c.id = i
+    want = {c.id: e for c, e in zip(cands, local.evaluate(cands))}
+    ev.submit(cands[:4])
+    got = dict((c.id, e) for c, e in ev.collect())
+    assert 1 <= len(got) <= 4
+    ev.submit(cands[4:])
+    while len(got) < len(cands):
+        back = ev.collect()
+        assert back
+        got.update((c.id, e) for c, e in back)
+    assert ev.collect() == []                        # nothing outstanding: returns at once
+    for k in want:
+        _same([got[k]], [want[k]], exact=True)
+    assert not got[6].ok and got[6].loss == PENALTY
+
+
+def test_an_async_run_on_two_workers_scores_every_candidate_once(ray_session, tmp_path):
+    cfg = RunConfig(task="quadratic", searcher="nevergrad", budget=24, batch_size=3, seed=1,
+                    task_options={"dim": 6, "delay": 0.02}, parallel="async", workers=2,
+                    results_dir=str(tmp_path), quiet=True)
+    rec = run(cfg, log=lambda m: None)
+    assert rec["status"] == "complete" and rec["evaluations"] == 24
+    assert rec["evaluator"]["mode"] == "async" and rec["evaluator"]["workers"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "runs" / rec["run_id"] / "trace.jsonl").read_text().splitlines()]
+    assert sorted(r["cand"] for r in rows) == list(range(24))
+    assert rec["best_search_loss"] == min(r["loss"] for r in rows)
+
+
 def test_a_worker_killed_mid_batch_is_replaced(quad):
     ev, local = quad
     cands = _candidates(7, n=8, seed=4)
@@ -238,6 +272,22 @@ def test_ray_equals_local_on_addition(ray_session, cache_dir):
     assert [e.loss for e in got_c] == [e.loss for e in want]
     _same(got_c, want, exact=False)
     _same(got_d, want, exact=False)
+
+
+def test_reduced_precision_is_decided_once_on_the_driver(ray_session, cache_dir):
+    """With bf16 asked, the driver checks it on the whole search set; every worker adopts that
+    decision instead of checking its own shard, so one loss never mixes precisions."""
+    p = _plan(task="addition", options={**ZOO, "search_n": 24, "precision": "bf16"}, cache_dir=cache_dir, space="per_task")
+    driver = _setup(p)
+    with RayEvaluator(p, workers=2, mode="data", quiet=True, task=driver) as ev:
+        decided = driver.task_info["precision"]
+        infos = ray.get([a.task_info.remote() for a in ev.actors])
+        got = ev.evaluate([Candidate(x=np.full(driver.space().dim, 0.2))])
+    assert decided["asked"] == "bf16" and "adopted" not in decided
+    for info in infos:
+        assert info["precision"]["adopted"] is True and info["precision"]["used"] == decided["used"]
+    want = LocalEvaluator(driver).evaluate([Candidate(x=np.full(driver.space().dim, 0.2))])
+    assert got[0].loss == pytest.approx(want[0].loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("searcher, batch, options", [

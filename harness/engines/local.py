@@ -31,14 +31,44 @@ class LocalOptions:
     scoring candidates, kept only if, on the first candidate scored, the search loss is within
     :data:`LOSS_RTOL` and the search accuracy within :data:`ACC_ATOL` of fp32 (measured and
     recorded in ``task_info.precision``). Heads and losses run in fp32 on fp32 features, and
-    accuracies (references, the final test score) are always computed in fp32."""
+    accuracies (references, the final test score) are always computed in fp32.
+    ``eval_chunk``: images run through the tail at once (search scoring and accuracies). ``auto``
+    keeps the source's own chunking on the CPU (tuned there) and, on CUDA, sizes it to the device:
+    the memory one image takes in a no-grad forward is measured on the first scored inputs and the
+    chunk fills half of the memory then free (recorded in ``task_info.eval_chunk``). An integer
+    sets it (0: one pass)."""
 
     population: str = "auto"
     precision: str = "fp32"
+    eval_chunk: str = "auto"
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS_RTOL, ACC_ATOL = 0.01, 0.01  # reduced precision is kept within these of fp32
+# An automatic evaluation chunk fills this fraction of the device memory free after set-up, and is
+# at most CHUNK_CAP images (beyond that a GPU is saturated and only the memory grows).
+CHUNK_FRACTION, CHUNK_CAP = 0.5, 4096
+
+
+def parse_chunk(value) -> int | None:
+    """``eval_chunk`` as an integer, or None for ``auto``; raises HarnessError on anything else."""
+    text = str(value).strip()
+    if text == "auto":
+        return None
+    if not text.isdigit():
+        raise HarnessError(f"task option eval_chunk must be auto or an integer >= 0 (images per forward; "
+                           f"0 = one pass), got {value!r}")
+    return int(text)
+
+
+def choose_chunk(free_bytes: float, per_image_bytes: float, fraction: float = CHUNK_FRACTION,
+                 cap: int = CHUNK_CAP) -> int:
+    """Images per forward so that their activations take ``fraction`` of ``free_bytes``: a multiple
+    of 8 when that is at least 8, never below 1 nor above ``cap``."""
+    n = int(fraction * free_bytes // max(per_image_bytes, 1.0))
+    if n >= 8:
+        n -= n % 8
+    return max(1, min(cap, n))
 
 
 class LocalEngine(Engine):
@@ -54,11 +84,13 @@ class LocalEngine(Engine):
             raise HarnessError(f"task option population must be auto or off, got {options.population!r}")
         if options.precision not in PRECISIONS:
             raise HarnessError(f"task option precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+        parse_chunk(options.eval_chunk)
 
     def __init__(self, source, composition, device: str, options):
         super().__init__(source, composition, device, options)
         self._vmap_faster = None
         self._amp = None  # the autocast dtype in use, once the precision check has run
+        self._chunk_sized = False
         self.to(device)
 
     def autocast(self):
@@ -72,12 +104,14 @@ class LocalEngine(Engine):
         with self.autocast():
             return self.source.features(params, x).float()
 
-    def check_precision(self, c: Candidate, data, shard=None) -> None:
+    def check_precision(self, c: Candidate, data, shard=None) -> Evaluation | None:
         """Score ``c`` in fp32 and in the asked precision; keep the latter only within tolerance.
-        Runs once, on the first candidate; the outcome is recorded in ``info["precision"]``."""
+        Runs once, on the first candidate; the outcome is recorded in ``info["precision"]``.
+        Returns ``c``'s score (no gradient, no regulariser) in the precision kept, or None when
+        nothing was checked."""
         asked = self.options.precision
         if self._amp is not None or "precision" in self.info or asked == "fp32":
-            return
+            return None
         full = Candidate(c.x, grad=False, batch=c.batch, fidelity=c.fidelity)
         ref = self.weighted_ce(full, data, shard)
         self._amp = PRECISIONS[asked]
@@ -93,6 +127,52 @@ class LocalEngine(Engine):
             "acc_fp32": ref.metrics["acc"], f"acc_{asked}": low.metrics["acc"],
             "loss_rel_err": loss_err, "acc_abs_err": acc_err, "tolerance": {"loss_rtol": LOSS_RTOL, "acc_atol": ACC_ATOL},
             f"{asked}_s": round(time.perf_counter() - t0, 4)}
+        return low if ok else ref
+
+    def adopt_precision(self, decision: dict) -> None:
+        """Take a precision decided elsewhere (``info["precision"]`` of another engine of the same
+        run, e.g. the driver's for Ray workers) instead of checking again: every shard and every
+        worker of one run then computes in the same precision."""
+        self.info["precision"] = dict(decision, adopted=True)
+        used = decision.get("used", "fp32")
+        if used not in PRECISIONS:
+            raise HarnessError(f"precision decision names {used!r}; valid: {', '.join(PRECISIONS)}")
+        self._amp = PRECISIONS[used]
+
+    def size_chunk(self, data) -> None:
+        """Set the tail's evaluation chunk once, before the first score (see ``eval_chunk``)."""
+        if self._chunk_sized:
+            return
+        self._chunk_sized = True
+        asked = parse_chunk(self.options.eval_chunk)
+        if asked is not None:
+            self.source.chunk_size = asked
+            self.info["eval_chunk"] = {"asked": asked, "chunk": asked}
+            return
+        if self.device.type != "cuda":
+            return  # the source's own chunking, tuned on the CPU
+        x = next((x for x in data.part(None)[1] if len(x)), None)
+        if x is None:
+            return
+        k = min(16, len(x))
+        with torch.no_grad():
+            params, _ = self.params(self.comp_start(), False)
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.features(params, x[:k])
+            torch.cuda.synchronize(self.device)
+            per_image = (torch.cuda.max_memory_allocated(self.device) - base) / k
+            del params
+        free, total = torch.cuda.mem_get_info(self.device)
+        self.source.chunk_size = choose_chunk(free, per_image)
+        self.info["eval_chunk"] = {"asked": "auto", "chunk": self.source.chunk_size, "per_image_mb": round(per_image / 2**20, 3),
+                                   "free_mb": round(free / 2**20), "total_mb": round(total / 2**20),
+                                   "fraction": CHUNK_FRACTION}
+
+    def comp_start(self) -> np.ndarray:
+        """Coefficients of the pre-trained model (all zero): what the memory probe merges."""
+        return np.zeros(self.comp.dim)
 
     def to(self, device) -> "LocalEngine":
         """Move the source (tail, θ0, heads, inputs) and the composition to ``device``, once."""
@@ -114,7 +194,11 @@ class LocalEngine(Engine):
         :meth:`features` per parameter set; faster only where the hardware batches well (GPU)."""
         src = self.source
         stacked = {k: torch.stack([p[k] for p in params]) for k in params[0]}
-        chunks = x.split(src.chunk_size) if src.chunk_size else (x,)
+        # Several candidates' activations at once: a chunk sized to the device is shared between them.
+        size = src.chunk_size
+        if size and "eval_chunk" in self.info:
+            size = max(1, size // len(params))
+        chunks = x.split(size) if size else (x,)
         outs = []
         for c in chunks:
             c = src.prepare(c)
@@ -168,8 +252,13 @@ class LocalEngine(Engine):
     def score(self, cands: list[Candidate], data, shard=None, regularizer=None) -> list[Evaluation]:
         """:meth:`weighted_ce` of every candidate: one vmap pass for a batch of several full-set
         scores where that measured faster (``population=auto``), else one after another."""
-        if cands:
-            self.check_precision(cands[0], data, shard)
+        if not cands:
+            return []
+        self.size_chunk(data)
+        first = self.check_precision(cands[0], data, shard)
+        if first is not None and not cands[0].grad and regularizer is None:
+            # The check already scored the first candidate: reuse it rather than score it again.
+            return [first] + self.score(cands[1:], data, shard, regularizer)
         plain = (len(cands) < 2 or self.options.population == "off" or regularizer is not None
                  or any(c.grad for c in cands))
         if plain or self._vmap_faster is False:
