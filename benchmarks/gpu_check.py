@@ -186,6 +186,26 @@ def precision_rows(task, cands, fp32: dict) -> list[str]:
     return rows
 
 
+def chunk_rows(task, cands) -> tuple[dict, dict]:
+    """The engine's evaluation chunk (``-t eval_chunk``): on CUDA sized automatically from the
+    memory one image takes and the memory free; on the CPU set to half the configured chunk (the
+    automatic sizing is CUDA-only). Returns what the engine chose and the candidates' scores with it."""
+    eng, src = task.engine, task.source
+    old, opt = src.chunk_size, eng.options.eval_chunk
+    images = sum(len(y) for y in task.search.labels)
+    eng.options.eval_chunk = "auto" if eng.device.type == "cuda" else str(max(1, (old or images) // 2))
+    eng._chunk_sized = False
+    eng.info.pop("eval_chunk", None)
+    try:
+        eng.size_chunk(task.search)
+        note = dict(eng.info.get("eval_chunk", {}))
+        r = score(task, cands, "sequential")
+    finally:
+        src.chunk_size, eng.options.eval_chunk = old, opt
+        eng.info.pop("eval_chunk", None)
+    return note, r
+
+
 @contextlib.contextmanager
 def strict_fp32():
     """TF32 off for cuDNN convolutions and cuBLAS matmuls (plain flags; harmless without a GPU)."""
@@ -322,6 +342,9 @@ def main(argv=None) -> int:
             check(f"{device} sequential vs {ref_label} sequential (torch default flags)", score(task, k, "sequential", data),
                   cpu_seq, info=True)
     amp_rows = precision_rows(runs[device][1], cands[batches[0]], res[device, batches[0], "sequential"])
+    chunk_note, chunk_res = chunk_rows(runs[device][1], cands[batches[0]])
+    base = res[device, batches[0], "sequential"]
+    check(f"{device} eval_chunk {chunk_note.get('chunk')} vs chunk {args.chunk}, batch {batches[0]}", chunk_res, base)
     seen = [x for r in res.values() for x in r.get("losses", [])]
     print(f"\nloss check: the same candidates on two paths; max |loss difference| <= {args.tol:g} (absolute) passes; "
           f"losses of {min(seen, default=0):.3f} .. {max(seen, default=0):.3f}")
@@ -331,6 +354,12 @@ def main(argv=None) -> int:
           f"loss rtol {LOSS_RTOL:g}, acc atol {ACC_ATOL:g}), sequential batch {batches[0]}:")
     for row in amp_rows:
         print("  " + row)
+    if chunk_res.get("status") == "ok" and base.get("status") == "ok":
+        sized = (f"sized to the device: {chunk_note['per_image_mb']} MB per image, {chunk_note['free_mb']} MB free of "
+                 f"{chunk_note['total_mb']} -> {chunk_note['chunk']} images" if chunk_note.get("asked") == "auto"
+                 else f"set to {chunk_note.get('chunk')} images")
+        print(f"evaluation chunk (-t eval_chunk): {sized}; {chunk_res['rate'] / base['rate']:.2f}x the evals/s of chunk "
+              f"{args.chunk}; peak {chunk_res['peak']}")
 
     big, counts, gpus = batches[-1], [], 0.0
     if ngpu >= 2 and device.startswith("cuda"):
@@ -359,6 +388,9 @@ def main(argv=None) -> int:
     print()
     if device == "cpu":
         print(f"NOT TESTED: CUDA (device is cpu; torch.cuda.is_available() = {torch.cuda.is_available()})")
+    if device == "cpu":
+        print("NOT TESTED: automatic evaluation chunk (-t eval_chunk=auto sizes from free CUDA memory; on CPU it keeps "
+              "the source's chunk, so a set chunk was compared instead)")
     if len(runs) == 1:
         print("NOT TESTED: device vs CPU losses and gradients (device is cpu; --with-cpu runs that code on two CPU tasks)")
     print("NOT TESTED: fp16 task-vector storage (-t dtype=fp16), "

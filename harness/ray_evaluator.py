@@ -356,10 +356,7 @@ class RayEvaluator(Evaluator):
         finished (none when the event was a replacement worker becoming ready)."""
         ray, lost = self._ray, _lost_errors()
         starting, running, idle = self._starting, self._running, self._idle
-        while idle and self._queue:
-            slot, (k, attempt) = idle.popleft(), self._queue.popleft()
-            cands, shard, whole = self._items[k]
-            running[self.actors[slot].evaluate.remote(cands, shard, whole)] = (slot, k, attempt)
+        self._dispatch()
         if not running and not starting:
             raise RuntimeError("no Ray worker is left to evaluate on")
         (ref,), _ = ray.wait(list(running) + list(starting), num_returns=1)
@@ -387,8 +384,16 @@ class RayEvaluator(Evaluator):
             result = [Evaluation(loss=PENALTY, weight=0.0, ok=False, error=msg) for _ in self._items[k][0]]
         else:
             idle.append(slot)
+            self._dispatch()  # the freed worker starts on the next queued item before the driver moves on
         del self._items[k]
         return [(k, result)]
+
+    def _dispatch(self) -> None:
+        """Start queued items on idle workers."""
+        while self._idle and self._queue:
+            slot, (k, attempt) = self._idle.popleft(), self._queue.popleft()
+            cands, shard, whole = self._items[k]
+            self._running[self.actors[slot].evaluate.remote(cands, shard, whole)] = (slot, k, attempt)
 
     # ------------------------------------------------------------------ pipelined (asynchronous) use
 
@@ -397,6 +402,7 @@ class RayEvaluator(Evaluator):
         for c in candidates:
             shard = fidelity_shard(c.fidelity)
             self._submitted[self._put(([c], shard, True))] = c
+        self._dispatch()
 
     def collect(self) -> list[tuple[Candidate, Evaluation]]:
         """Wait until at least one submitted candidate is scored; return those that are, in the

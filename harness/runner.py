@@ -146,11 +146,13 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         else:
             _search(c, searcher, evaluator, prior, state)
         used, failed, best = state.used, state.failed, state.best
+        search_s = time.time() - t_search
         stats = getattr(evaluator, "stats", None)
-        if stats is not None:  # Ray: where the time went, and the workers' utilisation
+        if stats is not None:  # Ray: where the time went, and the workers' utilisation over the search
             st = stats()
-            busy = st["worker_s"] / max(st["wall_s"] * max(st["workers"], 1), 1e-9)
-            record.evaluator = {**record.evaluator, "stats": {**st, "utilisation": round(busy, 4)}}
+            busy = st["worker_s"] / max(search_s * max(st["workers"], 1), 1e-9)
+            record.evaluator = {**record.evaluator, "stats": {**st, "search_s": round(search_s, 3),
+                                                              "utilisation": round(busy, 4)}}
         if bar is not None:
             bar.close()
         x = np.asarray(searcher.recommend(), dtype=np.float64)

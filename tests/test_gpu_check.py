@@ -87,7 +87,8 @@ def test_loss_checks_pass_within_the_stated_tolerance(full):
     want = [f"{label} population vs {label} sequential, batch {b}" for label in ("cpu", "cpu-ref") for b in (2, 4)]
     want += ["cpu sequential vs cpu-ref sequential (strict fp32)", "cpu population vs cpu-ref sequential (strict fp32)",
              "cpu gradient vs cpu-ref gradient (strict fp32, relative)",
-             "ray 1 worker(s) vs cpu sequential, batch 4", "ray 2 worker(s) vs cpu sequential, batch 4"]
+             "ray 1 worker(s) vs cpu sequential, batch 4", "ray 2 worker(s) vs cpu sequential, batch 4",
+             "cpu eval_chunk 64 vs chunk 0, batch 2"]
     assert set(checks) == set(want)
     for name, (diff, tol, status) in checks.items():
         assert status == "PASS" and 0 <= diff <= tol, name
@@ -96,7 +97,10 @@ def test_loss_checks_pass_within_the_stated_tolerance(full):
     assert checks["cpu sequential vs cpu-ref sequential (strict fp32)"][0] == 0
     assert checks["cpu gradient vs cpu-ref gradient (strict fp32, relative)"][0] == 0
     assert "max |loss difference| <= 0.0001 (absolute) passes" in full
-    assert re.search(r"^PASS: 9 PASS, 0 FAIL, 0 SKIPPED, 0 INFO of 9 checks; wall time \d+\.\d s$", full, re.M)
+    assert re.search(r"^PASS: 10 PASS, 0 FAIL, 0 SKIPPED, 0 INFO of 10 checks; wall time \d+\.\d s$", full, re.M)
+    # The evaluation chunk: set (the automatic sizing is CUDA-only, and says it was not tested).
+    assert re.search(r"^evaluation chunk \(-t eval_chunk\): set to 64 images; \d+\.\d\dx the evals/s of chunk 0", full, re.M)
+    assert any(line.startswith("NOT TESTED: automatic evaluation chunk") for line in full.splitlines())
 
 
 def test_ray_rows_and_what_was_not_tested_are_printed(full):
@@ -120,7 +124,7 @@ def test_plain_cpu_form_as_ci_runs_it(gpu_check, capsys):
     assert set(rows) == {("cpu", b, p) for b in (2, 4) for p in ("sequential", "population")}
     assert all(r["rate"] > 0 for r in rows.values())
     checks = _checks(out)
-    assert len(checks) == 2 and all(s == "PASS" and d <= 1e-4 for d, _, s in checks.values())
+    assert len(checks) == 3 and all(s == "PASS" and d <= 1e-4 for d, _, s in checks.values())
     assert "NOT TESTED: device vs CPU losses and gradients (device is cpu; --with-cpu runs that code on two CPU tasks)" in out
     assert "SKIPPED: Ray GPU scaling needs 2+ GPUs, found 0" in out
 
