@@ -69,7 +69,7 @@ class EvolutionStrategy(Searcher):
     when idle, defaults: 4 pairs, σ 0.05, Adam lr 0.05; seeds 0–2, normalised accuracy): over the
     Iso-C vector (``--space per_block -t transform=iso``, 30 coefficients) .9110 ± .0037, against
     gradient per_block .9090 ± .0021 and NGOpt over Iso-C .9077 ± .0035; per_layer on the raw task
-    vectors .8680 ± .0005, below NGOpt (.8758) and gradient per_layer (.8808): there it underfits
+    vectors .8674 ± .0012, below NGOpt (.8758) and gradient per_layer (.8808): there it underfits
     (whole-search-set loss .48–.49 against the gradient's .33–.45), 750 directional derivatives
     in 30 dimensions being less information than 288 mini-batch gradients. Larger steps (lr 0.1,
     cosine) or 8 pairs with lr 0.03 did worse on seed 0 (.8463, .8603).
