@@ -197,7 +197,7 @@ def chunk_rows(task, cands) -> tuple[dict, dict]:
     eng._chunk_sized = False
     eng.info.pop("eval_chunk", None)
     try:
-        eng.size_chunk(task.search)
+        eng.size_chunk(next(x[:16] for x in task.search.inputs if len(x)))
         note = dict(eng.info.get("eval_chunk", {}))
         r = score(task, cands, "sequential")
     finally:

@@ -202,6 +202,9 @@ def test_a_set_evaluation_chunk_gives_the_same_scores_and_is_recorded(cache_dir)
     assert "eval_chunk" not in auto.task_info               # auto on the CPU: the source's own chunking
     assert b.loss == pytest.approx(a.loss, rel=1e-5) and b.metrics["acc"] == a.metrics["acc"]
     assert small.final(x) == pytest.approx(auto.final(x), abs=1e-9)
+    fresh = task("7")                       # a set chunk holds from the first pass, even an accuracy
+    fresh.final(x)
+    assert fresh.source.chunk_size == 7 and fresh.task_info["eval_chunk"]["chunk"] == 7
     # The population pass shares a chunk sized by the engine between its candidates.
     pop = small.engine.population_ce([Candidate(x=x), Candidate(x=-x)], small.search)
     assert pop[0].loss == pytest.approx(a.loss, rel=1e-5)

@@ -139,8 +139,9 @@ class LocalEngine(Engine):
             raise HarnessError(f"precision decision names {used!r}; valid: {', '.join(PRECISIONS)}")
         self._amp = PRECISIONS[used]
 
-    def size_chunk(self, data) -> None:
-        """Set the tail's evaluation chunk once, before the first score (see ``eval_chunk``)."""
+    def size_chunk(self, sample) -> None:
+        """Set the tail's evaluation chunk once, before the first forward pass (see ``eval_chunk``):
+        a set chunk at once; ``auto`` on CUDA from a probe on ``sample`` (a few stored inputs)."""
         if self._chunk_sized:
             return
         self._chunk_sized = True
@@ -151,8 +152,9 @@ class LocalEngine(Engine):
             return
         if self.device.type != "cuda":
             return  # the source's own chunking, tuned on the CPU
-        x = next((x for x in data.part(None)[1] if len(x)), None)
-        if x is None:
+        x = sample() if callable(sample) else sample
+        if x is None or not len(x):
+            self._chunk_sized = False  # nothing to probe on yet: try again at the next pass
             return
         k = min(16, len(x))
         with torch.no_grad():
@@ -254,7 +256,7 @@ class LocalEngine(Engine):
         scores where that measured faster (``population=auto``), else one after another."""
         if not cands:
             return []
-        self.size_chunk(data)
+        self.size_chunk(lambda: next((x[:16] for x in data.part(None)[1] if len(x)), None))
         first = self.check_precision(cands[0], data, shard)
         if first is not None and not cands[0].grad and regularizer is None:
             # The check already scored the first candidate: reuse it rather than score it again.
@@ -282,6 +284,7 @@ class LocalEngine(Engine):
         return seq + self.score(cands[len(trial):], data, shard)
 
     def accuracy(self, x, ds: str, split: str = "test") -> float:
+        self.size_chunk(lambda: next(iter(self.source.batches(ds, split, 16)), None))
         with torch.no_grad():  # fp32 always: every reported accuracy is exact
             return self.source.accuracy(self.params(x, False)[0], ds, split)
 
