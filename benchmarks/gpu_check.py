@@ -197,7 +197,7 @@ def chunk_rows(task, cands) -> tuple[dict, dict]:
     eng._chunk_sized = False
     eng.info.pop("eval_chunk", None)
     try:
-        eng.size_chunk(next(x[:16] for x in task.search.inputs if len(x)))
+        eng.size_chunk(lambda: next((x[:16] for x in task.search.inputs if len(x)), None))
         note = dict(eng.info.get("eval_chunk", {}))
         r = score(task, cands, "sequential")
     finally:
@@ -221,7 +221,8 @@ def ray_rows(p, cands, counts, gpus: float) -> list[tuple[int, dict]]:
     """evals/s and losses of ``cands`` on 1 → N Ray workers, each holding the task set up from ``p``."""
     import ray
 
-    from harness.ray_evaluator import RayEvaluator, start_local_ray
+    from harness.ray_evaluator import RayEvaluator
+    from harness.ray_worker import start_local_ray
     start_local_ray(num_cpus=max(counts), quiet=True)
     out = []
     try:

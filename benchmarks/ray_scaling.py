@@ -83,7 +83,8 @@ def main(argv=None) -> int:
                     help="evaluators to compare: local:THREADS (this process) and ray:WORKERS")
     args = ap.parse_args(argv)
 
-    from harness.ray_evaluator import RayEvaluator, start_local_ray
+    from harness.ray_evaluator import RayEvaluator
+    from harness.ray_worker import start_local_ray
 
     t_start = time.perf_counter()
     cfg = RunConfig(task="addition", task_options={"source": args.zoo, "source_options": args.zoo_options},

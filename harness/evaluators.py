@@ -12,6 +12,8 @@ import numpy as np
 
 from harness.api import Candidate, Evaluation, Task
 
+# How Ray workers share the work (``--parallel``; see :mod:`harness.ray_evaluator`).
+PARALLEL_MODES = ("auto", "candidates", "data", "async")
 # Loss given to the searcher for an evaluation that failed (NaN/inf): large enough to be the
 # worst, small enough that optimisers that average losses (CMA, Cobyla's models) stay stable.
 PENALTY = 1e3

@@ -15,6 +15,7 @@ from harness import registry
 from harness.api import HarnessError, Searcher, Task
 from harness.config import RunConfig, check_config, resolve_options
 from harness.engines import check_device
+from harness.evaluators import PARALLEL_MODES
 from harness.wrappers import Wrappers, wrap
 
 
@@ -65,8 +66,8 @@ def plan(cfg: RunConfig) -> Plan:
         raise HarnessError(f"--device {cfg.device} with Ray workers needs --gpus-per-worker > 0: each worker "
                            "computes on the GPU Ray assigns it")
     check_device(cfg.device)  # the driver scores the final result on it
-    if cfg.parallel not in ("auto", "candidates", "data", "async"):
-        raise HarnessError(f"--parallel must be one of auto, candidates, data, async; got {cfg.parallel!r}")
+    if cfg.parallel not in PARALLEL_MODES:
+        raise HarnessError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}; got {cfg.parallel!r}")
     if cfg.parallel == "async":
         if not searcher_cls.asynchronous:
             ok = ", ".join(_asynchronous_searchers())

@@ -38,10 +38,11 @@ CASES = {
 DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
 
 
-def _task(case, cache_dir, device, space="per_block"):
+def _task(case, cache_dir, device, space="per_block", **extra):
+    """``case``'s task set up on ``device``; ``extra`` task options override the case's."""
     name = case.split("-")[0]
     cls = registry.load("task", name)
-    opts = resolve_options(cls, {**SMALL, **CASES[case]}, "task")
+    opts = resolve_options(cls, {**SMALL, **CASES[case], **extra}, "task")
     cls.validate(opts)
     task = cls(opts, space=space, seed=0, cache_dir=cache_dir)
     task.setup(device)
@@ -135,12 +136,7 @@ def test_what_the_engine_chooses_is_recorded_with_the_run(tmp_path, cache_dir):
 
 
 def _precision_task(cache_dir, precision):
-    cls = registry.load("task", "addition")
-    opts = resolve_options(cls, {**SMALL, **CASES["addition"], "precision": precision}, "task")
-    cls.validate(opts)
-    task = cls(opts, space="per_block", seed=0, cache_dir=cache_dir)
-    task.setup("cpu")
-    return task
+    return _task("addition", cache_dir, "cpu", precision=precision)
 
 
 def test_bf16_autocast_is_measured_against_fp32_and_kept_only_within_tolerance(cache_dir, monkeypatch):
@@ -188,12 +184,7 @@ def test_the_evaluation_chunk_is_sized_from_free_memory_and_settable():
 
 def test_a_set_evaluation_chunk_gives_the_same_scores_and_is_recorded(cache_dir):
     def task(chunk):
-        cls = registry.load("task", "addition")
-        opts = resolve_options(cls, {**SMALL, **CASES["addition"], "eval_chunk": chunk}, "task")
-        cls.validate(opts)
-        t = cls(opts, space="per_block", seed=0, cache_dir=cache_dir)
-        t.setup("cpu")
-        return t
+        return _task("addition", cache_dir, "cpu", eval_chunk=chunk)
 
     auto, small = task("auto"), task("5")
     x = np.linspace(-0.3, 0.3, auto.space().dim)

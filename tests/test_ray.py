@@ -24,7 +24,8 @@ ray = pytest.importorskip("ray")
 from harness.api import Candidate  # noqa: E402
 from harness.config import RunConfig  # noqa: E402
 from harness.evaluators import PENALTY, LocalEvaluator  # noqa: E402
-from harness.ray_evaluator import RayEvaluator, start_local_ray  # noqa: E402
+from harness.ray_evaluator import RayEvaluator  # noqa: E402
+from harness.ray_worker import start_local_ray  # noqa: E402
 from harness.problem import make_task, plan  # noqa: E402
 from harness.runner import run  # noqa: E402
 from tasks.quadratic import QuadraticTask  # noqa: E402

@@ -141,7 +141,8 @@ class LocalEngine(Engine):
 
     def size_chunk(self, sample) -> None:
         """Set the tail's evaluation chunk once, before the first forward pass (see ``eval_chunk``):
-        a set chunk at once; ``auto`` on CUDA from a probe on ``sample`` (a few stored inputs)."""
+        a set chunk at once; ``auto`` on CUDA from a probe on ``sample()`` (a few stored inputs,
+        or None when there are none yet)."""
         if self._chunk_sized:
             return
         self._chunk_sized = True
@@ -152,13 +153,13 @@ class LocalEngine(Engine):
             return
         if self.device.type != "cuda":
             return  # the source's own chunking, tuned on the CPU
-        x = sample() if callable(sample) else sample
+        x = sample()
         if x is None or not len(x):
             self._chunk_sized = False  # nothing to probe on yet: try again at the next pass
             return
         k = min(16, len(x))
         with torch.no_grad():
-            params, _ = self.params(self.comp_start(), False)
+            params, _ = self.params(np.zeros(self.comp.dim), False)  # the pre-trained model
             torch.cuda.synchronize(self.device)
             base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -171,10 +172,6 @@ class LocalEngine(Engine):
         self.info["eval_chunk"] = {"asked": "auto", "chunk": self.source.chunk_size, "per_image_mb": round(per_image / 2**20, 3),
                                    "free_mb": round(free / 2**20), "total_mb": round(total / 2**20),
                                    "fraction": CHUNK_FRACTION}
-
-    def comp_start(self) -> np.ndarray:
-        """Coefficients of the pre-trained model (all zero): what the memory probe merges."""
-        return np.zeros(self.comp.dim)
 
     def to(self, device) -> "LocalEngine":
         """Move the source (tail, θ0, heads, inputs) and the composition to ``device``, once."""
