@@ -26,7 +26,7 @@ class NevergradSearcher(Searcher):
     name = "nevergrad"
     description = "any nevergrad optimiser by name (-s optimizer=NGOpt|CMA|TwoPointsDE|Cobyla|...), black-box"
     # Measured on the default zoo (addition, NGOpt → Cobyla, one worker, seeds 0-2, normalised):
-    # per_layer 600 evaluations .8809 ± .0026, equal to gradient descent per_layer 300 steps
+    # per_layer 600 evaluations .8809 ± .0032, equal to gradient descent per_layer 300 steps
     # (.8808 ± .0045) at 0.88× its wall time (57.5 s vs 65.6 s side by side); per_layer 300
     # .8758 ± .0080. Earlier, seed 0: per_task 200 .851, per_block 500 .840 (task arithmetic .782).
     default_budget = 600
