@@ -57,6 +57,10 @@ class NevergradSearcher(Searcher):
         import nevergrad as ng
 
         super().__init__(space, budget, batch_size, seed, options)
+        # NGOpt's Cobyla runs scipy in a thread of its own, outside the catch_warnings blocks here;
+        # scipy then warns that nevergrad's default RHOEND is invalid and replaces it (harmless
+        # noise on the main command's output): a filter for that one message, for the process.
+        warnings.filterwarnings("ignore", message=r"COBYLA: Invalid RHOEND", category=UserWarning)
         lower, upper = space.lower, space.upper
         if options.bound is not None:
             lower, upper = np.full(space.dim, -options.bound), np.full(space.dim, options.bound)
