@@ -34,7 +34,7 @@ def drive(task, budget, seed=0, batch=1, **kw):
 
 def test_rounds_split_the_budget_one_fixed_batch_each_and_a_final_whole_set_score():
     t = quadratic()
-    s, asked, x = drive(t, 83, rounds=4, batch=3)
+    s, asked, x = drive(t, 83, rounds=4, batch=3, chain=False)
     assert len(asked) == 83
     assert s.budgets == [20, 20, 20, 22]                 # the remainder goes to the last round
     seen = [c.batch for c in asked[:-1]]
@@ -50,7 +50,7 @@ def test_rounds_split_the_budget_one_fixed_batch_each_and_a_final_whole_set_scor
 
 def test_each_round_optimum_is_its_best_mini_batch_point():
     t = quadratic(noise=0.05)
-    s, asked, _ = drive(t, 41, rounds=2)
+    s, asked, _ = drive(t, 41, rounds=2, chain=False)
     losses = t.evaluate(asked[:-1])
     for r, (lo, hi) in enumerate([(0, 20), (20, 40)]):
         best = lo + int(np.argmin([e.loss for e in losses[lo:hi]]))
@@ -98,3 +98,11 @@ def test_bad_options_get_one_line_errors():
         drive(t, 50, rounds=0)
     with pytest.raises(HarnessError, match="unknown nevergrad optimizer"):
         drive(t, 50, optimizer="Cobila")
+
+
+def test_independent_rounds_all_start_at_the_spaces_start():
+    t = quadratic()
+    s, asked, _ = drive(t, 61, rounds=3, chain=False)
+    for i in (0, 20, 40):
+        np.testing.assert_allclose(asked[i].x, t.space().start)
+    assert Bagging.default_budget == 1201 and Bagging.Options().chain is True
