@@ -42,6 +42,25 @@ class Check:
     detail: str = ""
 
 
+def drive(searcher, evaluate, budget: int, batch: int = 1):
+    """Ask/tell in this process as the runner does, until ``budget`` evaluations are spent or the
+    searcher asks for none; ``evaluate`` maps a list of candidates to their evaluations (e.g. a
+    task's ``evaluate``). For a searcher's own unit tests. Returns the asked candidates, one list
+    per ask, and the recommendation; the searcher is closed afterwards."""
+    asked, used = [], 0
+    try:
+        while used < budget:
+            cands = searcher.ask(min(batch, budget - used))
+            if not cands:
+                break
+            asked.append(cands)
+            searcher.tell(cands, evaluate(cands))
+            used += len(cands)
+        return asked, searcher.recommend()
+    finally:
+        searcher.close()
+
+
 def _trace(results_dir: Path, rec: dict) -> list[dict]:
     from harness.results import RunStore
     return RunStore(results_dir, rec["run_id"]).trace(warn=False)

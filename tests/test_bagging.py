@@ -7,6 +7,7 @@ import pytest
 
 from harness.api import HarnessError
 from harness.config import resolve_options
+from harness.conformance import drive as drive_searcher
 from searchers.bagging import Bagging
 from tasks.quadratic import QuadraticTask
 
@@ -19,17 +20,8 @@ def quadratic(dim=5, seed=0, noise=0.0):
 
 def drive(task, budget, seed=0, batch=1, **kw):
     s = Bagging(task.space(), budget, batch, seed, resolve_options(Bagging, kw, "searcher"))
-    asked, used = [], 0
-    while used < budget:
-        cands = s.ask(min(batch, budget - used))
-        if not cands:
-            break
-        asked.extend(cands)
-        s.tell(cands, task.evaluate(cands))
-        used += len(cands)
-    x = s.recommend()
-    s.close()
-    return s, asked, x
+    asked, x = drive_searcher(s, task.evaluate, budget, batch)
+    return s, [c for cands in asked for c in cands], x
 
 
 def test_rounds_split_the_budget_one_fixed_batch_each_and_a_final_whole_set_score():

@@ -12,7 +12,7 @@ import pytest
 
 from harness.api import Evaluation, HarnessError, Space
 from harness.config import RunConfig, resolve_options
-from harness.conformance import check_searcher
+from harness.conformance import check_searcher, drive as drive_searcher
 from harness.problem import plan
 from searchers.coarse_to_fine import CoarseToFine, allocate, groups_of
 from searchers.nevergrad_search import NevergradSearcher
@@ -39,19 +39,9 @@ def structured(seed=0, T=3, L=4, B=5, noise=0.05):
 
 
 def drive(searcher, f, budget, batch=1):
-    """Ask/tell until the budget is spent, as the runner does; returns (asked batches, recommendation)."""
-    batches, used = [], 0
-    try:
-        while used < budget:
-            cands = searcher.ask(min(batch, budget - used))
-            if not cands:
-                break
-            batches.append([c.x.copy() for c in cands])
-            searcher.tell(cands, [Evaluation(loss=f(c.x)) for c in cands])
-            used += len(cands)
-        return batches, searcher.recommend()
-    finally:
-        searcher.close()
+    """Ask/tell until the budget is spent, as the runner does; returns (asked points per ask, recommendation)."""
+    asked, x = drive_searcher(searcher, lambda cands: [Evaluation(loss=f(c.x)) for c in cands], budget, batch)
+    return [[c.x.copy() for c in cands] for cands in asked], x
 
 
 def test_groupings_follow_the_labels():

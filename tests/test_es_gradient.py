@@ -12,7 +12,7 @@ import pytest
 
 from harness.api import Evaluation, HarnessError, Space
 from harness.config import RunConfig, resolve_options
-from harness.conformance import check_searcher
+from harness.conformance import check_searcher, drive as drive_searcher
 from harness.problem import plan
 from searchers.es_gradient import EvolutionStrategy, centred_ranks
 from tasks.quadratic import QuadraticTask
@@ -33,15 +33,8 @@ def quadratic(dim=6, seed=0, noise=0.0, nan_above=None):
 def drive(task, budget, seed=0, batch=16, **kw):
     """Ask/tell on ``task`` as the runner does; returns (searcher, asked batches, recommendation)."""
     s = EvolutionStrategy(task.space(), budget, batch, seed, options(**kw))
-    batches, used = [], 0
-    while used < budget:
-        cands = s.ask(min(batch, budget - used))
-        if not cands:
-            break
-        batches.append(cands)
-        s.tell(cands, task.evaluate(cands))
-        used += len(cands)
-    return s, batches, s.recommend()
+    batches, x = drive_searcher(s, task.evaluate, budget, batch)
+    return s, batches, x
 
 
 def test_converges_on_a_quadratic():
