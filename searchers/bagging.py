@@ -77,11 +77,15 @@ class Bagging(Searcher):
         rng = np.random.default_rng([seed % 2**32, 7])
         self.batches = [int(b) for b in rng.integers(0, 2**31 - 1, size=options.rounds)]
         self._r, self._inner, self._asked_in_round = 0, None, 0
-        self._pending: dict[int, tuple[int, Candidate | None]] = {}   # id → (round, inner candidate)
+        self._pending: dict[int, tuple[int, Candidate]] = {}   # id → (round, inner candidate)
         self.optima: list[np.ndarray] = []
         self._round_best: tuple[float, np.ndarray] | None = None
-        self._final: list[np.ndarray] | None = None     # points scored on the whole search set
-        self._final_losses: dict[int, float] = {}
+        # After the rounds: the points scored on the whole search set (the mean, then with
+        # combine=best each optimum), handed out at most a batch at a time, and their losses.
+        self._final: list[np.ndarray] | None = None
+        self._final_asked = 0
+        self._final_pending: dict[int, int] = {}         # id → index in _final
+        self._final_losses: dict[int, float] = {}        # index in _final → loss
         self.info = {"optimizer": options.optimizer, "num_workers": batch_size,
                      "rounds": [{"budget": b, "batch": s} for b, s in zip(self.budgets, self.batches)]}
 
@@ -130,23 +134,24 @@ class Bagging(Searcher):
                     break                          # the last round is still being scored
                 mean = self.space.clip(np.mean(self.optima, axis=0))
                 self._final = [mean] + (self.optima if self.options.combine == "best" else [])
-                for x in self._final:
-                    c = self.candidate(x.copy())
-                    self._pending[c.id] = (-1, None)
-                    out.append(c)
+            while len(out) < n and self._final_asked < len(self._final):
+                c = self.candidate(self._final[self._final_asked].copy())
+                self._final_pending[c.id] = self._final_asked
+                self._final_asked += 1
+                out.append(c)
             break
         return out
 
     def _tell(self, candidates: list[Candidate], evaluations: list[Evaluation]) -> None:
         inner_c, inner_e = [], []
         for c, e in zip(candidates, evaluations):
-            _, ic = self._pending.pop(c.id)
-            if ic is None:                          # a final whole-search-set score
-                self._final_losses[c.id] = e.loss if e.ok and math.isfinite(e.loss) else math.inf
+            loss = e.loss if e.ok and math.isfinite(e.loss) else math.inf
+            if c.id in self._final_pending:         # a final whole-search-set score
+                self._final_losses[self._final_pending.pop(c.id)] = loss
                 continue
+            _, ic = self._pending.pop(c.id)
             inner_c.append(ic)
             inner_e.append(e)
-            loss = e.loss if e.ok and math.isfinite(e.loss) else math.inf
             if self._round_best is None or loss < self._round_best[0]:
                 self._round_best = (loss, np.asarray(c.x, dtype=np.float64).copy())
         if inner_c and self._inner is not None:
@@ -155,13 +160,9 @@ class Bagging(Searcher):
     def _recommend(self) -> np.ndarray:
         if not self.optima:
             return self.best_x.copy()
-        mean = self.space.clip(np.mean(self.optima, axis=0))
-        if self.options.combine == "best" and self._final_losses:
-            points = [mean] + self.optima
-            ids = sorted(self._final_losses)
-            losses = [self._final_losses[i] for i in ids]
-            return points[int(np.argmin(losses))].copy()
-        return mean
+        if self._final is not None and len(self._final_losses) == len(self._final) > 1:   # combine=best
+            return self._final[min(self._final_losses, key=self._final_losses.get)].copy()
+        return self.space.clip(np.mean(self.optima, axis=0))
 
     def close(self) -> None:
         if self._inner is not None:

@@ -74,10 +74,19 @@ def test_bagging_gets_close_to_a_noisy_quadratics_optimum_and_is_deterministic()
 def test_combine_best_scores_every_optimum_and_the_mean_and_recommends_the_lowest():
     t = quadratic(noise=0.05)
     s, asked, x = drive(t, 60, rounds=3, combine="best")
+    assert s._final_asked == 4                           # handed out one per ask at batch 1
     final = asked[-4:]
     assert [c.batch for c in final] == [None] * 4
     losses = [e.loss for e in t.evaluate(final)]
     np.testing.assert_allclose(x, final[int(np.argmin(losses))].x)
+
+
+def test_combine_best_never_asks_more_than_the_batch():
+    t = quadratic()
+    s = Bagging(t.space(), 60, 2, 0, resolve_options(Bagging, {"rounds": 3, "combine": "best"}, "searcher"))
+    asked, _ = drive_searcher(s, t.evaluate, 60, 2)
+    assert sum(map(len, asked)) == 60 and max(map(len, asked)) <= 2
+    assert [c.batch for c in asked[-2] + asked[-1]] == [None] * 4
 
 
 def test_bad_options_get_one_line_errors():

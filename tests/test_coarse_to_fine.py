@@ -12,7 +12,7 @@ import pytest
 
 from harness.api import Evaluation, HarnessError, Space
 from harness.config import RunConfig, resolve_options
-from harness.conformance import check_searcher, drive as drive_searcher
+from harness.conformance import drive as drive_searcher
 from harness.problem import plan
 from searchers.coarse_to_fine import CoarseToFine, allocate, groups_of
 from searchers.nevergrad_search import NevergradSearcher
@@ -180,11 +180,6 @@ def test_unlabelled_space_is_one_stage():
     s = CoarseToFine(space, 40, 1, 0, options())
     assert [(st["stage"], st["dim"], st["budget"]) for st in s.info["stages"]] == [("per_task+per_layer+per_block", 4, 40)]
     s.close()
-
-
-def test_keeps_every_promise_of_the_conformance_suite(tmp_path):
-    checks = check_searcher(NAME, {}, str(tmp_path))
-    assert all(c.ok for c in checks), [f"{c.name}: {c.detail}" for c in checks if not c.ok]
 
 
 @pytest.mark.parametrize("opts, expect", [

@@ -12,7 +12,7 @@ import pytest
 
 from harness.api import Evaluation, HarnessError, Space
 from harness.config import RunConfig, resolve_options
-from harness.conformance import check_searcher, drive as drive_searcher
+from harness.conformance import drive as drive_searcher
 from harness.problem import plan
 from searchers.es_gradient import EvolutionStrategy, centred_ranks
 from tasks.quadratic import QuadraticTask
@@ -147,11 +147,6 @@ def test_a_failed_pair_is_skipped():
     assert t.final(x)["distance"] < 0.1
     assert s.info["failed_pairs"] > 0 and np.all(np.isfinite(x))
     assert s.info["steps"] == s.info["planned_steps"]
-
-
-def test_keeps_every_promise_of_the_conformance_suite(tmp_path):
-    checks = check_searcher("es", {}, str(tmp_path))
-    assert all(c.ok for c in checks), [f"{c.name}: {c.detail}" for c in checks if not c.ok]
 
 
 @pytest.mark.parametrize("opts, expect", [
