@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of AdamW, one-cycle (default 1e-5)")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--max-n", dest="max_n", type=int, default=4000, help="images per built-in data set")
+    data = sub.add_parser("data", help="the field's benchmark data: list suites, check a data root")
+    data.add_argument("action", choices=["check", "suites"], help="check: what --data-root holds of a suite; suites: list them")
+    data.add_argument("--suite", help="ta8, ta8-atlas, tall14, tall20 or atlas22")
+    data.add_argument("--datasets", help="comma-separated data sets instead of a suite (either naming)")
+    data.add_argument("--data-root", dest="data_root", help="the folder holding the data sets")
+    data.add_argument("--convention", default="auto", help="auto (default), tv (task_vectors layout) or hf (Parquet)")
+    data.add_argument("--val-rule", dest="val_rule", default="atlas", help="atlas (at most 5,000) or fusionbench (no cap)")
+    data.add_argument("--decode", action="store_true", help="also decode every image (finds corrupt files)")
+    data.add_argument("--workers", type=int, default=2, help="processes that decode with --decode (default 2)")
     bench = sub.add_parser("bench", help="run a benchmark suite (several searchers, same seeds)")
     bench.add_argument("suite", help="addition | negation | perf (issue #10's performance figures)")
     bench.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
@@ -308,6 +317,23 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    """``data suites`` lists the suites; ``data check`` reports a data root (exit 1 when a data set
+    is missing, 2 when one is malformed)."""
+    from harness.data import suites
+    if args.action == "suites":
+        for name, tasks in suites.SUITES.items():
+            print(f"{name:<10} {len(tasks):>2}  {', '.join(tasks)}")
+        return 0
+    from harness.data.check import check, format_rows, names_for
+    if not args.data_root or not os.path.isdir(args.data_root):
+        raise HarnessError(f"data check needs --data-root, an existing folder (got {args.data_root!r})")
+    rows = check(names_for(args.suite, args.datasets), args.data_root, convention=args.convention,
+                 val_rule=args.val_rule, decode=args.decode, workers=args.workers)
+    print(format_rows(rows))
+    return 1 if any(r.status == "missing" for r in rows) else 0
+
+
 def cmd_plot(args) -> int:
     from pathlib import Path
     from harness.plots import plot_coefficients
@@ -340,7 +366,7 @@ def cmd_zoo(args) -> int:
 
 
 COMMANDS = {"check-plugin": cmd_check_plugin, "presets": cmd_presets, "convert": cmd_convert, "finetune": cmd_finetune, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench,
-            "sweep": cmd_sweep, "plot": cmd_plot}
+            "sweep": cmd_sweep, "plot": cmd_plot, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

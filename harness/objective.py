@@ -29,7 +29,8 @@ from harness.config import resolve_options
 from harness.sources.base import content_hash, data_hash
 
 # Task options forwarded to the source / the engine when their Options have a field of that name.
-SOURCE_FIELDS = ("model", "pretrained", "checkpoints", "data_root")
+SOURCE_FIELDS = ("model", "pretrained", "checkpoints", "data_root", "suite", "data_convention", "val_rule",
+                 "prompts", "bench_subset")
 ENGINE_FIELDS = ("population", "precision", "eval_chunk")
 
 
@@ -40,7 +41,9 @@ class ComposeOptions:
     ``source`` names the model source plugin (``effnet``, the default; ``tiny-clip``;
     ``open_clip``, chosen by itself when ``checkpoints`` are given; or any installed one) and
     ``source_options`` its own options as ``"key=value;key=value"``. ``model``, ``pretrained``,
-    ``checkpoints`` and ``data_root`` go to sources that take them (your own open_clip model).
+    ``checkpoints`` and ``data_root`` go to sources that take them (your own open_clip model), and
+    so do the benchmark-data options ``suite``, ``data_convention``, ``val_rule``, ``prompts`` and
+    ``bench_subset`` (:class:`harness.sources.open_clip.BenchOptions`).
 
     ``engine`` names the engine plugin (``local``); ``population`` (``auto`` or ``off``) is its
     choice of vmap evaluation for batches of candidates, and ``precision`` (``fp32``, ``bf16`` or
@@ -61,7 +64,12 @@ class ComposeOptions:
     model: str = field(default="", metadata={"help": "open_clip architecture of your model (source open_clip)"})
     pretrained: str = field(default="", metadata={"help": "your pre-trained weights: a file or local-dir:DIR"})
     checkpoints: list[str] = field(default_factory=list, metadata={"help": "fine-tuned checkpoints, NAME=PATH,..."})
-    data_root: str = field(default="", metadata={"help": "image folders DIR/<data set>/<split>/<class>/"})
+    data_root: str = field(default="", metadata={"help": "image folders DIR/<data set>/<split>/<class>/, or benchmark data sets in their own layouts"})
+    suite: str = field(default="", metadata={"help": "benchmark suite: ta8, ta8-atlas, tall14, tall20, atlas22 (needs --data-root)"})
+    data_convention: str = field(default="", metadata={"help": "benchmark data layout: auto (default), tv, hf, folders"})
+    val_rule: str = field(default="", metadata={"help": "validation split of train: atlas (default; at most 5,000) or fusionbench (no cap)"})
+    prompts: str = field(default="", metadata={"help": "class names and templates: atlas (default) or fusionbench"})
+    bench_subset: int = field(default=0, metadata={"help": "benchmark val/test: a seeded subset of at most N images (0: all)"})
     engine: str = field(default="local", metadata={"help": "engine plugin that merges and runs the forward pass"})
     bound: float = field(default=1.5, metadata={"help": "coefficient box [-bound, bound] for black-box searchers"})
     dtype: str = field(default="fp32", metadata={"help": "task-vector storage: fp32 or fp16"})

@@ -40,6 +40,11 @@ class _Reader:
         from harness.stream import FolderSplit
         return FolderSplit(files, self.transform, self.size, self.workers, self.description)
 
+    def samples(self, samples):
+        """A benchmark split (:mod:`harness.data.samples`) read through the same transform."""
+        from harness.stream import SampleSplit
+        return SampleSplit(samples, self.transform, self.size, self.workers, self.description)
+
 
 def _text_hash(model, tokenizer) -> str:
     """A content hash of everything the zero-shot heads depend on besides the prompts: the
@@ -120,38 +125,74 @@ def _visual_keys(tv: dict[str, Tensor], visual_names: set[str]) -> dict[str, Ten
     return out
 
 def _split_data(ds: str, data_root: str | None, size: int, seed: int, max_n: int | None,
-                read) -> tuple[list[str], dict[str, tuple]]:
-    """A data set's class names and ``{split: (lazy split, labels)}``: an image folder's files
-    through ``read`` (a :class:`harness.stream.FolderSplit` factory), or a built-in set's raw
-    arrays. Nothing is decoded yet."""
+                read, bench: "BenchOptions | None" = None) -> tuple[list[str], dict[str, tuple], dict | None]:
+    """A data set's class names, ``{split: (lazy split, labels)}`` and, for a benchmark data set,
+    what to record about it (else None): a benchmark data set found under ``data_root`` in
+    either convention (:mod:`harness.data.benchmark`), an image folder's files through ``read``
+    (a :class:`harness.stream.FolderSplit` factory), or a built-in set's raw arrays. Nothing is
+    decoded yet."""
     from harness.data import scan_image_folder
     from harness.stream import ArraySplit
+    bench = bench or BenchOptions()
+    if data_root and bench.data_convention != "folders":
+        from harness.data import benchmark
+        if benchmark.find(ds, data_root, bench.data_convention) is not None:
+            return _benchmark_data(ds, data_root, read, bench, seed)
+    if bench.data_convention in ("tv", "hf") and data_root:
+        raise HarnessError(f"data set '{ds}' not found under {data_root} in the {bench.data_convention} "
+                           f"convention (run `python -m harness data check --data-root {data_root} --datasets {ds}`)")
     if ds in OFFLINE and not (data_root and os.path.isdir(os.path.join(data_root, ds))):
         data = load(ds, seed=seed, max_n=max_n)
-        return list(data.classes), {s: (ArraySplit(x, size), y) for s, (x, y) in data.splits.items()}
+        return list(data.classes), {s: (ArraySplit(x, size), y) for s, (x, y) in data.splits.items()}, None
     if data_root is None:
         raise HarnessError(f"data set '{ds}' is not built in ({', '.join(OFFLINE)}); "
                            "give data_root, a folder holding <data_root>/<ds>/<split>/<class>/*.png")
     if not os.path.isdir(os.path.join(data_root, ds)):
         raise HarnessError(f"data set '{ds}' not found: no folder {os.path.join(data_root, ds)} and it is not "
-                           f"built in ({', '.join(OFFLINE)})")
+                           f"built in ({', '.join(OFFLINE)}) or a benchmark data set in a known layout")
     classes, listing = scan_image_folder(os.path.join(data_root, ds), max_n=max_n, seed=seed)
     missing = [s for s in ("val", "test") if s not in listing]
     if missing:
         raise HarnessError(f"image folder {os.path.join(data_root, ds)} has no "
                            f"{' or '.join(missing)} split folder; tasks need val and test")
-    return classes, {s: (read(files), y) for s, (files, y) in listing.items()}
+    return classes, {s: (read(files), y) for s, (files, y) in listing.items()}, None
 
 
-def plan_residency(data: dict[str, dict[str, tuple]], max_resident_mb: float) -> dict[str, dict[str, tuple]]:
+def _benchmark_data(ds: str, data_root: str, read, bench: "BenchOptions", seed: int):
+    """A benchmark data set's splits as :class:`harness.stream.SampleSplit` (a seeded subset of
+    at most ``bench.bench_subset`` val and test images when set) and its record entry."""
+    import numpy as np
+    from harness.data import benchmark
+    d = benchmark.load(ds, data_root, convention=bench.data_convention, val_rule=bench.val_rule,
+                       prompts=bench.prompts)
+    splits = dict(d.splits)
+    if bench.bench_subset:
+        for k, split in enumerate(("val", "test")):
+            n = len(splits[split])
+            if n > bench.bench_subset:
+                keep = np.sort(np.random.default_rng([seed, k]).permutation(n)[:bench.bench_subset])
+                splits[split] = splits[split].subset(keep)
+    info = {**d.info, "name": d.spec.name, "val_rule": d.val_rule, "prompt_lists": d.prompts,
+            "fingerprint": d.fingerprint(), "templates": d.templates,
+            "subset": bench.bench_subset or None, "scored_sizes": {k: len(v) for k, v in splits.items()}}
+    # Val first, then test, then train: the order residency is granted in (plan_residency).
+    return d.classes, {s: (read.samples(splits[s]), splits[s].labels) for s in ("val", "test", "train")}, info
+
+
+def plan_residency(data: dict[str, dict[str, tuple]], max_resident_mb: float,
+                   streamable: frozenset[str] | set[str] = frozenset()) -> dict[str, dict[str, tuple]]:
     """Decide which splits are held in memory: every train and val split (the search reads them
     at random; they must fit in ``max_resident_mb`` together, else a one-line error), then each
-    test split, in data-set order, while the total stays within the budget. A resident split is
-    decoded now (an image folder's into uint8 images at the model's size, a built-in set's raw
-    arrays as they are); the others stay lazy and are streamed when scored."""
-    from harness.stream import FolderSplit
+    test split, in data-set order, while the total stays within the budget. Data sets in
+    ``streamable`` (benchmark data sets, whose train splits alone can be gigabytes) have no split
+    that must be resident: theirs are held in the order given while the budget lasts and streamed
+    otherwise (a search subset drawn from a streamed split is decoded once, when the task builds
+    it). A resident split is decoded now (an image folder's into uint8 images at the model's size,
+    a built-in set's raw arrays as they are); the others stay lazy and are streamed when scored."""
+    from harness.stream import ArraySplit
     budget = max_resident_mb * 2**20
-    search = sum(len(x) * x.item_bytes for sp in data.values() for s, (x, _) in sp.items() if s != "test")
+    search = sum(len(x) * x.item_bytes for ds, sp in data.items() if ds not in streamable
+                 for s, (x, _) in sp.items() if s != "test")
     if search > budget:
         raise HarnessError(f"the train and val splits need {search / 2**20:.0f} MB in memory, over "
                            f"max_resident_mb={max_resident_mb:g}; raise it, or lower max_n (images per split)")
@@ -159,14 +200,15 @@ def plan_residency(data: dict[str, dict[str, tuple]], max_resident_mb: float) ->
     for ds, sp in data.items():
         out[ds] = {}
         for s, (x, y) in sp.items():
-            if s == "test" and used + len(x) * x.item_bytes > budget:
+            optional = s == "test" or ds in streamable
+            if optional and used + len(x) * x.item_bytes > budget:
                 out[ds][s] = (x, y)
                 continue
-            used += len(x) * x.item_bytes if s == "test" else 0
-            if isinstance(x, FolderSplit):
-                images = torch.cat(list(x.batches(256, "cpu"))).permute(0, 2, 3, 1).numpy()
-            else:
+            used += len(x) * x.item_bytes if optional else 0
+            if isinstance(x, ArraySplit):
                 images = x.hwc()
+            else:
+                images = torch.cat(list(x.batches(256, "cpu"))).permute(0, 2, 3, 1).numpy()
             out[ds][s] = (images, y)
     return out
 
@@ -176,7 +218,7 @@ def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Seque
                      templates: Sequence[str] = TEMPLATES, seed: int = 0,
                      max_n: int | None = 4000, reference_cache: str | None = None,
                      compact: bool = True, max_resident_mb: float = 2048,
-                     loader_workers: int = 2) -> ModelSource:
+                     loader_workers: int = 2, bench: "BenchOptions | None" = None) -> ModelSource:
     """A :class:`ModelSource` from a user's open_clip model and fine-tuned checkpoints.
 
     The tail is the whole image tower (no prefix), the inputs are the images preprocessed to the
@@ -200,6 +242,9 @@ def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Seque
         max_resident_mb: memory for resident inputs (uint8 at the model's size): train and val
             must fit; a test split that does not is streamed from disk (:func:`plan_residency`).
         loader_workers: DataLoader worker processes that decode a streamed image folder.
+        bench: how benchmark data sets under ``data_root`` are read (convention, validation
+            rule, prompt lists, subset); their own class names and templates replace
+            ``templates``, and what was read is recorded in ``meta["data"]``.
 
     Image folders are read through the model's own inference transform (open_clip's resize,
     centre crop and normalisation, bit for bit; :func:`harness.stream.uint8_transform`).
@@ -233,32 +278,139 @@ def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Seque
     source = ModelSource(name=model_name, kind="clip", tail=tail, base=base, heads={}, classes={},
                          inputs={}, labels={}, task_vectors=task_vectors, normalize=True,
                          image_size=size, mean=mean, std=std, compact=compact)
-    data, hits = {}, []
+    data, hits, bench_info, used_templates = {}, [], {}, {}
     text = _text_hash(model, tokenizer) if reference_cache is not None else None
     for ds in datasets:
-        source.classes[ds], data[ds] = _split_data(ds, data_root, size, seed, max_n, read)
-        source.heads[ds], hit = _heads(model, tokenizer, source.classes[ds], templates, reference_cache, text)
+        source.classes[ds], data[ds], info = _split_data(ds, data_root, size, seed, max_n, read, bench)
+        used_templates[ds] = info["templates"] if info else list(templates)
+        if info:
+            bench_info[ds] = {k: v for k, v in info.items() if k != "templates"}
+        source.heads[ds], hit = _heads(model, tokenizer, source.classes[ds], used_templates[ds], reference_cache, text)
         hits.append(hit)
     source.meta["heads_cached"] = all(hits)
-    for ds, splits in plan_residency(data, max_resident_mb).items():
+    if bench_info:
+        source.meta["data"] = bench_info
+    for ds, splits in plan_residency(data, max_resident_mb, set(bench_info)).items():
         source.add_data(ds, splits)
     source.evaluate_references(reference_cache)
     source.meta.update(source_stats(source), max_resident_mb=max_resident_mb, image_transform=read.description,
                        model=model_name, pretrained=pretrained,
-                       checkpoints=checkpoints, templates=list(templates),
+                       checkpoints=checkpoints,
+                       templates=list(templates) if not bench_info else used_templates,
                        build_seconds=round(time.perf_counter() - t0, 2))
     return source
 
 
 @dataclass
-class FileOptions:
+class BenchOptions:
+    """How benchmark data sets (:mod:`harness.data.benchmark`) under the data root are read."""
+
+    suite: str = field(default="", metadata={
+        "help": "a named task list (ta8, ta8-atlas, tall14, tall20, atlas22): the data sets, in order"})
+    data_convention: str = field(default="auto", metadata={
+        "help": "auto (task_vectors layout, then Hugging Face Parquet), tv, hf, or folders (plain image folders only)"})
+    val_rule: str = field(default="atlas", metadata={
+        "help": "validation split of train: atlas (10%, at most 5,000) or fusionbench (10%, no cap)"})
+    prompts: str = field(default="atlas", metadata={
+        "help": "class names and templates: atlas (task_vectors/aTLAS lists) or fusionbench"})
+    bench_subset: int = field(default=0, metadata={
+        "help": "score benchmark data sets on a seeded subset of at most N val and test images (0: all)"})
+
+
+def check_bench_options(options) -> None:
+    """One-line errors for a bad suite, convention, rule, prompt variant or subset."""
+    from harness.data.benchmark import CONVENTIONS, VAL_RULES
+    from harness.data.suites import SUITES
+    checks = (("suite", options.suite, ("",) + tuple(SUITES)),
+              ("data_convention", options.data_convention, CONVENTIONS + ("folders",)),
+              ("val_rule", options.val_rule, VAL_RULES), ("prompts", options.prompts, ("atlas", "fusionbench")))
+    for name, value, valid in checks:
+        if value not in valid:
+            raise HarnessError(f"option {name} must be one of {', '.join(v for v in valid if v)}, got {value!r}")
+    if options.bench_subset < 0:
+        raise HarnessError(f"option bench_subset must be >= 0, got {options.bench_subset}")
+    if options.suite and not options.data_root:
+        raise HarnessError(f"suite {options.suite} needs --data-root (where its data sets are)")
+
+
+_CHECKPOINT_FILES = ("{}.safetensors", "{}.pt", "{}.pth", "{}.bin", "{}Val/finetuned.pt", "{}/finetuned.pt",
+                     "{}Val/finetuned.safetensors", "{}/finetuned.safetensors")
+
+
+def _find_checkpoint(keys: list[str], folder: str, folders: bool) -> str | None:
+    """A data set's checkpoint in ``folder`` under any of its names ``keys``: ``<key>.pt`` (and
+    other suffixes), the aTLAS layout ``<key>Val/finetuned.pt``, or, for Hugging Face models
+    (``folders``), a folder ``<key>`` or ``<anything>_<key>`` (FusionBench's
+    ``clip-vit-base-patch32_<key>``)."""
+    entries = {e.lower(): e for e in os.listdir(folder)}
+    for key in keys:
+        if folders:
+            hits = [e for low, e in entries.items() if (low == key.lower() or low.endswith("_" + key.lower()))
+                    and os.path.isdir(os.path.join(folder, e))]
+            if len(hits) > 1:
+                raise HarnessError(f"{folder} holds several checkpoints for '{key}': {', '.join(sorted(hits))}")
+            if hits:
+                return os.path.join(folder, hits[0])
+        for pattern in _CHECKPOINT_FILES:
+            path = os.path.join(folder, pattern.format(key))
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def suite_checkpoints(suite_name: str, entries: list[str], folders: bool = False) -> list[tuple[str, str]]:
+    """``[(task name, checkpoint path)]`` for every task of a suite, in its order and naming.
+
+    ``entries`` are ``NAME=PATH`` (NAME in either naming convention) and folders searched for the
+    rest (:func:`_find_checkpoint`). A task without a checkpoint, or a checkpoint for a data set
+    outside the suite, is a one-line error."""
+    from harness.data.suites import spec, suite
+    tasks = suite(suite_name)
+    given, dirs = {}, []
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        path = os.path.abspath(os.path.expanduser((path if sep else name).strip()))
+        if not sep and os.path.isdir(path) and not (folders and os.path.isfile(os.path.join(path, "config.json"))):
+            dirs.append(path)
+            continue
+        name = name.strip() if sep else os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0]
+        s = spec(name)
+        if s is None or all(spec(t) != s for t in tasks):
+            raise HarnessError(f"checkpoint '{name}' is not a data set of suite {suite_name} "
+                               f"({', '.join(tasks)})")
+        if not os.path.exists(path):
+            raise HarnessError(f"checkpoint not found: {path} (task option checkpoints)")
+        given[s.name] = path
+    out, missing = [], []
+    for task in tasks:
+        s = spec(task)
+        path = given.get(s.name)
+        for d in dirs:
+            if path:
+                break
+            path = _find_checkpoint(list(dict.fromkeys(k for k in (task, s.name, s.fb) if k)), d, folders)
+        if path:
+            out.append((task, path))
+        else:
+            missing.append(task)
+    if missing:
+        where = ", ".join(dirs) or "the NAME=PATH entries"
+        raise HarnessError(f"suite {suite_name}: no checkpoint for {', '.join(missing)} in {where} "
+                           f"(looked for <name>.pt|.safetensors, <Name>Val/finetuned.pt"
+                           f"{', <model>_<key>/ folders' if folders else ''}; or give NAME=PATH)")
+    return out
+
+
+@dataclass
+class FileOptions(BenchOptions):
     """Options of a source that loads a user's files: ``pretrained`` (the pre-trained weights),
     ``checkpoints`` (one fine-tuned checkpoint per data set as ``NAME=PATH``, or a path whose file
     stem is the data set name, or a folder of such files), ``data_root`` (image folders
-    ``<data_root>/<NAME>/<split>/<class>/*.png`` for data sets that are not built in) and ``max_n``
-    (images per built-in data set, or per split of an image folder), ``max_resident_mb`` (memory
-    for resident inputs: train and val must fit, a test split that does not is streamed from disk)
-    and ``loader_workers`` (processes that decode a streamed image folder)."""
+    ``<data_root>/<NAME>/<split>/<class>/*.png`` for data sets that are not built in, or the
+    benchmark data sets in their own layouts) and ``max_n`` (images per built-in data set, or per
+    split of an image folder), ``max_resident_mb`` (memory for resident inputs: train and val
+    must fit, a test split that does not is streamed from disk) and ``loader_workers`` (processes
+    that decode a streamed image folder); see :class:`BenchOptions` for suites."""
 
     pretrained: str = ""
     checkpoints: list[str] = field(default_factory=list)
@@ -266,6 +418,9 @@ class FileOptions:
     max_n: int = 4000
     max_resident_mb: float = 2048
     loader_workers: int = 2
+
+    def bench(self) -> BenchOptions:
+        return BenchOptions(**{f: getattr(self, f) for f in BenchOptions.__dataclass_fields__})
 
 
 @dataclass
@@ -291,7 +446,10 @@ class OpenClipSource(Source):
         if not options.model and not options.pretrained.startswith("local-dir:"):
             raise HarnessError("task option checkpoints needs model (an open_clip architecture, e.g. "
                                "-t model=ViT-B-32) or pretrained=local-dir:DIR")
-        options.checkpoints = [f"{n}={p}" for n, p in checkpoint_list(options.checkpoints)]
+        check_bench_options(options)
+        pairs = (suite_checkpoints(options.suite, options.checkpoints) if options.suite
+                 else checkpoint_list(options.checkpoints))
+        options.checkpoints = [f"{n}={p}" for n, p in pairs]
         check_file_options(options)
 
     @classmethod
@@ -301,4 +459,5 @@ class OpenClipSource(Source):
         return from_checkpoints(options.model, options.pretrained or None, [p for _, p in pairs],
                                 [n for n, _ in pairs], data_root=options.data_root or None,
                                 max_n=options.max_n, reference_cache=str(cache_root(cache_dir)),
-                                max_resident_mb=options.max_resident_mb, loader_workers=options.loader_workers)
+                                max_resident_mb=options.max_resident_mb, loader_workers=options.loader_workers,
+                                bench=options.bench())

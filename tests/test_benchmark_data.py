@@ -1,0 +1,192 @@
+"""The field's benchmark data: suites and names, the reference validation split, Hugging Face
+Parquet shards, and benchmark data sets scored through a user's CLIP model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness.api import HarnessError
+from harness.data import suites
+from harness.data.suites import spec, split_train, val_size
+from tests.hfdata import encode, label_image, make_hf, write_split
+
+
+def test_suites_in_their_order_and_naming():
+    assert suites.suite("ta8") == ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+    assert suites.suite("ta8-atlas") == ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN"]
+    assert len(suites.suite("tall14")) == 14 and suites.suite("tall14")[8:] == [
+        "oxford_flowers102", "pcam", "fer2013", "oxford-iiit-pet", "stl10", "cifar100"]
+    assert len(suites.suite("tall20")) == 20 and suites.suite("tall20")[-1] == "rendered-sst2"
+    atlas22 = suites.suite("atlas22")
+    assert len(atlas22) == 22 and atlas22[:2] == ["Cars", "DTD"] and atlas22[-1] == "UCF101"
+    # Both conventions name the same data set; every suite entry is known.
+    assert spec("stanford-cars") is spec("Cars") is spec("cars") is spec("tanganke/stanford_cars")
+    assert spec("oxford_flowers102").name == "Flowers102" and spec("oxford-iiit-pet").name == "OxfordIIITPet"
+    assert all(spec(t) is not None for s in suites.SUITES for t in suites.suite(s))
+    assert spec("no-such-set") is None
+    with pytest.raises(HarnessError, match="unknown suite 'ta9'; valid: ta8"):
+        suites.suite("ta9")
+
+
+def test_validation_sizes_equal_paper_table_5():
+    """v = min(int(0.1 n), 5000) of the whole train split reproduces Table 5's val column for
+    every data set without its own validation split; FusionBench's rule has no cap."""
+    checked = 0
+    for s in suites.SPECS.values():
+        if s.sizes is None or s.own_val:
+            continue
+        assert val_size(s.raw_train) == s.sizes[1], s.name
+        checked += 1
+    assert checked == 16
+    assert val_size(60000, "fusionbench") == 6000 and val_size(73257, "fusionbench") == 7325
+    with pytest.raises(HarnessError, match="valid: atlas, fusionbench"):
+        val_size(10, "paper")
+
+
+def test_split_train_is_random_split_seed_0():
+    """task_vectors asserts the first MNISTVal train index is 36044; more vectors from the spec."""
+    train, val = split_train(60000)
+    assert train[0] == 36044 and len(train) == 55000 and len(val) == 5000
+    train, val = split_train(73257)
+    assert train[:3] == [18812, 16192, 59530] and val[:3] == [46097, 42966, 60224]
+    train, val = split_train(3760)
+    assert train[:3] == [3324, 3133, 895] and val[:3] == [180, 750, 2533]
+    ref = torch.utils.data.random_split(range(26640), [26640 - 2664, 2664], generator=torch.Generator().manual_seed(0))
+    assert split_train(26640) == (list(ref[0].indices), list(ref[1].indices))
+
+
+def _decoded_label(im) -> int:
+    return int(round((np.asarray(im.convert("RGB"))[..., 0].mean() - 10) / 20))
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_parquet_shards_read_in_row_order(tmp_path, fmt):
+    from harness.data import hf_parquet
+    labels = make_hf(tmp_path, "dtd", {"train": 30, "test": 11}, n_classes=3, fmt=fmt, shards=3)
+    assert hf_parquet.locate("DTD", str(tmp_path)) == str(tmp_path / "dtd")
+    raw = hf_parquet.read("dtd", str(tmp_path))
+    assert raw.convention == "hf" and set(raw.splits) == {"train", "test"}
+    for split, samples in raw.splits.items():
+        np.testing.assert_array_equal(samples.labels, labels[split])
+        assert [_decoded_label(samples.open(i)) for i in range(len(samples))] == labels[split].tolist()
+    sub = raw.splits["train"].subset([5, 0, 29])
+    assert sub.labels.tolist() == labels["train"][[5, 0, 29]].tolist()
+    assert _decoded_label(sub.open(2)) == labels["train"][29]
+
+
+def test_hub_cache_layout_is_found(tmp_path):
+    from harness.data import hf_parquet
+    snap = tmp_path / "datasets--tanganke--sun397" / "snapshots" / "abc123"
+    make_hf(snap.parent, "abc123", {"train": 4, "test": 4})
+    (tmp_path / "datasets--tanganke--sun397" / "refs").mkdir()
+    (tmp_path / "datasets--tanganke--sun397" / "refs" / "main").write_text("abc123")
+    assert hf_parquet.locate("SUN397", str(tmp_path)) == str(snap)
+
+
+def test_malformed_parquet_is_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from harness.data import benchmark, hf_parquet
+    img = encode(label_image(0, 0), "png")
+    # No label column.
+    (tmp_path / "a" / "dtd" / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        pq.write_table(pa.table({"image": pa.array([{"bytes": img, "path": "x"}])}),
+                       tmp_path / "a" / "dtd" / "data" / f"{split}-00000-of-00001.parquet")
+    with pytest.raises(HarnessError, match=r"train-00000-of-00001.parquet has no 'label' column") as e:
+        hf_parquet.read("dtd", str(tmp_path / "a"))
+    assert "\n" not in str(e.value)
+    # A missing shard.
+    write_split(tmp_path / "b" / "dtd" / "data", "train", [img] * 4, [0, 1, 2, 0], shards=2)
+    write_split(tmp_path / "b" / "dtd" / "data", "test", [img] * 4, [0, 1, 2, 0], shards=2)
+    (tmp_path / "b" / "dtd" / "data" / "test-00001-of-00002.parquet").unlink()
+    with pytest.raises(HarnessError, match=r"split 'test' is missing shard\(s\) test-00001-of-00002.parquet"):
+        hf_parquet.read("dtd", str(tmp_path / "b"))
+    # A missing split.
+    write_split(tmp_path / "c" / "dtd" / "data", "train", [img] * 4, [0, 1, 2, 0], shards=1)
+    with pytest.raises(HarnessError, match=r"no 'test' split \(found train\)"):
+        hf_parquet.read("dtd", str(tmp_path / "c"))
+    # A label out of range, and labels of the wrong type.
+    write_split(tmp_path / "d" / "dtd" / "data", "train", [img] * 2, [0, 47], shards=1)
+    write_split(tmp_path / "d" / "dtd" / "data", "test", [img] * 2, [0, 1], shards=1)
+    with pytest.raises(HarnessError, match=r"label 47 is outside 0..46"):
+        hf_parquet.read("dtd", str(tmp_path / "d"))
+    write_split(tmp_path / "e" / "dtd" / "data", "train", [img] * 2, ["a", "b"], shards=1, label_type=pa.string())
+    write_split(tmp_path / "e" / "dtd" / "data", "test", [img] * 2, [0, 1], shards=1)
+    with pytest.raises(HarnessError, match=r"column 'label' is string, not integer class indices"):
+        hf_parquet.read("dtd", str(tmp_path / "e"))
+    # Not Parquet at all.
+    (tmp_path / "f" / "dtd" / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        (tmp_path / "f" / "dtd" / "data" / f"{split}-00000-of-00001.parquet").write_bytes(b"not parquet")
+    with pytest.raises(HarnessError, match=r"is not a readable Parquet file"):
+        hf_parquet.read("dtd", str(tmp_path / "f"))
+    # A corrupt image is named when it is decoded (never dropped).
+    write_split(tmp_path / "g" / "dtd" / "data", "train", [img, b"garbage"], [0, 1], shards=1)
+    write_split(tmp_path / "g" / "dtd" / "data", "test", [img] * 2, [0, 1], shards=1)
+    raw = hf_parquet.read("dtd", str(tmp_path / "g"))
+    with pytest.raises(HarnessError, match=r"cannot decode image .*train-00000-of-00001.parquet row group 0 row 1"):
+        raw.splits["train"].open(1)
+    assert benchmark.find("dtd", str(tmp_path / "zzz")) is None
+
+
+def test_benchmark_load_makes_the_reference_splits(tmp_path):
+    from harness.data import benchmark
+    from harness.data.prompts import prompts
+    labels = make_hf(tmp_path, "dtd", {"train": 40, "test": 9}, n_classes=5)
+    d = benchmark.load("DTD", str(tmp_path))
+    assert d.convention == "hf" and d.spec.name == "DTD"
+    assert {k: len(v) for k, v in d.splits.items()} == {"train": 36, "val": 4, "test": 9}
+    train_idx, val_idx = split_train(40)
+    np.testing.assert_array_equal(d.splits["val"].labels, labels["train"][val_idx])
+    np.testing.assert_array_equal(d.splits["train"].labels, labels["train"][train_idx])
+    p = prompts("DTD")
+    assert d.classes == list(p.classes) and d.templates == list(p.templates) and len(d.classes) == 47
+    assert d.info["val_from"] == "train split, atlas rule" and d.info["paper_sizes"] == {"train": 3384, "val": 376, "test": 1880}
+    fb = benchmark.load("dtd", str(tmp_path), val_rule="fusionbench")
+    assert len(fb.splits["val"]) == 4  # int(0.1 * 40), the cap only bites above 50,000
+    assert d.fingerprint() == benchmark.load("dtd", str(tmp_path)).fingerprint()
+    with pytest.raises(HarnessError, match="not found under"):
+        benchmark.load("mnist", str(tmp_path))
+    with pytest.raises(HarnessError, match="valid: auto, tv, hf"):
+        benchmark.find("dtd", str(tmp_path), "torchvision")
+
+
+def _checkpoints(model, tmp_path, names, scale=0.02):
+    from harness.checkpoints import save_state_dict
+    torch.manual_seed(1)
+    paths = []
+    for ds in names:
+        sd = {f"visual.{k}": v + scale * torch.randn_like(v) for k, v in model.visual.state_dict().items()}
+        path = tmp_path / "ft" / f"{ds}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        save_state_dict(sd, path)
+        paths.append(str(path))
+    return paths
+
+
+def test_streamed_and_resident_benchmark_splits_score_the_same(tmp_path, tiny_open_clip):
+    from harness.composition import Composition
+    from harness.sources.open_clip import BenchOptions, from_checkpoints
+    model, folder = tiny_open_clip
+    make_hf(tmp_path / "data", "dtd", {"train": 30, "test": 12}, n_classes=4, fmt="jpeg")
+    make_hf(tmp_path / "data", "eurosat", {"train": 20, "test": 10}, n_classes=4)
+    names = ["dtd", "eurosat"]
+    paths = _checkpoints(model, tmp_path, names)
+    kw = dict(data_root=str(tmp_path / "data"), bench=BenchOptions())
+    resident = from_checkpoints("", f"local-dir:{folder}", paths, names, **kw)
+    streamed = from_checkpoints("", f"local-dir:{folder}", paths, names, max_resident_mb=1e-6, **kw)
+    assert isinstance(resident.inputs["dtd"]["test"], torch.Tensor)
+    assert not isinstance(streamed.inputs["dtd"]["test"], torch.Tensor)
+    assert not isinstance(streamed.inputs["dtd"]["val"], torch.Tensor)
+    comp = Composition(resident.base, [resident.task_vectors[d] for d in names], names)
+    params = comp.merge(comp.isotropic(0.4))
+    for ds in names:
+        for split in ("train", "val", "test"):
+            assert resident.accuracy(params, ds, split) == streamed.accuracy(params, ds, split)
+        torch.testing.assert_close(resident.heads[ds][0], streamed.heads[ds][0])
+    info = resident.meta["data"]["dtd"]
+    assert info["convention"] == "hf" and info["sizes"] == {"train": 27, "val": 3, "test": 12}
+    assert resident.meta["templates"]["dtd"][0] == "a photo of a {} texture."
+    assert len(resident.classes["dtd"]) == 47 and resident.classes["eurosat"][0] == "annual crop land"
