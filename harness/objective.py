@@ -162,6 +162,10 @@ class ComposingTask(Task):
                   "task_vectors": content_hash({f"{ds}/{k}": v for ds in sorted(src.task_vectors)
                                                 for k, v in src.task_vectors[ds].items()}),
                   "data": data_hash(src)}
+        if src.meta.get("data"):  # benchmark data sets: the suite, each set's convention and fingerprint
+            from harness.data.paper import architecture
+            family["benchmark"] = {"suite": getattr(self.options, "suite", "") or None,
+                                   "architecture": architecture(src.base), "datasets": src.meta["data"]}
         return {"source": registry.provenance("source", source_name(self.options)),
                 "engine": registry.provenance("engine", self.options.engine), "family": family}
 

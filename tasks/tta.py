@@ -9,7 +9,7 @@ evaluation is deterministic and runs only the tail.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from harness.objective import ComposeOptions, ComposingTask, shard_slice
 from harness.sources.base import host_array, scalar
 
 OBJECTIVES = ("ufm", "entropy", "im", "simclr")
+# How UFM turns the weak view's probabilities p into soft pseudo-labels, with s = ``sharpen``
+# (see :func:`sharpen`): the paper's temperature, and the two released branches' variants.
+SHARPEN_MODES = ("temperature", "power", "scale")
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -114,9 +117,29 @@ def trusted_set(probs: Tensor, cap: int = 100, fraction: float = 1.0) -> tuple[T
     return idx, pred[idx]
 
 
-def sharpen(probs: Tensor, temperature: float) -> Tensor:
-    """``p^(1/T)`` renormalised: T < 1 makes a distribution more peaked (MixMatch's sharpening)."""
-    p = probs.clamp_min(1e-12) ** (1.0 / temperature)
+def sharpen(probs: Tensor, temperature: float, mode: str = "temperature") -> Tensor:
+    """Soft pseudo-labels from (N, C) probabilities ``p``, each row renormalised to sum to 1; ``s``
+    is ``temperature`` (the task's ``sharpen`` option):
+
+    - ``temperature`` (default; PAPER App. E / Eq. 16, MixMatch's sharpening): ``p^(1/s)``, with p
+      clamped at 1e-12 first. s < 1 makes a distribution more peaked (s = 0.5 squares p), s = 1
+      leaves it, s > 1 flattens it.
+    - ``power`` (the released code's ``ssl`` branch, ``softmax ** 0.5``): ``p^s``, no clamp. s < 1
+      *flattens* (s = 0.5 is the square root); ``power`` with s equals ``temperature`` with 1/s.
+    - ``scale`` (the released code's ``main`` branch, ``softmax * 0.5``): ``s·p``, which the
+      renormalisation undoes: the pseudo-labels are ``p`` (no sharpening, whatever s).
+
+    Example (p = [.6, .3, .1], s = 0.5): temperature → p² / .46 = [.783, .196, .022];
+    power → √p / 1.6385 = [.473, .334, .193]; scale → [.6, .3, .1].
+    """
+    if mode == "temperature":
+        p = probs.clamp_min(1e-12) ** (1.0 / temperature)
+    elif mode == "power":
+        p = probs ** temperature
+    elif mode == "scale":
+        p = probs * temperature
+    else:
+        raise HarnessError(f"unknown sharpen_mode {mode!r}; valid: {', '.join(SHARPEN_MODES)}")
     return p / p.sum(1, keepdim=True)
 
 
@@ -149,8 +172,9 @@ class TTATask(ComposingTask):
     - ``ufm`` (unsupervised FixMatch, the paper's): a trusted set is chosen once with the zero-shot
       model (:func:`trusted_set`: per predicted class the min(``trusted_fraction`` · N/C,
       ``trusted_cap``) most confident) and keeps its zero-shot pseudo-labels; every other sample
-      gets soft pseudo-labels from the current model on its weak view, sharpened with temperature
-      ``sharpen`` (:func:`sharpen`), and counts only if their largest entry exceeds ``threshold``.
+      gets soft pseudo-labels from the current model on its weak view, sharpened as
+      ``sharpen_mode`` says with ``sharpen`` = s (below), and counts only if their largest entry
+      exceeds ``threshold``.
       The loss is the cross-entropy of the strong view against the (detached) pseudo-labels, masked
       terms divided by the batch size as in FixMatch. Trusted samples carry ``trusted_share`` (¼)
       of every batch's weight, the others the rest.
@@ -163,6 +187,18 @@ class TTATask(ComposingTask):
     - ``simclr``: NT-Xent between two strong views' L2-normalised features, ``temperature``; the
       negatives of a sample are the others in its group of ``batch_size`` samples (fixed, seeded
       groups for whole-set scores; a gradient step's mini-batch is one group).
+
+    UFM's sharpening of the weak-view probabilities p (``sharpen_mode``; each renormalised, see
+    :func:`sharpen`). The paper (App. E, Eq. 16) sharpens with a temperature; the released code
+    does otherwise in each of its branches, so each is offered by name:
+
+    - ``temperature`` (the default, the paper's intent): p^(1/s). s = 0.5 squares p (more
+      peaked); s = 1 is no sharpening.
+    - ``power``: p^s, the released ``ssl`` branch (``softmax ** 0.5``); with s = 0.5 it takes the
+      square root, which *flattens* p.
+    - ``scale``: s·p, the released ``main`` branch (``softmax * 0.5``); renormalising undoes it, so
+      the pseudo-labels are p itself, whatever s. (That branch's ``trusted_bool`` quirk, which
+      marks every sample trusted, BENCHMARK-DATA.md §3.4, is not reproduced here.)
 
     Reported: ``acc`` (headline) and ``zero_shot_acc`` on the adapted test images, and their difference.
 
@@ -198,7 +234,11 @@ class TTATask(ComposingTask):
         max_n: int = 0
         batch_size: int = 128
         threshold: float = 0.99
-        sharpen: float = 0.5
+        sharpen: float = field(default=0.5, metadata={
+            "help": "ufm: the s of sharpen_mode (temperature: p^(1/s), so 0.5 squares p; power: p^s; scale: s·p)"})
+        sharpen_mode: str = field(default="temperature", metadata={
+            "help": "ufm pseudo-labels: temperature p^(1/s) (paper), power p^s (released ssl branch), "
+                    "scale s·p = p (released main branch)"})
         trusted_cap: int = 100
         trusted_fraction: float = 0.1
         trusted_share: float = 0.25
@@ -211,6 +251,8 @@ class TTATask(ComposingTask):
         o = options
         if o.objective not in OBJECTIVES:
             raise HarnessError(f"unknown tta objective {o.objective!r}; valid: {', '.join(OBJECTIVES)}")
+        if o.sharpen_mode not in SHARPEN_MODES:
+            raise HarnessError(f"unknown tta sharpen_mode {o.sharpen_mode!r}; valid: {', '.join(SHARPEN_MODES)}")
         if o.max_n < 0 or o.batch_size < 2:
             raise HarnessError(f"tta needs max_n >= 0 (0: all) and batch_size >= 2, got {o.max_n} and {o.batch_size}")
         if not 0 <= o.threshold < 1 or o.sharpen <= 0 or o.temperature <= 0:
@@ -264,7 +306,7 @@ class TTATask(ComposingTask):
         if len(untrusted):
             logits = self._logits(params, torch.cat([self.weak[untrusted], self.strong[untrusted]]))
             weak, strong = logits[:len(untrusted)], logits[len(untrusted):]
-            target = sharpen(weak.detach().softmax(1), o.sharpen)
+            target = sharpen(weak.detach().softmax(1), o.sharpen, o.sharpen_mode)
             mask = (target.max(1).values > o.threshold).float()
             ce = -(target * F.log_softmax(strong, dim=1)).sum(1)
             parts.append(w_u * (mask * ce).sum())

@@ -190,3 +190,102 @@ def test_streamed_and_resident_benchmark_splits_score_the_same(tmp_path, tiny_op
     assert info["convention"] == "hf" and info["sizes"] == {"train": 27, "val": 3, "test": 12}
     assert resident.meta["templates"]["dtd"][0] == "a photo of a {} texture."
     assert len(resident.classes["dtd"]) == 47 and resident.classes["eurosat"][0] == "annual crop land"
+
+
+def _tv_as_parquet(raw, folder):
+    """The same image files, in the same order, as Hugging Face Parquet shards."""
+    from pathlib import Path
+    for split in ("train", "test"):
+        s = raw.splits[split]
+        write_split(Path(folder) / "data", split, [Path(p).read_bytes() for p in s.paths], s.labels.tolist(), shards=2)
+
+
+def test_same_images_in_both_conventions_give_the_same_run(tmp_path, tiny_open_clip):
+    """DTD written in the task_vectors layout and, byte for byte and in the same order, as
+    Parquet shards: the same splits, and an addition run with the same result."""
+    from harness.data import benchmark, tv_layout
+    from harness.runner import run
+    from harness.config import RunConfig
+    from tests.benchdata import make_tv
+    model, folder = tiny_open_clip
+    make_tv("DTD", tmp_path / "tv")
+    make_tv("EuroSAT", tmp_path / "tv")
+    for name, key in (("DTD", "dtd"), ("EuroSAT", "eurosat")):
+        _tv_as_parquet(tv_layout.read(name, str(tmp_path / "tv")), tmp_path / "hf" / key)
+    a = benchmark.load("DTD", str(tmp_path / "tv"))
+    b = benchmark.load("dtd", str(tmp_path / "hf"))
+    assert (a.convention, b.convention) == ("tv", "hf")
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(a.splits[split].labels, b.splits[split].labels)
+        assert np.array_equal(np.asarray(a.splits[split].open(0)), np.asarray(b.splits[split].open(0)))
+    paths = _checkpoints(model, tmp_path, ["dtd", "eurosat"])
+    finals = {}
+    for conv in ("tv", "hf"):
+        rec = run(RunConfig(task="addition", searcher="nevergrad", budget=6, seed=0,
+                            task_options={"pretrained": f"local-dir:{folder}", "data_root": str(tmp_path / conv),
+                                          "checkpoints": [f"dtd={paths[0]}", f"eurosat={paths[1]}"]},
+                            results_dir=str(tmp_path / f"results-{conv}"), cache_dir=str(tmp_path / "cache"),
+                            quiet=True), log=lambda *a, **k: None)
+        assert rec["status"] == "complete", rec.get("error")
+        assert rec["family"]["benchmark"]["datasets"]["dtd"]["convention"] == conv
+        finals[conv] = rec["final"]
+    assert finals["tv"] == finals["hf"]
+
+
+def _cli(args, capsys):
+    from harness.cli import main
+    capsys.readouterr()
+    rc = main(args)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_data_check_reports_found_missing_and_sizes(tmp_path, capsys):
+    from tests.benchdata import make_tv
+    make_tv("MNIST", tmp_path)
+    make_hf(tmp_path, "dtd", {"train": 40, "test": 9}, n_classes=5)
+    rc, out, err = _cli(["data", "check", "--datasets", "MNIST,dtd,svhn", "--data-root", str(tmp_path)], capsys)
+    assert rc == 1, err  # a data set is missing
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "SIZES DIFFER" in lines["MNIST"] and " tv " in lines["MNIST"] and "10 classes" in lines["MNIST"]
+    assert "paper Table 5: train=55000 val=5000 test=10000" in lines["MNIST"]
+    assert " hf " in lines["dtd"] and "47 classes" in lines["dtd"] and "train=36 val=4 test=9" in lines["dtd"]
+    assert "MISSING" in lines["svhn"] and "ufldl-stanford/svhn" in lines["svhn"] and "tv:" in lines["svhn"]
+    rc, out, _ = _cli(["data", "check", "--datasets", "dtd", "--data-root", str(tmp_path), "--decode",
+                       "--workers", "0"], capsys)
+    assert rc == 0 and "decoded 49 images" in out
+    rc, out, _ = _cli(["data", "suites"], capsys)
+    assert rc == 0 and out.splitlines()[0].split()[:2] == ["ta8", "8"]
+
+
+def test_data_check_malformed_is_one_line_exit_2(tmp_path, capsys):
+    import shutil
+    from tests.benchdata import make_tv
+    cases = {}
+    # A missing split file (RESISC45's test list).
+    loc = make_tv("RESISC45", tmp_path / "a")["location"]
+    (tmp_path / "a" / "resisc45" / "resisc45-test.txt").unlink()
+    cases["RESISC45"] = (tmp_path / "a", "resisc45-test.txt")
+    # A class folder missing from one split (DTD).
+    make_tv("DTD", tmp_path / "b")
+    victim = sorted((tmp_path / "b" / "dtd" / "val").iterdir())[0]
+    shutil.rmtree(victim)
+    cases["DTD"] = (tmp_path / "b", "dtd")
+    # A Parquet shard without a label column.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "c" / "svhn" / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        pq.write_table(pa.table({"image": pa.array([{"bytes": b"x", "path": "x"}])}),
+                       tmp_path / "c" / "svhn" / "data" / f"{split}-00000-of-00001.parquet")
+    cases["svhn"] = (tmp_path / "c", "no 'label' column")
+    # A corrupt image, found by --decode.
+    write_split(tmp_path / "d" / "mnist" / "data", "train", [encode(label_image(1, 0), "png"), b"\x89PNG broken"], [1, 2], shards=1)
+    write_split(tmp_path / "d" / "mnist" / "data", "test", [encode(label_image(1, 0), "png")], [1], shards=1)
+    cases["mnist"] = (tmp_path / "d", "cannot decode image")
+    for name, (root, needle) in cases.items():
+        args = ["data", "check", "--datasets", name, "--data-root", str(root)]
+        rc, out, err = _cli(args + (["--decode", "--workers", "0"] if name == "mnist" else []), capsys)
+        assert rc == 2, (name, out, err)
+        assert err.startswith("error:") and err.count("\n") == 1 and needle in err, (name, err)
+    assert not list(tmp_path.rglob("record.json"))
