@@ -1,49 +1,61 @@
-"""Leaderboards: run records → one pandas table, grouped by task × searcher × setting over seeds."""
+"""Leaderboards: run records → one pandas table, grouped by task × searcher × setting over seeds.
+
+Records are read once per command (:func:`harness.results.read_records`): a record that cannot be
+used is named in one warning line on stderr and left out; every other run is still ranked.
+"""
 from __future__ import annotations
 
+import functools
+import io
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from harness.results import iter_records
+from harness.results import atomic_write, read_records
 
 # Config fields that describe a searcher's setting in the leaderboard (the seed is aggregated).
 _SETTING_FIELDS = ("space", "budget", "batch_size")
 
+COLUMNS = ["task", "rank", "searcher", "transform", "setting", "family", "data", "metric", "mean", "std", "n", "n_ok",
+           "evaluations", "wall_time_s", "peak_rss_mb"]
 
+
+@functools.lru_cache(maxsize=None)
 def _defaults(searcher: str) -> dict:
-    """The searcher's option defaults (empty if it is not installed here)."""
+    """The option defaults (``repr`` text) of an installed searcher; empty for a name that is not
+    a registered plugin (record text is never imported as ``module:Class``)."""
     try:
         from harness import registry
+        if searcher not in registry.names("searcher"):
+            return {}
         cls = registry.load("searcher", searcher)
         return {n: d for n, _, d, _ in registry.options_table_of(cls)}
-    except Exception:  # a record from a plugin not installed here: show every option
+    except Exception:  # a plugin that fails to load here: show every option
         return {}
 
 
 def _setting(rec: dict) -> str:
     """Space, budget, batch and every option that differs from the searcher's default (falsy values too)."""
-    cfg = rec.get("config", {})
-    parts = [f"{cfg.get('space')}", f"{cfg.get('budget')} evals"]
-    if cfg.get("batch_size", 1) != 1:
-        parts.append(f"batch {cfg.get('batch_size')}")
-    defaults = _defaults(rec.get("searcher", ""))
-    parts += [f"{k}={v}" for k, v in sorted(cfg.get("searcher_options", {}).items()) if defaults.get(k) != repr(v)]
+    cfg = rec["config"]
+    parts = [f"{cfg['space']}", f"{cfg['budget']} evals"]
+    if cfg.get("batch_size") not in (None, 1):
+        parts.append(f"batch {cfg['batch_size']}")
+    defaults = _defaults(rec["searcher"])
+    parts += [f"{k}={v}" for k, v in sorted((cfg.get("searcher_options") or {}).items()) if defaults.get(k) != repr(v)]
     return ", ".join(parts)
 
 
-def _task_label(rec: dict) -> str:
-    """The task and its non-default options, e.g. ``negation[target=cvdigits]``."""
-    opts = rec.get("config", {}).get("task_options", {})
-    defaults = rec.get("task_defaults", {})
-    shown = {k: v for k, v in opts.items() if defaults.get(k, v) != v and k != "transform"}
-    return rec["task"] + (f"[{','.join(f'{k}={v}' for k, v in sorted(shown.items()))}]" if shown else "")
+def task_label(rec: dict) -> str:
+    """The task, with its target data set where it has one: ``negation:mnist``."""
+    target = (rec["config"].get("task_options") or {}).get("target")
+    return rec["task"] + (f":{target}" if target else "")
 
 
 def transform(rec: dict) -> str:
     """The task-vector transform a run composed over (``ties:merge=sum``), or ``—``."""
-    return rec.get("config", {}).get("task_options", {}).get("transform") or "—"
+    return (rec["config"].get("task_options") or {}).get("transform") or "—"
 
 
 def family(rec: dict) -> str:
@@ -53,44 +65,54 @@ def family(rec: dict) -> str:
     return f"{fam['pretrained'][:8]}/{fam['task_vectors'][:8]}" if fam.get("pretrained") else "—"
 
 
+def select(records, task: str | None = None, searcher: str | None = None,
+           family_prefix: str | None = None) -> list[tuple[Path, dict]]:
+    """The ``(run folder, record)`` pairs of ``records`` that pass the filters (the table and the
+    curves use the same ones): ``task`` and ``searcher`` are plugin names, ``family_prefix`` a
+    prefix of the family column."""
+    return [(d, rec) for d, rec in records
+            if (not task or rec["task"] == task) and (not searcher or rec["searcher"] == searcher)
+            and (not family_prefix or family(rec).startswith(family_prefix))]
+
+
 def runs_frame(results_dir: str | Path, task: str | None = None, searcher: str | None = None,
-               family_prefix: str | None = None) -> pd.DataFrame:
-    """One row per completed run: identity, setting, checkpoint family, headline value and cost."""
+               family_prefix: str | None = None, records=None, labels: dict | None = None) -> pd.DataFrame:
+    """One row per completed run: identity, setting, checkpoint family, headline value and cost.
+
+    ``records`` are ``(run folder, record)`` pairs already read (default: read ``results_dir``);
+    ``labels`` maps a run key to the name shown in the searcher column (a sweep entry's ``label``).
+    """
+    if records is None:
+        records = read_records(results_dir)
+    labels = labels or {}
     rows = []
-    for rec in iter_records(results_dir):
-        if task and rec["task"] != task:
-            continue
-        if family_prefix and not family(rec).startswith(family_prefix):
-            continue
-        if searcher and rec["searcher"] != searcher:
-            continue
-        final = rec.get("final") or {}
-        head = rec.get("headline")
-        value = final.get(head)
+    for _, rec in select(records, task, searcher, family_prefix):
         rows.append({
-            "task": _task_label(rec), "searcher": rec["searcher"], "transform": transform(rec),
-            "setting": _setting(rec), "key": rec.get("key"),
-            "family": family(rec), "data": rec.get("data_touched", "?"),
-            "seed": rec.get("seed"), "headline": head, "higher_is_better": rec.get("higher_is_better", True),
-            "value": float("nan") if value is None else float(value),
-            "constraint_ok": bool(rec.get("constraint_ok", True) if rec.get("constraint_ok") is not None else True),
-            "evaluations": rec.get("evaluations"), "wall_time_s": rec.get("wall_time_s"),
-            "peak_rss_mb": rec.get("peak_rss_mb"), "run_id": rec.get("run_id"),
+            "task": task_label(rec), "searcher": labels.get(rec["key"]) or rec["searcher"], "transform": transform(rec),
+            "setting": _setting(rec), "key": rec["key"],
+            "family": family(rec), "data": rec.get("data_touched") or "?",
+            "seed": rec["seed"], "headline": rec["headline"], "higher_is_better": rec["higher_is_better"],
+            "value": float(rec["final"][rec["headline"]]),
+            "constraint_ok": rec.get("constraint_ok") is not False,
+            "evaluations": rec["evaluations"], "wall_time_s": float(rec["wall_time_s"]),
+            "peak_rss_mb": float("nan") if rec.get("peak_rss_mb") is None else float(rec["peak_rss_mb"]),
+            "run_id": rec["run_id"],
         })
     return pd.DataFrame(rows)
 
 
 def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str | None = None,
-                family_prefix: str | None = None) -> pd.DataFrame:
+                family_prefix: str | None = None, records=None, labels: dict | None = None) -> pd.DataFrame:
     """Mean ± std and n of each task's headline metric over seeds, ranked within each task.
 
     Runs that break their task's constraint (negation: control accuracy below 95% of zero-shot)
     are counted in ``n_ok`` but not ranked on. Runs on different checkpoint families never share
-    a row; ``family_prefix`` keeps only the families whose label starts with it.
+    a row; ``family_prefix`` keeps only the families whose label starts with it. With no run to
+    rank, the frame is empty but has the columns. ``records`` and ``labels``: see :func:`runs_frame`.
     """
-    runs = runs_frame(results_dir, task, searcher, family_prefix)
+    runs = runs_frame(results_dir, task, searcher, family_prefix, records, labels)
     if runs.empty:
-        return runs
+        return pd.DataFrame(columns=COLUMNS)
     groups = []
     for (t, s, key, fam), g in runs.groupby(["task", "searcher", "key", "family"], sort=False):
         data = g["data"].iloc[0]
@@ -113,9 +135,7 @@ def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str 
         g["rank"] = g["mean"].rank(ascending=asc, method="min")
         ranked.append(g)
     board = pd.concat(ranked, ignore_index=True)
-    cols = ["task", "rank", "searcher", "transform", "setting", "family", "data", "metric", "mean", "std", "n", "n_ok",
-            "evaluations", "wall_time_s", "peak_rss_mb"]
-    return board[cols]
+    return board[COLUMNS]
 
 
 def format_board(board: pd.DataFrame) -> pd.DataFrame:
@@ -124,6 +144,11 @@ def format_board(board: pd.DataFrame) -> pd.DataFrame:
         if math.isnan(r["mean"]):
             return "—"
         return f"{r['mean']:.4f}" + ("" if math.isnan(r["std"]) else f" ± {r['std']:.4f}")
+    if board.empty:
+        cols = [c for c in board.columns if c not in ("mean", "std")]
+        cols.insert(cols.index("metric") + 1 if "metric" in cols else len(cols), "score")
+        board = pd.DataFrame(columns=cols)
+        return board.rename(columns={"wall_time_s": "wall s", "peak_rss_mb": "peak MB", "evaluations": "evals"})
     out = board.copy()
     out["rank"] = out["rank"].map(lambda v: "—" if pd.isna(v) else str(int(v)))
     out.insert(out.columns.get_loc("mean"), "score", out.apply(pm, axis=1))
@@ -132,6 +157,14 @@ def format_board(board: pd.DataFrame) -> pd.DataFrame:
     out["wall_time_s"] = out["wall_time_s"].map(lambda v: f"{v:.1f}")
     out["peak_rss_mb"] = out["peak_rss_mb"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
     return out.rename(columns={"wall_time_s": "wall s", "peak_rss_mb": "peak MB", "evaluations": "evals"})
+
+
+def board_text(board: pd.DataFrame) -> str:
+    """The table as printed by ``leaderboard`` and ``sweep`` (``(no completed runs)`` when empty)."""
+    if board.empty:
+        return "(no completed runs)"
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
+        return format_board(board).to_string(index=False)
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -143,10 +176,47 @@ def markdown(df: pd.DataFrame) -> str:
 
 
 def write(board: pd.DataFrame, out_dir: str | Path, name: str = "leaderboard") -> list[Path]:
-    """Write Markdown and CSV (raw numbers) next to the runs; returns the paths written."""
+    """Write Markdown and CSV (raw numbers) next to the runs, each whole or not at all (a
+    temporary file renamed over it); returns the paths written. Raises OSError if it cannot."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, csv = out_dir / f"{name}.md", out_dir / f"{name}.csv"
-    board.to_csv(csv, index=False)
-    md.write_text(markdown(format_board(board)) + "\n" if not board.empty else "(no runs)\n")
+    buf = io.StringIO()
+    board.to_csv(buf, index=False)
+    atomic_write(csv, buf.getvalue())
+    atomic_write(md, markdown(format_board(board)) + "\n" if not board.empty else "(no runs)\n")
     return [md, csv]
+
+
+def publish(board: pd.DataFrame, results_dir: str | Path, plots: bool = True, records=None, labels: dict | None = None,
+            task: str | None = None, searcher: str | None = None, family_prefix: str | None = None) -> list[Path]:
+    """Markdown + CSV and (with ``plots``) the curves PNGs and the self-contained HTML page, each
+    written whole or not at all; returns the paths written. The curves take the same filters and
+    records as the table. Raises OSError when the results folder cannot be written."""
+    paths = write(board, results_dir)
+    if plots:
+        from harness.plots import html_page, plot_curves
+        pngs = plot_curves(results_dir, Path(results_dir) / "plots", task=task, searcher=searcher,
+                           family_prefix=family_prefix, records=records, labels=labels)
+        page = Path(results_dir) / "leaderboard.html"
+        atomic_write(page, html_page(board, pngs))
+        paths += pngs + [page]
+    return paths
+
+
+def show(board: pd.DataFrame, results_dir: str | Path, plots: bool = True, records=None, labels: dict | None = None,
+         **filters) -> list[Path]:
+    """Print the table (stdout) and publish it; each file written is named on stderr. Files that
+    cannot be written (a read-only results folder, a full disk) are one warning line on stderr:
+    the table stays printed, nothing recorded is touched."""
+    print(board_text(board))
+    try:
+        paths = publish(board, results_dir, plots=plots, records=records, labels=labels, **filters)
+    except OSError as e:
+        where = e.filename or results_dir
+        print(f"warning: could not write the leaderboard files under {results_dir} ({where}: {e.strerror or e}); "
+              "the table above is not saved", file=sys.stderr)
+        return []
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr)
+    return paths

@@ -1,14 +1,23 @@
-"""Plots (matplotlib, PNG) and the self-contained HTML leaderboard page."""
+"""Plots (matplotlib, PNG) and the self-contained HTML leaderboard page.
+
+File names are never taken from record text as they stand: a task label becomes a safe slug
+(letters, digits, ``.``, ``_``, ``-``), and every file is checked to lie inside its output folder.
+"""
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
+import io
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from harness.results import RunStore, iter_records, load_coefficients
+from harness.api import HarnessError
+from harness.results import _is_number, atomic_write, load_coefficients, read_jsonl, read_records
 
 
 def _plt():
@@ -18,33 +27,91 @@ def _plt():
     return plt
 
 
-def curves(results_dir: str | Path, task: str | None = None, searcher: str | None = None) -> dict[str, pd.DataFrame]:
-    """Best-so-far search loss per evaluation for every completed run, grouped by task.
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
-    Returns ``{task: frame}`` with columns label, seed, evaluation, wall_s, best.
+
+def safe_name(text: str, taken: set[str] | None = None) -> str:
+    """``text`` as a file-name slug: runs of other characters (and of two or more dots) become
+    ``_``, no leading dot, at most 80 characters; a slug already in ``taken`` gets a short hash of
+    the text, so two labels never share a file. The slug is added to ``taken``."""
+    slug = re.sub(r"_+", "_", re.sub(r"\.\.+", "_", _UNSAFE.sub("_", text))).strip("._-")[:80] or "task"
+    taken = set() if taken is None else taken
+    if slug in taken:
+        slug = f"{slug}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    taken.add(slug)
+    return slug
+
+
+def inside(path: Path, folder: Path) -> Path:
+    """``path`` if it resolves inside ``folder``; otherwise a HarnessError (never written)."""
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise HarnessError(f"refusing to write {path}: it is outside {folder}")
+    return path
+
+
+def _save(fig, path: Path) -> None:
+    """The figure as PNG, written whole or not at all."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(path, buf.getvalue())
+
+
+def _points(rows: list[dict]) -> list[tuple[float, float, float]]:
+    """``(evaluation, wall s, best so far)`` of the trace rows that have finite numbers there."""
+    pts = []
+    for r in rows:
+        i, t, best = r.get("i"), r.get("t", 0.0), r.get("best")
+        if _is_number(i) and _is_number(t) and _is_number(best):
+            pts.append((float(i), float(t), float(best)))
+    return pts
+
+
+def curves(results_dir: str | Path, task: str | None = None, searcher: str | None = None,
+           family_prefix: str | None = None, records=None, labels: dict | None = None) -> dict[str, pd.DataFrame]:
+    """Best-so-far search loss per evaluation for every completed run, grouped by task label
+    (``negation:mnist``), with the same filters as the leaderboard table.
+
+    Returns ``{task label: frame}`` with columns curve, label, seed, evaluation, wall_s, best. One
+    curve is one setting: the run key (searcher, its options, space, budget, task options with
+    the transform) and the checkpoint family, as one leaderboard row. ``label`` is the curve's
+    legend text (searcher or sweep label, transform, setting), made unique within the task.
+    ``records``/``labels``: see :func:`harness.leaderboard.runs_frame`.
     """
+    from harness.leaderboard import _setting, family, select, task_label, transform
+    if records is None:
+        records = read_records(results_dir)
+    labels = labels or {}
     out: dict[str, list[pd.DataFrame]] = {}
-    for rec in iter_records(results_dir):
-        if (task and rec["task"] != task) or (searcher and rec["searcher"] != searcher):
-            continue
-        rows = RunStore(results_dir, rec["run_id"]).trace(warn=False)
-        pts = [(r["i"], r.get("t", 0.0), r["best"]) for r in rows if r.get("best") is not None]
+    for run_dir, rec in select(records, task, searcher, family_prefix):
+        pts = _points(read_jsonl(run_dir / "trace.jsonl", warn=False))
         if not pts:
             continue
-        cfg = rec["config"]
-        label = f"{rec['searcher']} {cfg.get('space')} b{cfg.get('budget')}"
-        df = pd.DataFrame(pts, columns=["evaluation", "wall_s", "best"]).assign(label=label, seed=rec["seed"])
-        out.setdefault(rec["task"], []).append(df)
-    return {t: pd.concat(v, ignore_index=True) for t, v in out.items()}
+        fam, tf = family(rec), transform(rec)
+        label = " ".join([labels.get(rec["key"]) or rec["searcher"], *([tf] if tf != "—" else []), _setting(rec),
+                          *([f"[{fam}]"] if fam != "—" else [])])
+        df = pd.DataFrame(pts, columns=["evaluation", "wall_s", "best"]).assign(
+            curve=f"{rec['key']}|{fam}", label=label, seed=rec["seed"])
+        out.setdefault(task_label(rec), []).append(df)
+    frames = {}
+    for t, v in out.items():
+        df = pd.concat(v, ignore_index=True)
+        shared = df.groupby("label")["curve"].nunique()
+        for lab in shared[shared > 1].index:  # one text, several settings: name each by its key
+            sel = df["label"] == lab
+            df.loc[sel, "label"] = df.loc[sel, "label"] + " [" + df.loc[sel, "curve"].str.split("|").str[0] + "]"
+        frames[t] = df
+    return frames
 
 
 def plot_curves(results_dir: str | Path, out_dir: str | Path, **filters) -> list[Path]:
-    """Per task: best-so-far vs evaluations and vs wall time, mean and min–max band over seeds."""
+    """Per task label: best-so-far vs evaluations and vs wall time, mean and min–max band over
+    seeds, one line per setting; ``plots/curves-<slug>.png``. ``filters`` go to :func:`curves`."""
     plt = _plt()
-    paths = []
-    for task, df in curves(results_dir, **filters).items():
+    out_dir = Path(out_dir)
+    paths, taken = [], set()
+    for task, df in sorted(curves(results_dir, **filters).items()):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for label, g in df.groupby("label"):
+        for (_, label), g in df.groupby(["curve", "label"]):
             for ax, xcol in zip(axes, ("evaluation", "wall_s")):
                 grid = np.linspace(g[xcol].min(), g[xcol].max(), 100)
                 # Each seed's best-so-far is a step function: sample it on a common grid.
@@ -55,10 +122,12 @@ def plot_curves(results_dir: str | Path, out_dir: str | Path, **filters) -> list
                     y = np.where(idx >= 0, s["best"].to_numpy()[np.clip(idx, 0, None)], np.nan)
                     ys.append(y)
                 ys = np.array(ys)
-                mean = np.nanmean(ys, axis=0)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # grid points before a seed's first row
+                    mean, lo, hi = np.nanmean(ys, axis=0), np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
                 line, = ax.plot(grid, mean, label=f"{label} (n={len(ys)})")
                 if len(ys) > 1:
-                    ax.fill_between(grid, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), alpha=0.2, color=line.get_color())
+                    ax.fill_between(grid, lo, hi, alpha=0.2, color=line.get_color())
         for ax, xl in zip(axes, ("evaluations", "wall time (s)")):
             ax.set_xlabel(xl)
             ax.set_ylabel("best search loss so far")
@@ -66,34 +135,60 @@ def plot_curves(results_dir: str | Path, out_dir: str | Path, **filters) -> list
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{task}: best-so-far search loss (mean over seeds, band = min–max)")
         fig.tight_layout()
-        path = Path(out_dir) / f"curves-{task}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = inside(out_dir / f"curves-{safe_name(task, taken)}.png", out_dir)
+            _save(fig, path)
+        finally:
+            plt.close(fig)
         paths.append(path)
     return paths
 
 
-def plot_coefficients(record: dict, out_path: str | Path) -> Path:
-    """Heat map of one run's coefficients: task vectors (rows) × blocks (columns)."""
+def plot_coefficients(record: dict, out_path: str | Path, run_dir: str | Path | None = None) -> Path:
+    """Heat map of one run's coefficients: task vectors (rows) × blocks (columns).
+
+    The coefficients are read from ``run_dir/coefficients.safetensors`` (the run's own folder,
+    wherever the results folder now is); without ``run_dir``, from the path in the record. A
+    missing or unreadable file, or one that cannot be written, is a one-line HarnessError.
+    """
     plt = _plt()
-    coef = load_coefficients(record["coefficients"])
-    mat = coef.get("coefficients", coef["x"][None, :])
+    src = Path(run_dir) / "coefficients.safetensors" if run_dir is not None else Path(str(record.get("coefficients")))
+    run_id = str(record.get("run_id") or (Path(run_dir).name if run_dir else "run"))
+    if not src.is_file():
+        raise HarnessError(f"run {run_id} has no coefficients file ({src} is missing)")
+    try:
+        coef = load_coefficients(src)
+        mat = np.asarray(coef.get("coefficients", coef["x"][None, :]), dtype=np.float64)
+    except Exception as e:  # safetensors raises its own errors on a damaged file
+        raise HarnessError(f"cannot read the coefficients of run {run_id} ({src}): {type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:120]}") from None
     if mat.ndim == 3:  # per_partition: average the K partitions of each block
         mat = mat.mean(-1)
+    if mat.ndim == 1:
+        mat = mat[None, :]
+    if mat.ndim != 2 or mat.size == 0:
+        raise HarnessError(f"cannot plot the coefficients of run {run_id} ({src}): shape {mat.shape}")
     fig, ax = plt.subplots(figsize=(min(16, 2 + 0.12 * mat.shape[1]), 1.2 + 0.45 * mat.shape[0]))
-    lim = float(np.abs(mat).max()) or 1.0
-    im = ax.imshow(mat, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    names = record.get("task_vectors") or [f"τ{i}" for i in range(mat.shape[0])]
-    ax.set_yticks(range(mat.shape[0]), names)
+    finite = np.abs(mat[np.isfinite(mat)])
+    lim = float(finite.max()) if finite.size else 1.0
+    im = ax.imshow(mat, aspect="auto", cmap="RdBu_r", vmin=-(lim or 1.0), vmax=lim or 1.0, interpolation="nearest")
+    names = record.get("task_vectors")
+    if not (isinstance(names, list) and len(names) == mat.shape[0]):
+        names = [f"τ{i}" for i in range(mat.shape[0])]
+    ax.set_yticks(range(mat.shape[0]), [str(n)[:40] for n in names])
     ax.set_xlabel("block (parameter tensor, in model order)")
-    ax.set_title(f"{record['run_id']}: learned coefficients λ")
+    ax.set_title(f"{run_id[:80]}: learned coefficients λ")
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        _save(fig, out_path)
+    except OSError as e:
+        raise HarnessError(f"cannot write {out_path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     return out_path
 
 
