@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import stat
+import struct
 import sys
 import pickle
 import re
+import secrets
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -43,12 +47,124 @@ def _one_line(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# Size bounds that every checkpoint torch or safetensors writes meets and that a crafted file
+# ("a few kilobytes that claim gigabytes") does not. torch.save stores zip members uncompressed
+# (ZIP_STORED), so they add up to less than the file itself; a zip whose members claim more than
+# _MAX_EXPANSION times the file's size plus _SLACK_BYTES is refused before anything is read from it.
+# A tensor must address only elements inside its storage and have no more elements than it, and
+# all tensors of one file together at most _MAX_EXPANSION times the bytes of the storages they view
+# plus _SLACK_BYTES (tied weights view one storage twice; a bomb views it a thousand times).
+_MAX_EXPANSION = 4
+_SLACK_BYTES = 16 << 20
+
+
+class WriteFailed(HarnessError):
+    """A file could not be written (read-only folder, full disk, ...); ``reason`` says why."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "checkpoint") -> int:
+    """The size of ``path``, which must be a regular file (a FIFO, socket or device would block
+    or never end when read); a one-line error otherwise."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise HarnessError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise HarnessError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise HarnessError(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise HarnessError(f"{what} {path} is not a regular file (a FIFO, socket or device); "
+                           "pass the file itself")
+    return st.st_size
+
+
+def _safetensors_problem(path: str, size: int) -> str | None:
+    """Why ``path`` (``size`` bytes) cannot be a safetensors file, judged from its 8-byte header
+    length; None when the length fits the file."""
+    if size < 8:
+        return f"{size} bytes, shorter than the 8-byte header length (truncated?)"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    if n > size - 8:
+        return f"its header claims {n} bytes but only {size - 8} follow (truncated, or not safetensors)"
+    return None
+
+
+def read_safetensors(path: str | os.PathLike, unreadable: str | None = None) -> dict[str, Tensor]:
+    """The tensors of a regular ``.safetensors`` file (never unpickles), or a one-line error that
+    starts with ``unreadable`` (default: ``"<path> is not a readable safetensors file"``)."""
+    from safetensors.torch import load_file
+    path = str(path)
+    size = check_regular_file(path)
+    unreadable = unreadable or f"{path} is not a readable safetensors file"
+    problem = _safetensors_problem(path, size)
+    if problem:
+        raise HarnessError(f"{unreadable}: {problem}")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:
+        raise HarnessError(f"{unreadable}: {_one_line(e)}") from None
+
+
+def check_zip_bounds(path: str, size: int) -> None:
+    """Refuse a zip (torch's file format) whose members claim more bytes than its size allows
+    (see ``_MAX_EXPANSION``); files that are not zips pass."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+        return  # not a (readable) zip: torch's own reader says what is wrong
+    claimed = sum(i.file_size for i in infos)
+    bound = _MAX_EXPANSION * size + _SLACK_BYTES
+    if claimed > bound:
+        packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
+        how = f" ({len(packed)} compressed members; torch.save stores them uncompressed)" if packed else ""
+        raise HarnessError(f"checkpoint {path} was refused: its zip members claim {claimed} bytes, more than "
+                           f"{_MAX_EXPANSION}x its {size} bytes plus {_SLACK_BYTES >> 20} MiB{how}; "
+                           "re-save it with torch.save or as safetensors")
+
+
+def check_tensor_sizes(sd: dict, path: str) -> None:
+    """Every tensor of ``sd`` is dense, lies inside its storage, has no more elements than it, and
+    all of them together view at most ``_MAX_EXPANSION`` times their storages' bytes (plus
+    ``_SLACK_BYTES``): what a file holds cannot grow when made contiguous or written out."""
+    viewed, stored = 0, {}
+    for k, v in sd.items():
+        if not isinstance(v, Tensor):
+            continue
+        if v.layout != torch.strided:
+            raise HarnessError(f"checkpoint {path}: entry '{k}' is a {v.layout} tensor; only dense tensors "
+                               "are weights here")
+        storage = v.untyped_storage()
+        item = v.element_size()
+        capacity = storage.nbytes() // item if item else 0
+        if v.numel():
+            last = v.storage_offset() + sum((n - 1) * s for n, s in zip(v.shape, v.stride()))
+            if min(v.stride(), default=0) < 0 or v.storage_offset() < 0 or last >= capacity or v.numel() > capacity:
+                raise HarnessError(f"checkpoint {path}: entry '{k}' (shape {tuple(v.shape)}, stride {v.stride()}, "
+                                   f"offset {v.storage_offset()}) does not fit its storage of {capacity} elements")
+        viewed += v.numel() * item
+        stored[storage.data_ptr()] = max(stored.get(storage.data_ptr(), 0), storage.nbytes())
+    if viewed > _MAX_EXPANSION * sum(stored.values()) + _SLACK_BYTES:
+        raise HarnessError(f"checkpoint {path} was refused: its tensors view {viewed} bytes of storages that hold "
+                           f"{sum(stored.values())} (the same storage many times over)")
+
+
 def is_pickled_module(path: str) -> bool:
     """Whether a torch file is a whole pickled model (weights recovered by :mod:`harness.unpickle`)
     rather than a plain state dict."""
     if str(path).endswith(".safetensors"):
         return False
     try:
+        from harness.unpickle import check_pickle
+        size = check_regular_file(path)
+        check_zip_bounds(str(path), size)
+        check_pickle(str(path), size, "unreadable")
         torch.load(path, map_location="cpu", weights_only=True)
         return False
     except pickle.UnpicklingError as e:
@@ -74,18 +190,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         HarnessError: missing, unreadable or unsafe file, or content that is not a state dict.
     """
     path = str(path)
-    if not os.path.exists(path):
-        raise HarnessError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise HarnessError(f"checkpoint {path} is a directory, not a file")
+    size = check_regular_file(path)
     unreadable = f"checkpoint {path} is not a readable safetensors/torch state dict"
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        try:
-            obj = load_file(path, device="cpu")
-        except Exception as e:
-            raise HarnessError(f"{unreadable}: {_one_line(e)}") from None
+        obj = read_safetensors(path, unreadable)
     else:
+        from harness.unpickle import check_pickle
+        check_zip_bounds(path, size)
+        check_pickle(path, size, unreadable)  # what the file claims, before torch allocates it
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -114,6 +226,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         if not isinstance(v, Tensor):
             raise HarnessError(f"checkpoint {path}: entry '{k}' is a {type(v).__name__}, not a tensor; "
                                "expected a state dict (a dict of tensor names to tensors)")
+    check_tensor_sizes(obj, path)
     if all(str(k).startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj)
@@ -121,7 +234,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def save_state_dict(sd: dict[str, Tensor], path: str | os.PathLike) -> None:
     """Write ``sd`` as safetensors (contiguous CPU tensors; shared storage is copied, which
-    safetensors requires). Parent directories are created."""
+    safetensors requires). Parent directories are created. The file is written under a temporary
+    name beside ``path`` and renamed onto it when complete, so ``path`` is never half-written.
+
+    Raises:
+        WriteFailed: the folder is read-only, the disk is full, ... (nothing is left at ``path``'s
+            temporary name).
+    """
     from safetensors.torch import save_file
     out, seen = {}, set()
     for k, v in sd.items():
@@ -133,8 +252,24 @@ def save_state_dict(sd: dict[str, Tensor], path: str | os.PathLike) -> None:
             t = t.clone()
         seen.add(ptr)
         out[k] = t
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(path))
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+        save_file(out, tmp)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise WriteFailed(path, e.strerror or _one_line(e)) from None
+    except Exception as e:  # safetensors' own error type for a failed write
+        raise WriteFailed(path, _one_line(e)) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def build_clip(model_name: str, pretrained: str | None = None):

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--pretrained", required=True, help="CLIPModel folder, open_clip state dict or pickled model")
     cv.add_argument("--checkpoints", required=True, help="NAME=PATH,...: CLIPVisionModel/LoRA folders, state dicts, pickles")
     cv.add_argument("--out", required=True, help="folder for the converted files and manifest.json")
+    cv.add_argument("--replace", action="store_true",
+                    help="replace a non-empty --out (only once the new conversion is complete)")
     ck = sub.add_parser("check-plugin", help="run the conformance suite on an installed plugin")
     ck.add_argument("name", help="plugin name (or module:Class)")
     ck.add_argument("--kind", choices=["searcher", "task", "source", "engine", "transform"], help="when the name is ambiguous")
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE")
     sw.add_argument("--results-dir", dest="results_dir", help="default: the sweep file's, else results")
     sw.add_argument("--cache-dir", dest="cache_dir")
-    sw.add_argument("--workers", type=int, default=0)
+    sw.add_argument("--workers", type=int, default=0, help="Ray workers per run (0: in this process)")
+    sw.add_argument("--device", help="torch device of every run: cpu (default), cuda or cuda:N")
     sw.add_argument("--quiet", action="store_true")
     pl = sub.add_parser("plot", help="heat map of one run's coefficients")
     pl.add_argument("run_id")
@@ -260,7 +263,7 @@ def cmd_convert(args) -> int:
         if not sep or not name:
             raise HarnessError(f"--checkpoints expects NAME=PATH entries, got {entry!r}")
         pairs.append((name.strip(), path.strip()))
-    manifest = convert_checkpoints(args.pretrained, pairs, args.out)
+    manifest = convert_checkpoints(args.pretrained, pairs, args.out, replace=args.replace)
     print(f"read {len(manifest['read'])} inputs ({manifest['format_read']}); wrote {args.out}/manifest.json")
     print(f"use them with: {manifest['use']}")
     return 0
@@ -278,42 +281,20 @@ def cmd_check_plugin(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from harness.leaderboard import format_board, leaderboard
-    board = leaderboard(args.results_dir, task=args.task, searcher=args.searcher, family_prefix=args.family)
+    from harness.leaderboard import leaderboard, show
+    from harness.results import read_records
+    records = read_records(args.results_dir)
+    board = leaderboard(args.results_dir, task=args.task, searcher=args.searcher, family_prefix=args.family, records=records)
     if board.empty:
         raise HarnessError(f"no completed runs under {args.results_dir}/runs; run `python -m harness run` first")
-    import pandas as pd
-    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
-        print(format_board(board).to_string(index=False))
-    for path in publish(board, args.results_dir, plots=args.plots, task=args.task, searcher=args.searcher):
-        print(f"wrote {path}", file=sys.stderr)
+    show(board, args.results_dir, plots=args.plots, records=records, task=args.task, searcher=args.searcher,
+         family_prefix=args.family)
     return 0
-
-
-def publish(board, results_dir, plots=True, **filters):
-    """Markdown + CSV, and (with plots) the curves PNGs and the self-contained HTML page."""
-    from pathlib import Path
-    from harness.leaderboard import write
-    paths = write(board, results_dir)
-    if plots:
-        from harness.plots import html_page, plot_curves
-        pngs = plot_curves(results_dir, Path(results_dir) / "plots", **filters)
-        page = Path(results_dir) / "leaderboard.html"
-        page.write_text(html_page(board, pngs))
-        paths += pngs + [page]
-    return paths
 
 
 def cmd_sweep(args) -> int:
     from harness.sweep import load_sweep, run_sweep
-    spec = load_sweep(args)
-    board = run_sweep(spec, log=lambda m: print(m, file=sys.stderr))
-    import pandas as pd
-    from harness.leaderboard import format_board
-    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
-        print(format_board(board).to_string(index=False))
-    for path in publish(board, spec["results_dir"]):
-        print(f"wrote {path}", file=sys.stderr)
+    run_sweep(load_sweep(args), log=lambda m: print(m, file=sys.stderr), show=True)
     return 0
 
 
@@ -338,10 +319,11 @@ def cmd_plot(args) -> int:
     from pathlib import Path
     from harness.plots import plot_coefficients
     from harness.results import RunStore
-    rec = RunStore(args.results_dir, args.run_id).record()
+    store = RunStore(args.results_dir, args.run_id)
+    rec = store.record()
     if not rec or not rec.get("coefficients"):
         raise HarnessError(f"no completed run '{args.run_id}' under {args.results_dir}/runs")
-    out = plot_coefficients(rec, Path(args.results_dir) / "plots" / f"coefficients-{args.run_id}.png")
+    out = plot_coefficients(rec, Path(args.results_dir) / "plots" / f"coefficients-{args.run_id}.png", run_dir=store.dir)
     print(out)
     return 0
 

@@ -62,7 +62,25 @@ def family(rec: dict) -> str:
     """The checkpoint family a run composed: ``pretrained hash/task-vector hash`` (8 characters
     each), or ``—`` for tasks that compose no checkpoints."""
     fam = rec.get("family") or {}
-    return f"{fam['pretrained'][:8]}/{fam['task_vectors'][:8]}" if fam.get("pretrained") else "—"
+    if not fam.get("pretrained"):
+        return "—"
+    label = f"{fam['pretrained'][:8]}/{fam['task_vectors'][:8]}"
+    bench = fam.get("benchmark")
+    if isinstance(bench, dict) and isinstance(fam.get("data"), str):
+        # Benchmark data: the suite and a hash of what was scored, so other data never pools.
+        label += f"/{bench.get('suite') or 'data'}:{fam['data'][:6]}"
+    return label
+
+
+def paper_figure(rec: dict) -> str:
+    """The aTLAS paper's figure for this run's protocol, suite and architecture, or ``""``."""
+    from harness.data.paper import figure
+    bench = (rec.get("family") or {}).get("benchmark")
+    if not isinstance(bench, dict):
+        return ""
+    suite, arch = bench.get("suite"), bench.get("architecture")
+    return figure(rec["task"], rec["searcher"], str(rec["config"].get("space")),
+                  suite if isinstance(suite, str) else None, arch if isinstance(arch, str) else None)
 
 
 def select(records, task: str | None = None, searcher: str | None = None,
@@ -96,7 +114,7 @@ def runs_frame(results_dir: str | Path, task: str | None = None, searcher: str |
             "constraint_ok": rec.get("constraint_ok") is not False,
             "evaluations": rec["evaluations"], "wall_time_s": float(rec["wall_time_s"]),
             "peak_rss_mb": float("nan") if rec.get("peak_rss_mb") is None else float(rec["peak_rss_mb"]),
-            "run_id": rec["run_id"],
+            "run_id": rec["run_id"], "paper": paper_figure(rec),
         })
     return pd.DataFrame(rows)
 
@@ -125,7 +143,7 @@ def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str 
             "std": vals.std(ddof=1) if len(vals) > 1 else float("nan"),
             "n": len(g), "n_ok": len(ok), "higher_is_better": bool(g["higher_is_better"].iloc[0]),
             "evaluations": g["evaluations"].mean(), "wall_time_s": g["wall_time_s"].mean(),
-            "peak_rss_mb": g["peak_rss_mb"].mean(),
+            "peak_rss_mb": g["peak_rss_mb"].mean(), "paper": g["paper"].iloc[0],
         })
     board = pd.DataFrame(groups)
     ranked = []
@@ -135,7 +153,8 @@ def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str 
         g["rank"] = g["mean"].rank(ascending=asc, method="min")
         ranked.append(g)
     board = pd.concat(ranked, ignore_index=True)
-    return board[COLUMNS]
+    # The paper's figure beside rows that ran its protocol on its suite and architecture.
+    return board[COLUMNS + (["paper"] if board["paper"].astype(bool).any() else [])]
 
 
 def format_board(board: pd.DataFrame) -> pd.DataFrame:

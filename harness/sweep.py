@@ -65,6 +65,7 @@ _TOP = {
     "task_options": (_table, "a table, e.g. [task_options] or task_options = { key = value }"),
     "workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "quiet": (lambda v: isinstance(v, bool), "true or false"),
+    "device": (_text, "a torch device: cpu, cuda or cuda:N"),
 }
 _SEARCHER = {
     "name": (_text, "a searcher name (non-empty text)"),
@@ -119,7 +120,7 @@ def load_sweep(args) -> dict:
     """The sweep as a dict, from ``--file`` and/or flags (flags win). ``option_sources`` names
     where each shared task option came from (for error messages)."""
     spec: dict = {"seeds": [0, 1], "tasks": [], "searchers": [], "results_dir": "results", "cache_dir": None,
-                  "task_options": {}, "workers": 0, "quiet": False}
+                  "task_options": {}, "workers": 0, "quiet": False, "device": "cpu"}
     if args.file:
         spec.update(read_sweep_file(args.file))
     sources = {k: f"[task_options] of {args.file}" for k in spec["task_options"]}
@@ -143,6 +144,7 @@ def load_sweep(args) -> dict:
             spec[k] = getattr(args, k)
     spec["workers"] = args.workers or spec["workers"]
     spec["quiet"] = args.quiet or spec["quiet"]
+    spec["device"] = getattr(args, "device", None) or spec["device"]
     if not spec["tasks"] or not spec["searchers"]:
         raise HarnessError("a sweep needs tasks and searchers (--tasks a,b --searchers x,y, or a --file)")
     return spec
@@ -175,7 +177,7 @@ def plan_sweep(spec: dict) -> tuple[list[RunConfig], dict[str, str]]:
                                     seed=coerce(seed, int, "seed"), searcher_options=dict(s.get("options") or {}),
                                     task_options={**topts, **(s.get("task_options") or {})},
                                     results_dir=spec["results_dir"], cache_dir=spec["cache_dir"],
-                                    workers=spec["workers"], quiet=spec["quiet"])
+                                    workers=spec["workers"], quiet=spec["quiet"], device=spec["device"])
                     key = plan(cfg).config.key()  # fail on a typo before hours of runs, not after
                 except HarnessError as e:
                     raise HarnessError(f"{where}: {e}") from None

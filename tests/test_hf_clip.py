@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from safetensors.torch import save_file
+
+from harness.api import HarnessError
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel  # the test extra: pip install -e ".[test]"
 
 from harness.api import HarnessError
@@ -256,3 +258,34 @@ def test_every_format_of_one_model_gives_the_same_task_vectors_and_run(hf, tmp_p
     assert finals[0] == finals[1] == finals[2]
     assert records["hf"]["plugins"]["source"]["name"] == "hf_clip"
     assert records["pickle"]["plugins"]["source"]["name"] == "open_clip"
+
+
+def test_a_suite_finds_fusionbench_named_folders_and_parquet_data(hf, tmp_path):
+    """``-t suite=ta8 -t checkpoints=DIR``: each task's CLIPVisionModel folder is found under
+    FusionBench's name (``<model>_<key>``), the data as Parquet shards; results use ta8's names."""
+    import shutil
+    from harness.data.suites import spec, suite
+    from harness.cli import main
+    from tests.hfdata import make_hf
+    tmp, _, tunes = hf
+    names = list(tunes)
+    for k, task in enumerate(suite("ta8")):
+        shutil.copytree(tmp / names[k % len(names)], tmp_path / "ckpt" / f"clip-vit-tiny_{task}")
+        make_hf(tmp_path / "data", task, {"train": 10, "test": 12}, n_classes=2, seed=k)
+    rc = main(["run", "--searcher", "task-arithmetic", "-s", "points=2", "-t", "suite=ta8",
+               "-t", f"pretrained={tmp / 'pretrained'}", "-t", f"checkpoints={tmp_path / 'ckpt'}",
+               "--data-root", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"),
+               "--results-dir", str(tmp_path / "res"), "--quiet"])
+    assert rc == 0
+    (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "res" / "runs").glob("*/record.json")]
+    assert rec["status"] == "complete" and rec["plugins"]["source"]["name"] == "hf_clip"
+    assert [k[4:] for k in rec["final"] if k.startswith("acc/")] == suite("ta8")
+    assert rec["family"]["benchmark"]["suite"] == "ta8"
+    # A task without a checkpoint is named in one line.
+    shutil.rmtree(tmp_path / "ckpt" / "clip-vit-tiny_dtd")
+    with pytest.raises(HarnessError, match=r"suite ta8: no checkpoint for dtd in "):
+        from harness.objective import resolve_source
+        from tasks.addition import AdditionTask
+        opts = AdditionTask.Options(suite="ta8", pretrained=str(tmp / "pretrained"),
+                                    checkpoints=[str(tmp_path / "ckpt")], data_root=str(tmp_path / "data"))
+        resolve_source(opts)

@@ -129,6 +129,9 @@ def load(name: str, root: str, *, convention: str = "auto", val_rule: str = "atl
                   "test": raw.splits["test"]}
         val_from = f"train split, {val_rule} rule"
     sizes = {k: len(v) for k, v in splits.items()}
+    if empty := [k for k in ("val", "test") if not sizes[k]]:
+        raise HarnessError(f"{raw.location}: the {empty[0]} split of '{name}' is empty "
+                           f"(train has {len(raw.splits['train'])} images, test {len(raw.splits['test'])})")
     expected = dict(zip(("train", "val", "test"), s.sizes)) if s.sizes else None
     info = {"convention": conv, "location": raw.location, "val_from": val_from, "sizes": sizes,
             "paper_sizes": expected, "prompts": p.provenance}

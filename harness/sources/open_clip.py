@@ -189,6 +189,7 @@ def plan_residency(data: dict[str, dict[str, tuple]], max_resident_mb: float,
     otherwise (a search subset drawn from a streamed split is decoded once, when the task builds
     it). A resident split is decoded now (an image folder's into uint8 images at the model's size,
     a built-in set's raw arrays as they are); the others stay lazy and are streamed when scored."""
+    import numpy as np
     from harness.stream import ArraySplit
     budget = max_resident_mb * 2**20
     search = sum(len(x) * x.item_bytes for ds, sp in data.items() if ds not in streamable
@@ -207,6 +208,8 @@ def plan_residency(data: dict[str, dict[str, tuple]], max_resident_mb: float,
             used += len(x) * x.item_bytes if optional else 0
             if isinstance(x, ArraySplit):
                 images = x.hwc()
+            elif len(x) == 0:
+                images = np.zeros((0, x.size, x.size, 3), np.uint8)
             else:
                 images = torch.cat(list(x.batches(256, "cpu"))).permute(0, 2, 3, 1).numpy()
             out[ds][s] = (images, y)
