@@ -56,6 +56,9 @@ def _tv_suite(root):
 
 
 CONVENTIONS = {"hf": _hf_suite, "tv": _tv_suite}
+# Val and test images scored per data set: enough that some fine-tuned (random) model scores
+# above zero, so the normalised accuracy is defined.
+SUBSET = {"hf": 1, "tv": 3}
 
 
 @pytest.mark.parametrize("convention", sorted(CONVENTIONS))
@@ -64,7 +67,7 @@ def test_vit_b32_over_ta8_end_to_end(tmp_path, vit_b32, convention, capsys):
     data = tmp_path / "data"
     CONVENTIONS[convention](data)
     common = ["--task", "addition", "-t", "suite=ta8", "-t", f"pretrained=local-dir:{model}",
-              "-t", f"checkpoints={ft}", "-t", f"data_convention={convention}", "-t", "bench_subset=1", "--data-root", str(data),
+              "-t", f"checkpoints={ft}", "-t", f"data_convention={convention}", "-t", f"bench_subset={SUBSET[convention]}", "--data-root", str(data),
               "--results-dir", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     # Every searcher kind on the Parquet copy; the task_vectors layout is shown to give the same
     # splits and the same run as Parquet in tests/test_benchmark_data.py, so one kind suffices there.
@@ -83,7 +86,7 @@ def test_vit_b32_over_ta8_end_to_end(tmp_path, vit_b32, convention, capsys):
         bench = rec["family"]["benchmark"]
         assert bench["suite"] == "ta8" and set(bench["datasets"]) == set(suite("ta8"))
         assert {d["convention"] for d in bench["datasets"].values()} == {convention}
-        assert all(d["scored_sizes"]["val"] == 1 and d["scored_sizes"]["test"] == 1
+        assert all(d["scored_sizes"]["val"] <= SUBSET[convention] and d["scored_sizes"]["test"] <= SUBSET[convention]
                    for d in bench["datasets"].values())
         assert bench["architecture"] == "ViT-B/32"
     assert len({json.dumps(r["family"], sort_keys=True) for r in records}) == 1
