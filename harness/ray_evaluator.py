@@ -26,6 +26,12 @@ A worker that dies mid-batch (killed, out of memory, node lost) is replaced by a
 its unfinished work is handed out again; every candidate gets exactly one evaluation. Work that
 kills its worker ``MAX_ATTEMPTS`` times is returned as a failed evaluation instead of looping.
 
+Joining a cluster (``--address host:port`` or ``ray://host:port``) first checks, within
+``CONNECT_TIMEOUT_S``, that something at that address answers as a gRPC server (Ray's GCS and
+its client server are), so a wrong or unreachable address is one line at once instead of Ray's
+minutes of retries. A local Ray the evaluator starts is shut down by :meth:`RayEvaluator.close`,
+which also runs at interpreter exit (``atexit``) if nothing called it.
+
 Example:
     >>> p = plan(RunConfig(task="quadratic", workers=2))
     >>> with RayEvaluator(p, workers=2, mode="auto") as ev:
@@ -33,9 +39,11 @@ Example:
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -52,6 +60,70 @@ if TYPE_CHECKING:
 
 # Times one piece of work may take its worker down before it is reported as failed.
 MAX_ATTEMPTS = 3
+# Seconds a cluster address has to accept a connection and answer as a gRPC server.
+CONNECT_TIMEOUT_S = 5.0
+# The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server answers with a SETTINGS frame.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``host:port``, ``[v6]:port`` or ``ray://host:port``; None for the
+    forms Ray resolves itself (``auto``, ``local``) and for ``ray://`` without a port (its
+    default, 10001)."""
+    rest = address.strip()
+    if rest in ("auto", "local"):
+        return None
+    scheme = ""
+    if "://" in rest:
+        scheme, rest = rest.split("://", 1)
+    rest = rest.split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep or "]" in port:  # no port
+        if scheme == "ray":
+            return rest.strip("[]"), 10001
+        raise HarnessError(f"--address {address!r} has no port; valid forms: host:port (the head's GCS, "
+                           "6379 by default), ray://host:port (Ray Client, 10001 by default), auto")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise HarnessError(f"--address {address!r} has an invalid port {port!r}; valid forms: host:port, "
+                           "ray://host:port, auto")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise a one-line HarnessError unless ``address`` accepts a TCP connection and answers the
+    HTTP/2 preface as a gRPC server does, each within ``timeout`` seconds. Skipped for ``auto``
+    and when Ray talks TLS (``RAY_USE_TLS``), where the preface is not what the server expects."""
+    hp = _host_port(address)
+    if hp is None:
+        return
+    host, port = hp
+    try:
+        conn = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        why = "timed out" if isinstance(e, (socket.timeout, TimeoutError)) else (e.strerror or type(e).__name__)
+        raise HarnessError(f"cannot reach the Ray cluster at {address}: no connection to {host}:{port} within "
+                           f"{timeout:g} s ({why}); start the cluster (`ray start --head`) or fix --address "
+                           "(host:port of its GCS, ray://host:port for Ray Client, or auto)") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true", "yes"):
+        conn.close()
+        return
+    try:
+        conn.settimeout(timeout)
+        conn.sendall(_H2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                break
+            head += chunk
+    except OSError:
+        head = b""
+    finally:
+        conn.close()
+    if len(head) < 9 or head[3] != 4:  # frame type 4: SETTINGS
+        raise HarnessError(f"cannot join the Ray cluster at {address}: {host}:{port} does not answer as Ray "
+                           f"within {timeout:g} s (is it the dashboard's or another service's port?); give the "
+                           "head's GCS address (host:6379 by default), ray://host:10001 for Ray Client, or auto")
 
 
 def _writable(ev: Evaluation) -> Evaluation:
@@ -139,6 +211,7 @@ class RayEvaluator(Evaluator):
             return
         common = {"log_to_driver": not self.quiet, "logging_level": logging.WARNING}
         if self.address:
+            check_reachable(self.address)
             try:
                 ray.init(address=self.address, **common)
             except Exception as e:
@@ -146,6 +219,7 @@ class RayEvaluator(Evaluator):
         else:
             start_local_ray(max(1, math.ceil(workers * self.cpus)), quiet=self.quiet)
         self._owns_ray = True
+        atexit.register(self.close)  # also when the evaluator is never closed; close() unregisters it
 
     def _decide_precision(self) -> dict | None:
         """Reduced precision is checked once, here, on the whole search set of the driver's task;
@@ -197,9 +271,11 @@ class RayEvaluator(Evaluator):
                 pass
         self.actors, self._starting = [], {}
         self._running, self._idle, self._queue, self._items, self._submitted = {}, deque(), deque(), {}, {}
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
-        self._owns_ray = False
+        if self._owns_ray:
+            atexit.unregister(self.close)
+            self._owns_ray = False
+            if ray.is_initialized():
+                ray.shutdown()
 
     def describe(self) -> dict:
         return {"evaluator": "ray", "mode": self.mode, "workers": self.workers, "address": self.address or "local",

@@ -6,8 +6,12 @@ options and seed. They are computed once and kept as JSON under ``<cache>/refere
 the sha256 of their *key material*: what they were computed from (content hashes of weights and
 data, the options, the seed, the device type) and the code that computed them (a hash of the
 harness's and the task's source files). Anything that could change a figure changes the key, so a
-stale entry is missed, never read under another name. Entries are written atomically; an
-unreadable one is recomputed.
+stale entry is missed, never read under another name.
+
+Each entry holds its material, its key and its value, and a sha256 ``checksum`` of the three. An
+entry is used only when its checksum matches its content and its key and material are the ones
+asked for; any other entry (damaged, edited, from before checksums, or filed under another key)
+is recomputed and rewritten, with one warning line on stderr. Entries are written atomically.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import hashlib
 import inspect
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -48,24 +53,65 @@ def key_of(material: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def checksum(body: dict[str, Any]) -> str:
+    """The sha256 of an entry's ``material``, ``key`` and ``value`` (canonical JSON)."""
+    text = json.dumps({k: body.get(k) for k in ("material", "key", "value")}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _as_json(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, other objects their ``str``)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _problem(entry: Any, key: str, material: dict) -> str | None:
+    """Why ``entry`` may not be used for ``key``/``material``; None when it may."""
+    if not isinstance(entry, dict) or not {"material", "value"} <= entry.keys():
+        return "is not a cache entry"
+    if "checksum" not in entry:
+        return "has no checksum"
+    if entry["checksum"] != checksum(entry):
+        return "does not match its checksum (damaged)"
+    if entry.get("key") != key or entry["material"] != material:
+        return "was computed from other material (its key does not match)"
+    return None
+
+
 def cached(cache_dir: str | os.PathLike, kind: str, material: dict[str, Any],
            compute: Callable[[], Any]) -> tuple[Any, bool]:
-    """``(value, hit)``: the cached value for ``material``, else ``compute()`` stored for next time."""
+    """``(value, hit)``: the cached value for ``material``, else ``compute()`` stored for next time.
+
+    An entry that does not verify (see the module docstring) is recomputed and replaced; a
+    warning line on stderr names it and says why."""
     folder = Path(cache_dir) / "references"
-    path = folder / f"{kind}-{key_of({'kind': kind, **material})}.json"
+    full = _as_json({"kind": kind, **material})
+    key = key_of(full)
+    path = folder / f"{kind}-{key}.json"
     try:
-        entry = json.loads(path.read_text())
-        if entry.get("material") == json.loads(json.dumps({"kind": kind, **material}, default=str)):
-            return entry["value"], True
-    except (OSError, ValueError, AttributeError):
-        pass
+        text = path.read_text()
+    except OSError:
+        text = None  # no entry yet (or unreadable): computed without a word
+    if text is not None:
+        try:
+            problem = _problem(json.loads(text), key, full)
+        except ValueError:
+            problem = "is not valid JSON"
+        if problem is None:
+            return json.loads(text)["value"], True
+        print(f"warning: reference cache entry {path} {problem}; recomputing it", file=sys.stderr, flush=True)
     value = compute()
+    body = {"material": full, "key": key, "value": _as_json(value)}
+    body["checksum"] = checksum(body)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"material": {"kind": kind, **material}, "value": value}, f, default=str)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(body, f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     except OSError:  # a read-only cache only costs the recomputation next time
         pass
     return value, False

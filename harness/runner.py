@@ -4,14 +4,21 @@ A run with a trace on disk (killed, interrupted, failed) is resumed by replaying
 the searcher is rebuilt with the same seed, and every candidate it asks for again is answered
 from the trace instead of being re-evaluated, so nothing is lost or counted twice and the final
 result equals that of an uninterrupted run.
+
+However a run ends (complete, failed, Ctrl-C, a second Ctrl-C while the workers shut down, a
+``SystemExit``), its record is rewritten with a final status and with the evaluations its trace
+holds, before the searcher and the evaluator are closed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -25,6 +32,11 @@ from harness.config import RunConfig
 from harness.evaluators import Evaluator, LocalEvaluator
 from harness.problem import Plan, build_task, make_searcher, plan
 from harness.results import RunRecord, RunStore, TraceRow, git_sha, now, peak_rss_mb, reset_peak_rss, versions
+
+# The most candidates one ask may take (``--batch-size``): beyond it a searcher's per-batch state
+# (nevergrad's population, one slot per worker) only costs memory and time, and at 10**20 it never
+# finishes setting up.
+MAX_BATCH = 10_000
 
 
 def make_evaluator(p: Plan, task: Task) -> Evaluator:
@@ -63,6 +75,12 @@ def run(cfg: RunConfig, log=print) -> dict:
     """Execute (or resume) one run and return its run record."""
     p = plan(cfg)
     c = p.config
+    if c.batch_size > MAX_BATCH:
+        raise HarnessError(f"--batch-size must be between 1 and {MAX_BATCH} (candidates asked per round), "
+                           f"got {c.batch_size}")
+    if c.address:  # an unreachable cluster is one line now, before anything is recorded
+        from harness.ray_evaluator import check_reachable
+        check_reachable(c.address)
     store = RunStore(c.results_dir, c.resume or c.run_id())
     if c.resume:
         _check_resume(store, c)
@@ -75,9 +93,37 @@ def run(cfg: RunConfig, log=print) -> dict:
         if c.rerun:
             store.clear()
         store.open()
-        return _execute(p, store, log)
+        with _stop_signals_exit():
+            return _execute(p, store, log)
     finally:
         store.close()
+
+
+@contextlib.contextmanager
+def _stop_signals_exit():
+    """While the block runs, SIGTERM and SIGHUP (``kill``, a closed terminal) raise
+    ``SystemExit(128 + signal)`` instead of ending the process on the spot, so the run record is
+    written (``interrupted``) and a local Ray is shut down. Signals whose handler is not the
+    default one are left alone, as is everything outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    saved = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                saved[sig] = signal.signal(sig, stop)
+        except (ValueError, OSError):
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _check_resume(store: RunStore, c: RunConfig) -> None:
@@ -174,7 +220,7 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         if bad:
             raise HarnessError(f"the final metrics are not finite ({', '.join(bad)}); the run is not reported")
     except KeyboardInterrupt:
-        record.update(status="interrupted", error="interrupted by the user; run the same command to resume")
+        record.update(status="interrupted", error=INTERRUPTED)
         raise
     except HarnessError as e:
         record.update(status="failed", error=str(e))
@@ -182,17 +228,93 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
     except Exception as e:
         record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         raise
+    except BaseException as e:  # SystemExit (Ray turns SIGTERM into one), GeneratorExit
+        record.update(status="interrupted", error=f"stopped ({type(e).__name__}); run the same command to resume")
+        raise
     finally:
-        if searcher is not None:
-            searcher.close()
-        if evaluator is not None:
-            evaluator.close()
-        record.update(finished=now(), wall_time_s=time.time() - t0, peak_rss_mb=peak_rss_mb())
-        try:
-            store.write_record(record)
-        except HarnessError as e:
-            print(f"warning: {e}", file=sys.stderr)
+        # The record is written first, with Ctrl-C held off, so a second Ctrl-C cannot leave it
+        # "running"; then the searcher and evaluator are closed, also with Ctrl-C held off (a Ray
+        # interrupted half way through its shutdown ends the process with status 1), unless the
+        # user presses it twice more.
+        with _sigint_deferred() as held:
+            if record.status == "running":  # left by an exception raised in an except clause above
+                record.update(status="interrupted", error=INTERRUPTED)
+            if record.status != "complete":  # the record counts what the trace holds
+                rows = store.trace(warn=False)
+                record.update(evaluations=len(rows), failed_evaluations=sum(not r.get("ok", True) for r in rows))
+            record.update(finished=now(), wall_time_s=time.time() - t0, peak_rss_mb=peak_rss_mb())
+            try:
+                store.write_record(record)
+            except HarnessError as e:
+                print(f"warning: {e}", file=sys.stderr)
+        with _sigint_deferred(held, give_in=2):
+            _close(searcher, evaluator)
+        held.resend()
     return record.to_dict()
+
+
+INTERRUPTED = "interrupted by the user; run the same command to resume"
+
+
+class _HeldSigint:
+    """The Ctrl-Cs :func:`_sigint_deferred` held off, and the handler they were meant for."""
+
+    def __init__(self):
+        self.got, self.handler = 0, None
+
+    def resend(self) -> None:
+        """Deliver a held Ctrl-C to the handler it was meant for (Python's raises KeyboardInterrupt)."""
+        if self.got and callable(self.handler):
+            self.got = 0
+            self.handler(signal.SIGINT, None)
+
+
+@contextlib.contextmanager
+def _sigint_deferred(held: _HeldSigint | None = None, give_in: int | None = None):
+    """Hold SIGINT (Ctrl-C) off while the block runs; yields a :class:`_HeldSigint` (``held``, or a
+    new one) whose ``resend()`` delivers one that came meanwhile. With ``give_in``, that many
+    Ctrl-Cs during the block raise KeyboardInterrupt at once. Outside the main thread (where no
+    handler can be set) it holds nothing off."""
+    held = held if held is not None else _HeldSigint()
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    start = held.got
+
+    def hold(signum, frame):
+        held.got += 1
+        if give_in is not None and held.got - start >= give_in:
+            held.got = 0
+            raise KeyboardInterrupt
+
+    try:
+        before = signal.signal(signal.SIGINT, hold)
+    except (ValueError, OSError):
+        yield held
+        return
+    if held.handler is None:
+        held.handler = before
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _close(*parts) -> None:
+    """Close the searcher and the evaluator. Each is closed even when closing the other fails or
+    is interrupted; a failure is one warning line, a Ctrl-C is raised once both are done."""
+    interrupted = False
+    for part in parts:
+        if part is None:
+            continue
+        try:
+            part.close()
+        except KeyboardInterrupt:
+            interrupted = True
+        except Exception as e:
+            print(f"warning: closing the {type(part).__name__} failed: {type(e).__name__}: {e}", file=sys.stderr)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 class _Progress:
@@ -284,7 +406,8 @@ def _search_async(c: RunConfig, searcher, evaluator: Evaluator, prior: list[Trac
             if cand is None or not np.array_equal(row.x, np.asarray(cand.x, dtype=np.float64)):
                 raise HarnessError(f"the trace does not match the searcher's proposals at evaluation {state.used + 1} "
                                    "(config or code changed since the run started); use --rerun to start it over")
-            unsent.remove(cand)
+            # By identity: candidates hold arrays, so ``==`` (and list.remove) cannot compare them.
+            unsent = [u for u in unsent if u is not cand]
             ev, fresh = _Replay.evaluation(row), False
             state.replayed(float(row.t))
         else:

@@ -185,6 +185,7 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
     assert cache_root(str(tmp_path / "given")) == tmp_path / "given"
     assert cache_root() == tmp_path / "env"
     monkeypatch.delenv("ATLAS_HARNESS_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert str(cache_root()).endswith(".cache/atlas-harness")
 
 

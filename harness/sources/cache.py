@@ -3,7 +3,11 @@
 A zoo is a :class:`ZooSource` plugin (the built-in ``effnet`` and ``tiny-clip``). It is keyed by
 its config (plus the installed data sets, the torch version and the weights' package versions):
 change any field and it is rebuilt into a new file. Files are safetensors (never pickle) with a
-JSON sidecar for the metadata, both written atomically.
+JSON sidecar for the metadata, both written atomically. The sidecar carries the sha256 of the
+tensors file (``sha256``), its own checksum (``meta_sha256``, over the rest of the sidecar, whose
+figures feed runs' references) and the entry's key; an entry whose checksums or key do not verify
+is rebuilt, never used. One process builds an entry at a time (an ``flock`` on a lock file beside
+it); another one asking for it meanwhile waits, then loads what the first one built.
 
 Example:
     >>> source = get_zoo("effnet")                      # builds on first use, then loads in < 1 s
@@ -36,6 +40,7 @@ from harness.sources.base import SPLITS, ModelSource, source_stats
 FORMAT = 1  # bump when the file layout changes: old caches are then rebuilt, not misread
 
 ENV_CACHE = "ATLAS_HARNESS_CACHE"
+CACHE_FOLDER = "atlas-harness"  # under $XDG_CACHE_HOME, else under ~/.cache
 
 
 class ZooSource(Source):
@@ -65,8 +70,14 @@ class ZooSource(Source):
 # --------------------------------------------------------------------------- cache files
 
 def cache_root(override: str | None = None) -> Path:
-    """Where zoos are cached: ``override``, else ``$ATLAS_HARNESS_CACHE``, else ``~/.cache/atlas-harness``."""
-    root = override or os.environ.get(ENV_CACHE) or os.path.join("~", ".cache", "atlas-harness")
+    """Where zoos are cached: ``override`` (``--cache-dir``), else ``$ATLAS_HARNESS_CACHE``, else
+    ``$XDG_CACHE_HOME/atlas-harness``, else ``~/.cache/atlas-harness``."""
+    root = override or os.environ.get(ENV_CACHE)
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        # The XDG base-directory spec ignores a relative path; so does this.
+        base = xdg if xdg and os.path.isabs(os.path.expanduser(xdg)) else os.path.join("~", ".cache")
+        root = os.path.join(base, CACHE_FOLDER)
     return Path(root).expanduser()
 
 
@@ -125,6 +136,39 @@ def _paths(root: Path, name: str, key: str) -> tuple[Path, Path]:
     stem = root / f"{name}-{key}"
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
+
+def _meta_checksum(meta: dict) -> str:
+    """The sha256 of a sidecar's content (canonical JSON of every field but ``meta_sha256``)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _entry_lock(tensor_path: Path, progress: bool):
+    """Hold an exclusive ``flock`` on ``.NAME-KEY.lock`` beside the entry while building it: a
+    second process waits here (one notice line when ``progress``), then finds the built entry.
+    The kernel drops the lock when its holder dies. A cache folder where no lock file can be
+    created (read-only) is used without one."""
+    import fcntl
+    lock_path = tensor_path.with_name(f".{tensor_path.stem}.lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if progress:
+                print(f"notice: another process is building zoo cache {tensor_path}; waiting for it",
+                      file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
 def _atomic_write(path: Path, write) -> None:
     """``write(tmp_path)``, then rename over ``path``: a killed build never leaves a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +198,10 @@ def _save(source: ModelSource, tensor_path: Path, meta_path: Path, with_inputs: 
     # The sidecar is written last: it marks the pair as complete, and carries the tensors' checksum.
     _atomic_write(tensor_path, lambda p: save_file(t, str(p)))
     source.meta["sha256"] = _sha256(tensor_path)
-    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(source.meta, indent=1)))
+    meta = json.loads(json.dumps(source.meta))  # as it reads back (tuples are lists)
+    meta["meta_sha256"] = _meta_checksum(meta)
+    source.meta["meta_sha256"] = meta["meta_sha256"]
+    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
 
 
 def _clean_stale(root: Path) -> None:
@@ -270,13 +317,33 @@ def build_zoo(name: "str | type[ZooSource]" = "effnet", cache_dir: str | None = 
     root = cache_root(cache_dir)
     key = _key(cls, cfg, datasets)
     tensor_path, meta_path = _paths(root, name, key)
-    if not force and tensor_path.exists() and meta_path.exists():
-        loaded = _load(cls, cfg, root, tensor_path, meta_path)
+    if not force:
+        loaded = _cached(cls, cfg, root, key, tensor_path, meta_path, warn=False)
         if loaded is not None:
             return loaded
-        print(f"notice: zoo cache {tensor_path} does not match its checksum (damaged); rebuilding it",
-              file=sys.stderr, flush=True)
+    with _entry_lock(tensor_path, progress):
+        if not force:  # built by another process while this one waited for the lock, or damaged
+            loaded = _cached(cls, cfg, root, key, tensor_path, meta_path, warn=True)
+            if loaded is not None:
+                return loaded
+        return _build(cls, cfg, name, datasets, skipped, root, key, tensor_path, meta_path, progress)
 
+
+def _cached(cls, cfg, root: Path, key: str, tensor_path: Path, meta_path: Path, warn: bool) -> ModelSource | None:
+    """The cached entry, loaded; None when there is none or it does not verify (then, when
+    ``warn``, one notice line on stderr says why it is rebuilt)."""
+    if not (tensor_path.exists() and meta_path.exists()):
+        return None
+    loaded = _load(cls, cfg, root, key, tensor_path, meta_path)
+    if isinstance(loaded, str):
+        if warn:
+            print(f"notice: zoo cache {tensor_path} {loaded}; rebuilding it", file=sys.stderr, flush=True)
+        return None
+    return loaded
+
+
+def _build(cls, cfg, name: str, datasets: list[str], skipped: dict, root: Path, key: str, tensor_path: Path,
+           meta_path: Path, progress: bool) -> ModelSource:
     _clean_stale(root)
     stages = _Stages(name, progress)
     t0 = time.perf_counter()
@@ -298,17 +365,24 @@ def build_zoo(name: "str | type[ZooSource]" = "effnet", cache_dir: str | None = 
               file=sys.stderr, flush=True)
     return source
 
-def _load(cls: type[ZooSource], cfg, root: Path, tensor_path: Path, meta_path: Path) -> ModelSource:
+def _load(cls: type[ZooSource], cfg, root: Path, key: str, tensor_path: Path,
+          meta_path: Path) -> "ModelSource | str":
+    """The entry, restored; or, when it does not verify, why (a phrase for the notice line)."""
     from safetensors.torch import load_file
     t0 = time.perf_counter()
     try:
         meta = json.loads(meta_path.read_text())
-        digest = _sha256(tensor_path)
-        if meta.get("sha256") is None:  # a cache from before checksums: adopt it as it is
-            meta["sha256"] = digest
-            _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
-        if digest != meta["sha256"]:
-            return None
+    except (OSError, ValueError):
+        return "has an unreadable sidecar (damaged)"
+    if not isinstance(meta, dict) or not meta.get("sha256") or not meta.get("meta_sha256"):
+        return "has no checksum in its sidecar"
+    if meta["meta_sha256"] != _meta_checksum(meta):
+        return "has a sidecar that does not match its checksum (damaged)"
+    if meta.get("key") != key:
+        return "has a sidecar of another entry (its key does not match)"
+    try:
+        if _sha256(tensor_path) != meta["sha256"]:
+            return "does not match its checksum (damaged)"
         tensors = load_file(str(tensor_path))
     except Exception as e:
         raise HarnessError(f"zoo cache {tensor_path} is unreadable ({type(e).__name__}); delete it "
