@@ -63,6 +63,25 @@ class SquashResize:
         return f"SquashResize({self.size}, bilinear)"
 
 
+def one_line_error(e: HarnessError) -> HarnessError:
+    """A HarnessError raised in a DataLoader worker comes back wrapped in the worker's traceback;
+    this is the original one-line message again."""
+    text = str(e).strip()
+    if "\n" not in text:
+        return e
+    last = text.splitlines()[-1]
+    return HarnessError(last.split("HarnessError: ", 1)[-1])
+
+
+def iterate_loader(loader) -> Iterator:
+    """``loader``'s batches; a worker's HarnessError (an image that cannot be read) surfaces as
+    the same one-line error it would be in this process."""
+    try:
+        yield from loader
+    except HarnessError as e:
+        raise one_line_error(e) from None
+
+
 class LazySplit:
     """A split read on demand. Subclasses implement :meth:`_read` (uint8 (k, 3, S, S) on the CPU
     for positions ``idx``) and :meth:`fingerprint`."""
@@ -197,7 +216,7 @@ class FolderSplit(LazySplit):
             _Files(self.files, self.transform), batch_size=batch_size, shuffle=False,
             num_workers=self.workers, pin_memory=device.type == "cuda", persistent_workers=False)
         expect = 0
-        for x, pos in loader:  # DataLoader keeps order; checked, since labels are matched by position
+        for x, pos in iterate_loader(loader):  # DataLoader keeps order; checked, since labels are matched by position
             if int(pos[0]) != expect:
                 raise HarnessError(f"image loader returned position {int(pos[0])}, expected {expect}")
             expect += len(pos)
@@ -299,7 +318,7 @@ class SampleSplit(LazySplit):
             _Items(self.samples, self.transform), batch_size=batch_size, shuffle=False,
             num_workers=self.workers, pin_memory=device.type == "cuda", persistent_workers=False)
         expect = 0
-        for x, pos in loader:  # labels are matched by position, so the order is checked
+        for x, pos in iterate_loader(loader):  # labels are matched by position, so the order is checked
             if int(pos[0]) != expect:
                 raise HarnessError(f"image loader returned position {int(pos[0])}, expected {expect}")
             expect += len(pos)

@@ -242,7 +242,7 @@ def _cli(args, capsys):
 
 def test_data_check_reports_found_missing_and_sizes(tmp_path, capsys):
     from tests.benchdata import make_tv
-    make_tv("MNIST", tmp_path)
+    make_tv("MNIST", tmp_path, per_class=4)
     make_hf(tmp_path, "dtd", {"train": 40, "test": 9}, n_classes=5)
     rc, out, err = _cli(["data", "check", "--datasets", "MNIST,dtd,svhn", "--data-root", str(tmp_path)], capsys)
     assert rc == 1, err  # a data set is missing
@@ -280,7 +280,8 @@ def test_data_check_malformed_is_one_line_exit_2(tmp_path, capsys):
                        tmp_path / "c" / "svhn" / "data" / f"{split}-00000-of-00001.parquet")
     cases["svhn"] = (tmp_path / "c", "no 'label' column")
     # A corrupt image, found by --decode.
-    write_split(tmp_path / "d" / "mnist" / "data", "train", [encode(label_image(1, 0), "png"), b"\x89PNG broken"], [1, 2], shards=1)
+    write_split(tmp_path / "d" / "mnist" / "data", "train", [encode(label_image(1, 0), "png")] * 10 + [b"\x89PNG broken"],
+                [1] * 10 + [2], shards=1)
     write_split(tmp_path / "d" / "mnist" / "data", "test", [encode(label_image(1, 0), "png")], [1], shards=1)
     cases["mnist"] = (tmp_path / "d", "cannot decode image")
     for name, (root, needle) in cases.items():
@@ -315,3 +316,19 @@ def test_sweep_device_reaches_the_runs(tmp_path, capsys):
     rc, _, err = _cli(["sweep", "--tasks", "quadratic", "--searchers", "random", "--seeds", "0",
                        "--device", "cuda", "--results-dir", str(tmp_path)], capsys)
     assert rc == 2 and "CUDA is not available" in err and err.count("\n") == 1
+
+
+def test_a_corrupt_image_read_by_workers_is_still_one_line(tmp_path, capsys):
+    """The DataLoader wraps a worker's error in the worker's traceback; the user sees one line."""
+    from harness.data import hf_parquet
+    from harness.stream import SampleSplit, SquashResize
+    good = encode(label_image(1, 0), "png")
+    write_split(tmp_path / "mnist" / "data", "train", [good] * 70 + [b"\x89PNG broken"], [1] * 71, shards=1)
+    write_split(tmp_path / "mnist" / "data", "test", [good], [1], shards=1)
+    rc, _, err = _cli(["data", "check", "--datasets", "mnist", "--data-root", str(tmp_path), "--decode",
+                       "--workers", "2"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "cannot decode image" in err and "row group 17 row 2" in err
+    split = SampleSplit(hf_parquet.read("mnist", str(tmp_path)).splits["train"], SquashResize(8), 8, workers=2)
+    with pytest.raises(HarnessError, match=r"^cannot decode image .*row group 17 row 2") as e:
+        list(split.batches(16))
+    assert "\n" not in str(e.value)

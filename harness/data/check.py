@@ -27,25 +27,29 @@ class Row:
     note: str = ""
 
 
+class _Decode:
+    """A DataLoader data set that decodes image i of ``samples`` and yields 0 (the check only
+    needs the decode to succeed or to name the file)."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        self.samples.open(i)
+        return 0
+
+
 def _decode_all(d: benchmark.BenchData, workers: int) -> int:
     """Decode every image of every split (in ``workers`` processes); returns how many."""
     import torch
-
-    class _Decode(torch.utils.data.Dataset):
-        def __init__(self, samples):
-            self.samples = samples
-
-        def __len__(self):
-            return len(self.samples)
-
-        def __getitem__(self, i):
-            self.samples.open(i)
-            return 0
-
+    from harness.stream import iterate_loader
     n = 0
     for samples in d.splits.values():
         loader = torch.utils.data.DataLoader(_Decode(samples), batch_size=64, num_workers=workers)
-        for batch in loader:
+        for batch in iterate_loader(loader):
             n += len(batch)
     return n
 
