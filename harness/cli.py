@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune your open_clip model per data set: checkpoints for -t checkpoints")
     ft.add_argument("--model", default="", help="open_clip architecture, e.g. ViT-B-32 (not needed with local-dir:)")
     ft.add_argument("--pretrained", default="", help="pre-trained weights: a local file or local-dir:DIR")
-    ft.add_argument("--datasets", required=True, help="comma-separated data sets (built-in or folders under --data-root)")
+    ft.add_argument("--datasets", help="comma-separated data sets (built-in, folders or benchmark data sets under --data-root)")
+    ft.add_argument("--suite", help="instead of --datasets: a benchmark suite (ta8, tall14, tall20, atlas22) under --data-root")
     ft.add_argument("--data-root", dest="data_root", help="image folders DIR/<data set>/<split>/<class>/*.png")
     ft.add_argument("--out", required=True, help="folder for the fine-tuned checkpoints (<data set>.safetensors)")
     ft.add_argument("--steps", type=int, default=500)
@@ -133,7 +134,15 @@ def cmd_finetune(args) -> int:
     from harness.config import coerce
     from harness.finetune import finetune
     from harness.sources.open_clip import from_checkpoints
-    datasets = coerce(args.datasets, list[str], "--datasets")
+    if bool(args.datasets) == bool(args.suite):
+        raise HarnessError("finetune needs --datasets A,B or --suite NAME (one of them)")
+    if args.suite:
+        from harness.data.suites import suite
+        datasets = suite(args.suite)
+        if not args.data_root:
+            raise HarnessError(f"--suite {args.suite} needs --data-root (where its data sets are)")
+    else:
+        datasets = coerce(args.datasets, list[str], "--datasets")
     if not args.model and not args.pretrained.startswith("local-dir:"):
         raise HarnessError("finetune needs --model (an open_clip architecture) or --pretrained local-dir:DIR")
     if args.data_root and not os.path.isdir(args.data_root):

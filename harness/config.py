@@ -31,7 +31,7 @@ EXECUTION_FIELDS = ("workers", "address", "gpus_per_worker", "cpus_per_worker", 
 NEUTRAL: dict[str, dict[str, Any]] = {"task_options": {
     "precision": "fp32", "eval_chunk": "auto",
     # Benchmark-data options at their defaults (runs recorded before they existed keep their ids).
-    "suite": "", "data_convention": "", "val_rule": "", "prompts": "", "bench_subset": 0,
+    "extra_data": [], "suite": "", "data_convention": "", "val_rule": "", "prompts": "", "bench_subset": 0,
     "sharpen_mode": "temperature"}}
 
 

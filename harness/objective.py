@@ -29,7 +29,7 @@ from harness.config import resolve_options
 from harness.sources.base import content_hash, data_hash
 
 # Task options forwarded to the source / the engine when their Options have a field of that name.
-SOURCE_FIELDS = ("model", "pretrained", "checkpoints", "data_root", "suite", "data_convention", "val_rule",
+SOURCE_FIELDS = ("model", "pretrained", "checkpoints", "data_root", "extra_data", "suite", "data_convention", "val_rule",
                  "prompts", "bench_subset")
 ENGINE_FIELDS = ("population", "precision", "eval_chunk")
 
@@ -65,6 +65,7 @@ class ComposeOptions:
     pretrained: str = field(default="", metadata={"help": "your pre-trained weights: a file or local-dir:DIR"})
     checkpoints: list[str] = field(default_factory=list, metadata={"help": "fine-tuned checkpoints, NAME=PATH,..."})
     data_root: str = field(default="", metadata={"help": "image folders DIR/<data set>/<split>/<class>/, or benchmark data sets in their own layouts"})
+    extra_data: list[str] = field(default_factory=list, metadata={"help": "data sets without a checkpoint (heads and data only), e.g. negation's control"})
     suite: str = field(default="", metadata={"help": "benchmark suite: ta8, ta8-atlas, tall14, tall20, atlas22 (needs --data-root)"})
     data_convention: str = field(default="", metadata={"help": "benchmark data layout: auto (default), tv, hf, folders"})
     val_rule: str = field(default="", metadata={"help": "validation split of train: atlas (default; at most 5,000) or fusionbench (no cap)"})
@@ -182,7 +183,7 @@ class ComposingTask(Task):
     def compose_others(self, target: str):
         """Check ``target`` and compose every *other* data set's task vector (few-shot, TTA)."""
         self.check_datasets([target], "target")
-        others = [d for d in self.source.datasets if d != target]
+        others = [d for d in self.source.datasets if d != target and d in self.source.task_vectors]
         if not others:
             raise HarnessError(f"{self.name} composes the other data sets' task vectors, "
                                f"but {self.source_name} has only '{target}'")

@@ -58,7 +58,8 @@ class AdditionTask(ComposingTask):
 
     def prepare(self):
         src = self.load_source()
-        self.names = list(self.options.datasets) or src.datasets
+        # By default every data set with a task vector (a source may carry data-only sets).
+        self.names = list(self.options.datasets) or [d for d in src.datasets if d in src.task_vectors]
         self.check_datasets(self.names)
         if len(set(self.names)) != len(self.names):
             raise HarnessError(f"task option datasets lists a data set twice: {','.join(self.names)}")

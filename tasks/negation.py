@@ -81,7 +81,8 @@ class NegationTask(ComposingTask):
         # train split is unseen by the negated model, which only moves along the target's vector).
         splits = [sp for sp in ("train", "val") if sp in src.labels[o.control]] if o.control_split == "train+val" else ["val"]
         self.pools = {o.target: (src.inputs[o.target]["val"], src.labels[o.target]["val"]),
-                      o.control: (torch.cat([src.inputs[o.control][s] for s in splits]),
+                      o.control: (src.inputs[o.control][splits[0]] if len(splits) == 1  # may be streamed
+                                  else torch.cat([src.inputs[o.control][s] for s in splits]),
                                   torch.cat([src.labels[o.control][s] for s in splits]))}
         pieces = []
         for k, (ds, w, n) in enumerate([(o.target, 0.5, o.search_n), (o.control, 0.5, o.control_n)]):

@@ -304,9 +304,10 @@ def test_paper_sweep_files_are_generated_from_the_presets():
     spec_.loader.exec_module(gen)
     expected = {"paper-table2.toml": gen.table2()}
     assert (root / "benchmarks" / "paper-table2.toml").read_text() == expected["paper-table2.toml"]
-    for name in ("paper-table2.toml", "paper-table3.toml", "paper-table9.toml", "paper-table16.toml"):
+    assert (root / "benchmarks" / "paper-table1.toml").read_text() == gen.table1()
+    for name in ("paper-table1.toml", "paper-table2.toml", "paper-table3.toml", "paper-table9.toml", "paper-table16.toml"):
         sweep = read_sweep_file(str(root / "benchmarks" / name))
-        assert sweep["task_options"]["suite"] in ("ta8", "atlas22") and sweep["searchers"]
+        assert sweep["task_options"]["suite"] in ("ta8", "ta8-atlas", "atlas22") and sweep["searchers"]
     table9 = read_sweep_file(str(root / "benchmarks" / "paper-table9.toml"))
     assert len(table9["searchers"]) == 22 * 5 and table9["seeds"] == [0, 1, 2]
     assert {s["task_options"]["shots"] for s in table9["searchers"]} == {1, 2, 4, 8, 16}
@@ -332,3 +333,26 @@ def test_a_corrupt_image_read_by_workers_is_still_one_line(tmp_path, capsys):
     with pytest.raises(HarnessError, match=r"^cannot decode image .*row group 17 row 2") as e:
         list(split.batches(16))
     assert "\n" not in str(e.value)
+
+
+def test_negation_with_a_data_only_control(tmp_path, tiny_open_clip):
+    """``extra_data`` loads a data set without a checkpoint (the paper's ImageNet control): the
+    negation run uses it as control; addition and the others' compositions skip it."""
+    from harness.config import RunConfig
+    from harness.runner import run
+    model, folder = tiny_open_clip
+    make_hf(tmp_path / "data", "dtd", {"train": 40, "test": 12}, n_classes=4)
+    make_hf(tmp_path / "data", "eurosat", {"train": 30, "test": 12}, n_classes=4)
+    paths = _checkpoints(model, tmp_path, ["dtd", "eurosat"])
+    common = {"pretrained": f"local-dir:{folder}", "data_root": str(tmp_path / "data"),
+              "checkpoints": [f"dtd={paths[0]}", f"eurosat={paths[1]}"], "extra_data": ["skdigits"]}
+    rec = run(RunConfig(task="negation", searcher="gradient", budget=4, space="per_block",
+                        task_options={**common, "target": "dtd", "control": "skdigits", "control_split": "val"},
+                        results_dir=str(tmp_path / "res"), cache_dir=str(tmp_path / "cache"), quiet=True),
+              log=lambda *a, **k: None)
+    assert rec["status"] == "complete", rec.get("error")
+    assert {"target_acc", "control_acc"} <= set(rec["final"])
+    rec = run(RunConfig(task="addition", searcher="zero-shot", space="per_task", task_options=common,
+                        results_dir=str(tmp_path / "res"), cache_dir=str(tmp_path / "cache"), quiet=True),
+              log=lambda *a, **k: None)
+    assert rec["status"] == "complete" and sorted(k for k in rec["final"] if k.startswith("acc/")) == ["acc/dtd", "acc/eurosat"]

@@ -20,6 +20,7 @@ for _arch, (_zs, _ta, _atlas) in {
     FIGURES[("addition", "zero-shot", "per_task", _TA8, _arch)] = (_zs, "Table 2, pre-trained")
     FIGURES[("addition", "task-arithmetic", "per_task", _TA8, _arch)] = (_ta, "Table 2, search")
     FIGURES[("addition", "gradient", "per_block", _TA8, _arch)] = (_atlas, "Table 2, aTLAS")
+FIGURES[("negation", "gradient", "per_block", _TA8, "ViT-B/32")] = ("18.76 / 61.21", "Table 1, aTLAS, mean target / control")
 _A22 = "atlas22"
 FIGURES[("tta", "gradient", "per_block", _A22, "ViT-B/32")] = ("66.9", "Table 3, UFM aTLAS (zero-shot 60.4)")
 FIGURES[("few_shot", "gradient", "per_block", _A22, "ViT-B/32")] = ("66.2 (k=1) … 72.9 (k=16)", "Table 9, aTLAS")

@@ -460,6 +460,6 @@ class HFClipSource(Source):
         src = from_checkpoints("", local, paths, [n for n, _ in pairs], data_root=options.data_root or None,
                                max_n=options.max_n, reference_cache=str(cache_root(cache_dir)),
                                max_resident_mb=options.max_resident_mb, loader_workers=options.loader_workers,
-                               bench=options.bench())
+                               bench=options.bench(), extra_datasets=options.extra_data)
         src.meta.update(pretrained=options.pretrained, checkpoints=[p for _, p in pairs], source="hf_clip")
         return src

@@ -221,7 +221,8 @@ def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Seque
                      templates: Sequence[str] = TEMPLATES, seed: int = 0,
                      max_n: int | None = 4000, reference_cache: str | None = None,
                      compact: bool = True, max_resident_mb: float = 2048,
-                     loader_workers: int = 2, bench: "BenchOptions | None" = None) -> ModelSource:
+                     loader_workers: int = 2, bench: "BenchOptions | None" = None,
+                     extra_datasets: Sequence[str] = ()) -> ModelSource:
     """A :class:`ModelSource` from a user's open_clip model and fine-tuned checkpoints.
 
     The tail is the whole image tower (no prefix), the inputs are the images preprocessed to the
@@ -245,6 +246,8 @@ def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Seque
         max_resident_mb: memory for resident inputs (uint8 at the model's size): train and val
             must fit; a test split that does not is streamed from disk (:func:`plan_residency`).
         loader_workers: DataLoader worker processes that decode a streamed image folder.
+        extra_datasets: data sets loaded without a checkpoint (heads and splits, no task
+            vector), after ``datasets``: e.g. negation's control data set.
         bench: how benchmark data sets under ``data_root`` are read (convention, validation
             rule, prompt lists, subset); their own class names and templates replace
             ``templates``, and what was read is recorded in ``meta["data"]``.
@@ -283,7 +286,8 @@ def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Seque
                          image_size=size, mean=mean, std=std, compact=compact)
     data, hits, bench_info, used_templates = {}, [], {}, {}
     text = _text_hash(model, tokenizer) if reference_cache is not None else None
-    for ds in datasets:
+    extra = [d for d in extra_datasets if d not in datasets]
+    for ds in datasets + extra:
         source.classes[ds], data[ds], info = _split_data(ds, data_root, size, seed, max_n, read, bench)
         used_templates[ds] = info["templates"] if info else list(templates)
         if info:
@@ -418,6 +422,8 @@ class FileOptions(BenchOptions):
     pretrained: str = ""
     checkpoints: list[str] = field(default_factory=list)
     data_root: str = ""
+    extra_data: list[str] = field(default_factory=list, metadata={
+        "help": "data sets loaded without a checkpoint (heads and splits only), e.g. negation's control ImageNet"})
     max_n: int = 4000
     max_resident_mb: float = 2048
     loader_workers: int = 2
@@ -463,4 +469,4 @@ class OpenClipSource(Source):
                                 [n for n, _ in pairs], data_root=options.data_root or None,
                                 max_n=options.max_n, reference_cache=str(cache_root(cache_dir)),
                                 max_resident_mb=options.max_resident_mb, loader_workers=options.loader_workers,
-                                bench=options.bench())
+                                bench=options.bench(), extra_datasets=options.extra_data)
