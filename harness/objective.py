@@ -108,7 +108,7 @@ def resolve_source(options):
     given = _pairs(options.source_options, f"source option for '{cls.name}'")
     fields = cls.option_fields()
     for k in SOURCE_FIELDS:
-        value = getattr(options, k)
+        value = getattr(options, k, None)
         if not value:
             continue
         if k not in fields:
@@ -229,7 +229,7 @@ class ComposingTask(Task):
                                "(-t checkpoints=NAME=PATH,...); the built-in zoos use the built-in data")
         _, src = resolve_source(options)
         for k in SOURCE_FIELDS:  # normalised by the source (absolute paths, NAME=PATH pairs)
-            if getattr(options, k) and hasattr(src, k):
+            if getattr(options, k, None) and hasattr(src, k):
                 setattr(options, k, getattr(src, k))
         resolve_engine(options)
         if options.transform:

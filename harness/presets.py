@@ -88,9 +88,10 @@ PRESETS: dict[str, Preset] = {p_name: p for p_name, p in [
     # hyper-parameters of its released code; the comparable figure is in harness.data.paper.
     ("paper-table1-atlas", Preset("aTLAS task negation, the paper's protocol (Table 1)", "Zhang et al. 2024",
                                   "negation", "gradient", "per_block", None, {"weight_decay": 0.1, "clip": 1.0},
-                                  {"control": "ImageNet", "extra_data": "ImageNet", "control_split": "val",
+                                  {"control": "ImageNet", "control_split": "val",
                                    "floor": 0.95, "batch_size": 64, "search_n": 5000},
-                                  note="one target at a time, ImageNet's validation split as control (kept at "
+                                  note="one target at a time (-t target=NAME -t extra_data=ImageNet), ImageNet's "
+                                       "validation split as control (kept at "
                                        ">= 95 % of zero-shot); lr and epochs per target are the paper's Table 6 "
                                        "(benchmarks/paper-table1.toml)")),
     ("paper-table2-atlas", Preset("aTLAS task addition, the paper's protocol (Table 2)", "Zhang et al. 2024",

@@ -177,7 +177,7 @@ def plan_sweep(spec: dict) -> tuple[list[RunConfig], dict[str, str]]:
                                     seed=coerce(seed, int, "seed"), searcher_options=dict(s.get("options") or {}),
                                     task_options={**topts, **(s.get("task_options") or {})},
                                     results_dir=spec["results_dir"], cache_dir=spec["cache_dir"],
-                                    workers=spec["workers"], quiet=spec["quiet"], device=spec["device"])
+                                    workers=spec["workers"], quiet=spec["quiet"], device=spec.get("device") or "cpu")
                     key = plan(cfg).config.key()  # fail on a typo before hours of runs, not after
                 except HarnessError as e:
                     raise HarnessError(f"{where}: {e}") from None

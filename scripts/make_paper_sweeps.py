@@ -79,7 +79,7 @@ def table1() -> str:
     for target, (epochs, lr) in NEGATION.items():
         steps = math.ceil(SPECS[target].sizes[1] / 64)
         p = PRESETS["paper-table1-atlas"]
-        opts = {**p.task_options, "target": target}
+        opts = {**p.task_options, "extra_data": "ImageNet", "target": target}
         out.append("\n".join([
             "[[searchers]]", f'name = "{p.searcher}"', f'label = "aTLAS {target}"', f'space = "{p.space}"',
             f"budget = {epochs * steps + epochs}",
