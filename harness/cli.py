@@ -202,9 +202,24 @@ def cmd_run(args) -> int:
     if args.data_root is not None:
         flags["task_options"] = {**(flags["task_options"] or {}), "data_root": args.data_root}
     cfg = build_config(flags)
+    if hint := gradient_hint(cfg):
+        print(hint, file=sys.stderr)
     record = run(cfg, log=lambda m: print(m, file=sys.stderr))
     print_run(record)
     return 0 if record.get("status") == "complete" else 1
+
+
+def gradient_hint(cfg) -> str:
+    """A note for the gradient searcher at the paper's learning rate on a built-in zoo: the paper's
+    lr (1e-3) was tuned for CLIP ViTs, and on the small zoos ``--preset atlas`` (lr 1e-2) learns
+    far more within the same budget. The default stays the paper's, so a run named after the
+    paper's method runs the paper's settings."""
+    opts = cfg.task_options or {}
+    if cfg.searcher != "gradient" or "lr" in (cfg.searcher_options or {}) or opts.get("checkpoints") \
+            or cfg.task == "quadratic":
+        return ""
+    return ("note: the gradient searcher uses the paper's lr 1e-3 (tuned for CLIP ViTs); on the built-in "
+            "zoos --preset atlas (lr 1e-2) reaches a higher accuracy in the same budget")
 
 
 def print_run(record: dict) -> None:

@@ -260,5 +260,17 @@ class IsoC(Transform):
 def flat_spectrum(m: Tensor) -> Tensor:
     """``m`` (2-D, or reshaped to (shape[0], -1)) with every singular value set to their mean."""
     shape = m.shape
-    u, s, vh = torch.linalg.svd(m.reshape(shape[0], -1), full_matrices=False)
-    return (s.mean() * (u @ vh)).reshape(shape)
+    x = m.reshape(shape[0], -1)
+    if not torch.isfinite(x).all():
+        raise HarnessError(f"transform iso: a summed task vector of shape {tuple(shape)} holds non-finite "
+                           "values (task vectors too large to add up); check the checkpoints")
+    try:
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    except RuntimeError as e:  # torch.linalg.LinAlgError: the SVD did not converge
+        raise HarnessError(f"transform iso: the SVD of a summed task vector of shape {tuple(shape)} failed "
+                           f"({str(e).splitlines()[0]}); check the checkpoints for extreme values") from None
+    out = (s.mean() * (u @ vh)).reshape(shape)
+    if not torch.isfinite(out).all():
+        raise HarnessError(f"transform iso: the flattened spectrum of a task vector of shape {tuple(shape)} is "
+                           "not finite (singular values too large); check the checkpoints for extreme values")
+    return out

@@ -9,6 +9,11 @@ import numpy as np
 from harness.api import Candidate, Evaluation, HarnessError, Space, Task
 
 
+# Coefficient vectors are held in float64 by every searcher: 10 million of them is 80 MB each,
+# well within a machine; 3e9 would ask for tens of gigabytes per candidate.
+MAX_DIM = 10_000_000
+
+
 class QuadraticTask(Task):
     """loss(x) = mean_i w_i (x_i − x*_i)², x* drawn in [−1, 1] from the seed, weights in [0.5, 2].
 
@@ -33,8 +38,8 @@ class QuadraticTask(Task):
 
     @classmethod
     def validate(cls, options):
-        if options.dim < 1:
-            raise HarnessError(f"quadratic task option dim must be at least 1, got {options.dim}")
+        if not 1 <= options.dim <= MAX_DIM:
+            raise HarnessError(f"quadratic task option dim must be between 1 and {MAX_DIM:,}, got {options.dim}")
 
     def setup(self, device="cpu"):
         rng = np.random.default_rng([self.seed, 7])

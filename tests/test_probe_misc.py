@@ -1,0 +1,40 @@
+"""Findings of the reliability probe outside checkpoints, runs and reports: the Iso-C transform on
+extreme weights, a task dimension that would exhaust memory, and the gradient searcher's hint."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.api import HarnessError
+from harness.config import RunConfig
+from harness.transforms import flat_spectrum
+
+
+@pytest.mark.parametrize("values", [torch.full((4, 3), 3e38), torch.full((4, 3), float("inf"))])
+def test_iso_on_extreme_weights_is_one_line(values):
+    with pytest.raises(HarnessError, match=r"^transform iso: ") as e:
+        flat_spectrum(values)
+    assert "\n" not in str(e.value)
+
+
+def test_iso_on_large_finite_weights_still_works():
+    m = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)) * 1e30
+    out = flat_spectrum(m)
+    s = torch.linalg.svdvals(out)
+    torch.testing.assert_close(s, torch.full_like(s, float(torch.linalg.svdvals(m).mean())), rtol=1e-4, atol=0)
+
+
+def test_a_task_dimension_that_would_exhaust_memory_is_refused(capsys):
+    from harness.cli import main
+    assert main(["run", "--task", "quadratic", "--searcher", "random", "-t", "dim=3000000000", "--quiet",
+                 "--results-dir", "/nonexistent-never-written"]) == 2
+    err = capsys.readouterr().err
+    assert "dim must be between 1 and 10,000,000, got 3000000000" in err and err.count("\n") == 1
+
+
+def test_gradient_at_the_papers_lr_on_a_zoo_gets_a_hint():
+    from harness.cli import gradient_hint
+    assert "--preset atlas" in gradient_hint(RunConfig(task="addition", searcher="gradient"))
+    assert gradient_hint(RunConfig(task="addition", searcher="gradient", searcher_options={"lr": 0.01})) == ""
+    assert gradient_hint(RunConfig(task="addition", searcher="gradient", task_options={"checkpoints": ["a=b"]})) == ""
+    assert gradient_hint(RunConfig(task="addition", searcher="nevergrad")) == ""
