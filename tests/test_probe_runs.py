@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import signal
@@ -27,6 +26,24 @@ from harness.runner import MAX_BATCH, run
 from harness.sources.cache import build_zoo, cache_root, zoo_path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test, whatever this process started with: a test
+    suite launched in the background (``cmd &``, as CI scripts do) inherits SIGINT ignored, and
+    then no KeyboardInterrupt is ever raised."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def _default_sigint():
+    """For a child process: SIGINT back to its default, so the child's Python installs its
+    KeyboardInterrupt handler (an ignored SIGINT is inherited across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 SMALL = dict(datasets=("skdigits", "lfw"), max_n=200, pretrain_steps=5, ft_steps=3, threads=1)
 SMALL_TEXT = "datasets=skdigits,lfw;max_n=200;pretrain_steps=5;ft_steps=3;threads=1"
 
@@ -222,22 +239,27 @@ def test_the_cache_root_honours_xdg_cache_home(monkeypatch, tmp_path):
     assert cache_root() == Path("~/.cache/atlas-harness").expanduser()
 
 
-def _build_after(barrier, cache: str, out) -> None:
-    barrier.wait(timeout=120)
-    source = build_zoo("tiny-clip", cache_dir=cache, progress=False, **SMALL)
-    out.put(("loaded" if "load_seconds" in source.meta else "built", source.meta["sha256"]))
+_BUILD_AFTER = """
+import json, os, sys, time
+from harness.sources.cache import build_zoo
+go, cache, small = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+while not os.path.exists(go):
+    time.sleep(0.01)
+source = build_zoo("tiny-clip", cache_dir=cache, progress=False, **small)
+print(json.dumps(["loaded" if "load_seconds" in source.meta else "built", source.meta["sha256"]]))
+"""
 
 
 def test_two_processes_asking_for_one_zoo_build_it_once(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_build_after, args=(barrier, str(tmp_path / "cache"), out)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    # Two separate interpreters (not multiprocessing, whose resource tracker would outlive the
+    # test), released together by a file.
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_AFTER, str(go), str(tmp_path / "cache"), json.dumps(SMALL)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    go.write_text("")
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert sorted(r[0] for r in results) == ["built", "loaded"], results
     assert results[0][1] == results[1][1]  # the one that waited loaded what the other built
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.endswith(".tmp")] == []
@@ -338,7 +360,8 @@ def test_a_trace_reordered_by_hand_replays_to_the_same_result(tmp_path):
 # --------------------------------------------------------------------------- interrupted runs
 
 
-def test_ctrl_c_while_closing_still_leaves_an_interrupted_record_that_counts_the_trace(tmp_path, monkeypatch):
+def test_ctrl_c_while_closing_still_leaves_an_interrupted_record_that_counts_the_trace(tmp_path, monkeypatch,
+                                                                                      python_sigint):
     made = _with_evaluator(monkeypatch, stop_after=5, ctrl_c_on_close=True)
     with pytest.raises(KeyboardInterrupt):
         run(_async_cfg(tmp_path), log=_quiet)
@@ -348,7 +371,7 @@ def test_ctrl_c_while_closing_still_leaves_an_interrupted_record_that_counts_the
     assert rec["finished"] and "run the same command to resume" in rec["error"]
 
 
-def test_a_ctrl_c_while_a_complete_run_closes_leaves_it_complete(tmp_path, monkeypatch):
+def test_a_ctrl_c_while_a_complete_run_closes_leaves_it_complete(tmp_path, monkeypatch, python_sigint):
     """A Ctrl-C held off during the close of a complete run leaves the record complete."""
     made = _with_evaluator(monkeypatch, ctrl_c_on_close=True)
     with pytest.raises(KeyboardInterrupt):
@@ -446,6 +469,7 @@ def test_a_double_ctrl_c_on_ray_exits_130_with_an_interrupted_record_and_no_proc
     proc = subprocess.Popen([sys.executable, "-m", "harness", "run", "--task", "quadratic", "--searcher", "random",
                              "--budget", "400", "--batch-size", "2", "--workers", "2", "-t", "delay=0.1",
                              "--results-dir", str(tmp_path), "--quiet"], cwd=ROOT, env=env, start_new_session=True,
+                            preexec_fn=_default_sigint,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
