@@ -79,3 +79,20 @@ def test_searchers_that_need_whole_batches_are_refused_in_one_line(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--parallel async needs a searcher" in r.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_stopped_async_ray_run_resumes(tmp_path):
+    """A pipelined run on Ray workers, killed after 11 scores (its trace cut there), resumes on
+    Ray: the 11 recorded rows are replayed as they were recorded, in the order the workers
+    finished, and the run completes. (Replay of a finish order other than the ask order, which
+    used to fail, is tested in-process, where the order can be forced: tests/test_probe_runs.py.)"""
+    cfg = _cfg(tmp_path, workers=2)
+    first = run(cfg, log=lambda m: None)
+    assert first["status"] == "complete"
+    trace = Path(cfg.results_dir) / "runs" / first["run_id"] / "trace.jsonl"
+    lines = trace.read_text().splitlines()
+    trace.write_text("\n".join(lines[:11]) + "\n")
+    (trace.parent / "record.json").unlink()
+    again = run(cfg, log=lambda m: None)
+    assert again["status"] == "complete" and again["resumed_from"] == 11 and again["evaluations"] == 20
+    assert trace.read_text().splitlines()[:11] == lines[:11]
