@@ -356,3 +356,29 @@ def test_negation_with_a_data_only_control(tmp_path, tiny_open_clip):
                         results_dir=str(tmp_path / "res"), cache_dir=str(tmp_path / "cache"), quiet=True),
               log=lambda *a, **k: None)
     assert rec["status"] == "complete" and sorted(k for k in rec["final"] if k.startswith("acc/")) == ["acc/dtd", "acc/eurosat"]
+
+
+def test_real_idx_files_in_the_mnist_layout(tmp_path, capsys):
+    """Real, full-size idx files (Fashion-MNIST from the Debian package the embedded default uses,
+    the same format and sizes as MNIST) in torchvision's ``MNIST/raw`` layout: 60,000 / 10,000
+    images, the paper's 55,000 / 5,000 / 10,000 split with task_vectors' check index (36044),
+    and ``data check`` reports the sizes of Table 5."""
+    from pathlib import Path
+    from harness.data import benchmark
+    src = Path("/usr/share/datasets/fashion-mnist")
+    if not (src / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail("the dataset-fashion-mnist Debian package is missing: run `make setup`")
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in src.iterdir():
+        (raw / f.name).symlink_to(f)
+    d = benchmark.load("MNIST", str(tmp_path))
+    assert d.convention == "tv" and {k: len(v) for k, v in d.splits.items()} == {"train": 55000, "val": 5000, "test": 10000}
+    train_idx, _ = split_train(60000)
+    assert train_idx[0] == 36044
+    full = benchmark._tv().read("MNIST", str(tmp_path)).splits["train"]
+    np.testing.assert_array_equal(d.splits["train"].labels[:100], full.labels[train_idx[:100]])
+    assert np.bincount(d.splits["test"].labels).tolist() == [1000] * 10
+    assert d.splits["test"].open(0).size == (28, 28)
+    rc, out, _ = _cli(["data", "check", "--datasets", "MNIST", "--data-root", str(tmp_path)], capsys)
+    assert rc == 0 and "FOUND" in out and "train=55000 val=5000 test=10000" in out and "SIZES DIFFER" not in out
