@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import difflib
 import os
-import stat
 import struct
 import sys
 import pickle
 import re
 import secrets
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from harness.api import HarnessError
+from harness.filecheck import _MAX_EXPANSION, _SLACK_BYTES, check_regular_file, check_zip_bounds  # noqa: F401
+from harness.filecheck import one_line as _one_line
 
 LOCAL_DIR = "local-dir:"
 
@@ -35,52 +35,12 @@ LOCAL_DIR = "local-dir:"
 # Operands 105/111/147 are INST/OBJ/STACK_GLOBAL, the opcodes that construct arbitrary objects.
 _CODE_PICKLE = re.compile(r"GLOBAL|unrecognized function|Can only (create new object|build)"
                           r"|Unsupported operand (105|111|147)\b")
-# Boilerplate lines of torch's weights-only message that say nothing about this file.
-_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
-
-
-def _one_line(e: BaseException, limit: int = 160) -> str:
-    """A short single-line reason from an exception message."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith(_BOILERPLATE)] or lines or [type(e).__name__]
-    text = " ".join(lines)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# Size bounds that every checkpoint torch or safetensors writes meets and that a crafted file
-# ("a few kilobytes that claim gigabytes") does not. torch.save stores zip members uncompressed
-# (ZIP_STORED), so they add up to less than the file itself; a zip whose members claim more than
-# _MAX_EXPANSION times the file's size plus _SLACK_BYTES is refused before anything is read from it.
-# A tensor must address only elements inside its storage and have no more elements than it, and
-# all tensors of one file together at most _MAX_EXPANSION times the bytes of the storages they view
-# plus _SLACK_BYTES (tied weights view one storage twice; a bomb views it a thousand times).
-_MAX_EXPANSION = 4
-_SLACK_BYTES = 16 << 20
-
-
 class WriteFailed(HarnessError):
     """A file could not be written (read-only folder, full disk, ...); ``reason`` says why."""
 
     def __init__(self, path, reason: str):
         super().__init__(f"cannot write {path}: {reason}")
         self.path, self.reason = str(path), reason
-
-
-def check_regular_file(path: str | os.PathLike, what: str = "checkpoint") -> int:
-    """The size of ``path``, which must be a regular file (a FIFO, socket or device would block
-    or never end when read); a one-line error otherwise."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise HarnessError(f"{what} not found: {path}") from None
-    except OSError as e:
-        raise HarnessError(f"{what} {path} cannot be read: {e.strerror or e}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise HarnessError(f"{what} {path} is a directory, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise HarnessError(f"{what} {path} is not a regular file (a FIFO, socket or device); "
-                           "pass the file itself")
-    return st.st_size
 
 
 def _safetensors_problem(path: str, size: int) -> str | None:
@@ -109,24 +69,6 @@ def read_safetensors(path: str | os.PathLike, unreadable: str | None = None) -> 
         return load_file(path, device="cpu")
     except Exception as e:
         raise HarnessError(f"{unreadable}: {_one_line(e)}") from None
-
-
-def check_zip_bounds(path: str, size: int) -> None:
-    """Refuse a zip (torch's file format) whose members claim more bytes than its size allows
-    (see ``_MAX_EXPANSION``); files that are not zips pass."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
-        return  # not a (readable) zip: torch's own reader says what is wrong
-    claimed = sum(i.file_size for i in infos)
-    bound = _MAX_EXPANSION * size + _SLACK_BYTES
-    if claimed > bound:
-        packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
-        how = f" ({len(packed)} compressed members; torch.save stores them uncompressed)" if packed else ""
-        raise HarnessError(f"checkpoint {path} was refused: its zip members claim {claimed} bytes, more than "
-                           f"{_MAX_EXPANSION}x its {size} bytes plus {_SLACK_BYTES >> 20} MiB{how}; "
-                           "re-save it with torch.save or as safetensors")
 
 
 def check_tensor_sizes(sd: dict, path: str) -> None:

@@ -22,36 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import stat
 from pathlib import Path
 
 from harness.api import HarnessError
-
-# Names of what convert writes besides the fine-tunes (pretrained.safetensors, model/, manifest.json).
-RESERVED = ("pretrained", "model", "manifest")
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
-
-
-def check_names(names: list[str]) -> None:
-    """Checkpoint names that are safe as file names in one folder: letters, digits, ``_``, ``-``
-    and ``.`` (not first), at most 100 characters, none reserved (:data:`RESERVED`), no two equal
-    (ignoring case, as some file systems do). A one-line error otherwise."""
-    seen: dict[str, str] = {}
-    for name in names:
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise HarnessError(f"checkpoint name {name!r} is not a plain name: use letters, digits, '_', '-' "
-                               "and '.' (not first), at most 100 characters, as in NAME=PATH")
-        if name.lower() in RESERVED:
-            raise HarnessError(f"checkpoint name {name!r} is reserved for what convert writes besides the "
-                               f"fine-tunes ({', '.join(RESERVED)}); name the checkpoint otherwise")
-        if name.lower() in seen:
-            same = "" if seen[name.lower()] == name else f" (as {seen[name.lower()]!r}; case is ignored)"
-            raise HarnessError(f"checkpoint name {name!r} is given twice{same}; give each NAME=PATH its own name")
-        seen[name.lower()] = name
-
+from harness.filecheck import RESERVED, check_names  # noqa: F401
 
 def _sha256(path: Path) -> str:
     if path.is_dir():

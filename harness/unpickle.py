@@ -161,7 +161,7 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, file, archive: zipfile.ZipFile | None, prefix: str, file_size: int, copy_budget: int,
                  dry: bool = False):
         super().__init__(file)
-        from harness.checkpoints import _MAX_EXPANSION, _SLACK_BYTES
+        from harness.filecheck import _MAX_EXPANSION, _SLACK_BYTES
         self.archive, self.prefix, self.dry, self.file_size = archive, prefix, dry, file_size
         self.storages: dict = {}
         self.stub_classes: dict = {}
@@ -401,7 +401,7 @@ def check_pickle(path: str, size: int, unreadable: str) -> None:
     Raises:
         HarnessError: a refusal (code, sizes, nesting) or a file that is not a torch pickle.
     """
-    from harness.checkpoints import _one_line
+    from harness.filecheck import one_line as _one_line
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -435,7 +435,7 @@ def recover_state_dict(path: str) -> dict[str, Tensor]:
         HarnessError: not torch's zip format, no tensor could be recovered, or the file claims more
             than its size allows (see the module docstring).
     """
-    from harness.checkpoints import _one_line, check_regular_file, check_zip_bounds
+    from harness.filecheck import check_regular_file, check_zip_bounds, one_line as _one_line
     size = check_regular_file(path)
     if not zipfile.is_zipfile(path):
         raise HarnessError(f"checkpoint {path} is a pickle in torch's legacy (pre-1.6) format, which the safe "

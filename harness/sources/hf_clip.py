@@ -54,7 +54,7 @@ _INDEX = "model.safetensors.index.json"
 
 def _read_json(path: Path) -> object:
     """A JSON file of a Hugging Face folder (a regular file, at most 64 MiB), parsed."""
-    from harness.checkpoints import _one_line, check_regular_file
+    from harness.filecheck import check_regular_file, one_line as _one_line
     size = check_regular_file(path, "file")
     if size > _MAX_JSON_BYTES:
         raise HarnessError(f"{path} is {size} bytes; a Hugging Face JSON file is at most {_MAX_JSON_BYTES >> 20} MiB")
@@ -331,7 +331,7 @@ def _check_against_config(oc_cfg: dict, sd: dict[str, Tensor], folder: str) -> N
     """The weights must be exactly those of the open_clip model ``oc_cfg`` describes (built on the
     meta device: no memory), so that a config that does not match its weights fails here."""
     import open_clip
-    from harness.checkpoints import _one_line
+    from harness.filecheck import one_line as _one_line
     try:
         with torch.device("meta"):
             model = open_clip.CLIP(**oc_cfg)
@@ -363,7 +363,7 @@ def _mapped(fn, tensors: dict[str, Tensor], path: str) -> dict[str, Tensor]:
     except KeyError as e:
         raise HarnessError(f"{path} lacks the weight {e.args[0]!r}") from None
     except (RuntimeError, ValueError, IndexError) as e:
-        from harness.checkpoints import _one_line
+        from harness.filecheck import one_line as _one_line
         raise HarnessError(f"{path}: weights of mismatched shapes ({_one_line(e)})") from None
 
 
@@ -381,7 +381,7 @@ def convert(pretrained: str, checkpoints: list[tuple[str, str]], out_dir: Path) 
     tower as ``visual.*`` safetensors under ``out_dir``: ``model/`` and ``NAME.safetensors`` (names
     checked by :func:`harness.convert.check_names`)."""
     from harness.checkpoints import save_state_dict
-    from harness.convert import check_names
+    from harness.filecheck import check_names
     check_names([ds for ds, _ in checkpoints])
     out_dir = Path(out_dir)
     config, tensors = read_folder(pretrained)
