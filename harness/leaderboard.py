@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -205,37 +204,3 @@ def write(board: pd.DataFrame, out_dir: str | Path, name: str = "leaderboard") -
     atomic_write(csv, buf.getvalue())
     atomic_write(md, markdown(format_board(board)) + "\n" if not board.empty else "(no runs)\n")
     return [md, csv]
-
-
-def publish(board: pd.DataFrame, results_dir: str | Path, plots: bool = True, records=None, labels: dict | None = None,
-            task: str | None = None, searcher: str | None = None, family_prefix: str | None = None) -> list[Path]:
-    """Markdown + CSV and (with ``plots``) the curves PNGs and the self-contained HTML page, each
-    written whole or not at all; returns the paths written. The curves take the same filters and
-    records as the table. Raises OSError when the results folder cannot be written."""
-    paths = write(board, results_dir)
-    if plots:
-        from harness.plots import html_page, plot_curves
-        pngs = plot_curves(results_dir, Path(results_dir) / "plots", task=task, searcher=searcher,
-                           family_prefix=family_prefix, records=records, labels=labels)
-        page = Path(results_dir) / "leaderboard.html"
-        atomic_write(page, html_page(board, pngs))
-        paths += pngs + [page]
-    return paths
-
-
-def show(board: pd.DataFrame, results_dir: str | Path, plots: bool = True, records=None, labels: dict | None = None,
-         **filters) -> list[Path]:
-    """Print the table (stdout) and publish it; each file written is named on stderr. Files that
-    cannot be written (a read-only results folder, a full disk) are one warning line on stderr:
-    the table stays printed, nothing recorded is touched."""
-    print(board_text(board))
-    try:
-        paths = publish(board, results_dir, plots=plots, records=records, labels=labels, **filters)
-    except OSError as e:
-        where = e.filename or results_dir
-        print(f"warning: could not write the leaderboard files under {results_dir} ({where}: {e.strerror or e}); "
-              "the table above is not saved", file=sys.stderr)
-        return []
-    for path in paths:
-        print(f"wrote {path}", file=sys.stderr)
-    return paths

@@ -195,7 +195,7 @@ def configs(spec: dict) -> list[RunConfig]:
 def run_sweep(spec: dict, log=print, show: bool = False):
     """Run every missing run of the sweep; return the leaderboard of the sweep's tasks (labelled
     entries under their label). With ``show``, also print it and write its files and curves
-    (:func:`harness.leaderboard.show`), from the same reading of the records."""
+    (:func:`harness.plots.show`), from the same reading of the records."""
     import pandas as pd
     cfgs, labels = plan_sweep(spec)
     done = skipped = 0
@@ -214,6 +214,6 @@ def run_sweep(spec: dict, log=print, show: bool = False):
     boards = [b for b in boards if not b.empty]
     board = pd.concat(boards, ignore_index=True) if boards else leaderboard(spec["results_dir"], records=[])
     if show:
-        from harness.leaderboard import show as show_board
+        from harness.plots import show as show_board
         show_board(board, spec["results_dir"], records=records, labels=labels)
     return board
