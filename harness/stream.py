@@ -130,6 +130,24 @@ class LazySplit:
         for i in range(0, len(self), batch_size):
             yield self._read(np.arange(i, min(i + batch_size, len(self)))).to(device)
 
+    def _stream(self, dataset, batch_size: int, device=None) -> Iterator[Tensor]:
+        """:meth:`batches` of a split whose items ``dataset[i]`` are ``(uint8 image, i)``: decoded in
+        :attr:`workers` DataLoader processes (in this one when there are none, or one batch holds
+        the whole split), in order, which is checked (labels are matched by position)."""
+        device = torch.device(device) if device is not None else self.device
+        if self.workers <= 0 or len(self) <= batch_size:
+            yield from LazySplit.batches(self, batch_size, device)
+            return
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=self.workers,
+            pin_memory=device.type == "cuda", persistent_workers=False)
+        expect = 0
+        for x, pos in iterate_loader(loader):
+            if int(pos[0]) != expect:
+                raise HarnessError(f"image loader returned position {int(pos[0])}, expected {expect}")
+            expect += len(pos)
+            yield x.to(device, non_blocking=True)
+
     def hwc(self) -> "HWCView":
         """The split as raw images (N, S, S, 3) indexed on demand, for tasks that augment them."""
         return HWCView(self)
@@ -208,19 +226,7 @@ class FolderSplit(LazySplit):
         return torch.stack([read_image(self.files[i], self.transform) for i in idx.tolist()])
 
     def batches(self, batch_size: int, device=None) -> Iterator[Tensor]:
-        device = torch.device(device) if device is not None else self.device
-        if self.workers <= 0 or len(self) <= batch_size:
-            yield from super().batches(batch_size, device)
-            return
-        loader = torch.utils.data.DataLoader(
-            _Files(self.files, self.transform), batch_size=batch_size, shuffle=False,
-            num_workers=self.workers, pin_memory=device.type == "cuda", persistent_workers=False)
-        expect = 0
-        for x, pos in iterate_loader(loader):  # DataLoader keeps order; checked, since labels are matched by position
-            if int(pos[0]) != expect:
-                raise HarnessError(f"image loader returned position {int(pos[0])}, expected {expect}")
-            expect += len(pos)
-            yield x.to(device, non_blocking=True)
+        yield from self._stream(_Files(self.files, self.transform), batch_size, device)
 
     def fingerprint(self) -> str:
         """Hash of each file's path, size and modification time, and of the transform: an edited,
@@ -310,19 +316,7 @@ class SampleSplit(LazySplit):
                             for i in idx.tolist()])
 
     def batches(self, batch_size: int, device=None) -> Iterator[Tensor]:
-        device = torch.device(device) if device is not None else self.device
-        if self.workers <= 0 or len(self) <= batch_size:
-            yield from super().batches(batch_size, device)
-            return
-        loader = torch.utils.data.DataLoader(
-            _Items(self.samples, self.transform), batch_size=batch_size, shuffle=False,
-            num_workers=self.workers, pin_memory=device.type == "cuda", persistent_workers=False)
-        expect = 0
-        for x, pos in iterate_loader(loader):  # labels are matched by position, so the order is checked
-            if int(pos[0]) != expect:
-                raise HarnessError(f"image loader returned position {int(pos[0])}, expected {expect}")
-            expect += len(pos)
-            yield x.to(device, non_blocking=True)
+        yield from self._stream(_Items(self.samples, self.transform), batch_size, device)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.size}|{self.description}|{self.samples.fingerprint()}".encode())
