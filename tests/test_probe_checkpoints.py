@@ -29,6 +29,7 @@ from harness.cli import main
 from harness.convert import convert_checkpoints
 from harness.sources.hf_clip import convert, lora_deltas, read_folder
 from harness.unpickle import MAX_DEPTH, recover_state_dict
+from tests.permissions import honour_permissions
 
 ROOT = Path(__file__).resolve().parents[1]
 # Smaller than test_hf_clip's TINY (a 64-token vocabulary): hundreds of conversions stay fast.
@@ -294,17 +295,6 @@ def test_convert_on_a_full_disk_is_one_line_and_leaves_nothing(hf, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
 
 
-def _honour_permissions():
-    """Root ignores file permissions (CAP_DAC_OVERRIDE): drop that capability from the child's
-    bounding set, so a read-only folder is read-only for it as for any user."""
-    if os.geteuid() == 0:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
 def test_convert_into_a_read_only_folder_is_one_line(hf, tmp_path):
     import subprocess
     import sys
@@ -314,7 +304,7 @@ def test_convert_into_a_read_only_folder_is_one_line(hf, tmp_path):
     try:
         r = subprocess.run([sys.executable, "-m", "harness", "convert", "--pretrained", str(hf / "pretrained"),
                             "--checkpoints", f"skdigits={hf / 'ft'}", "--out", str(ro / "conv")],
-                           capture_output=True, text=True, timeout=300, preexec_fn=_honour_permissions,
+                           capture_output=True, text=True, timeout=300, preexec_fn=honour_permissions,
                            cwd=Path(__file__).resolve().parents[1])
         assert r.returncode == 2, r.stderr
         line = r.stderr.strip()

@@ -18,6 +18,7 @@ from harness import cli
 from harness.config import RunConfig
 from harness.results import read_records
 from harness.runner import run
+from tests.permissions import honour_permissions
 
 ROOT = Path(__file__).resolve().parents[1]
 ESCAPE = "x/../../../escape"  # from RESULTS/plots/curves-<task>.png this would land next to RESULTS
@@ -331,17 +332,6 @@ def test_plot_after_the_results_folder_moved(tmp_path):
         f"error: cannot read the coefficients of run {rec['run_id']}"), r.stderr
 
 
-def _honour_permissions():
-    """Root ignores file permissions (CAP_DAC_OVERRIDE): drop that capability from the child's
-    bounding set, so a read-only folder is read-only for it as for any user."""
-    if os.geteuid() == 0:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
 def test_leaderboard_on_a_read_only_results_folder(tmp_path, base):
     res, _ = _case(tmp_path, base)
     before = {p: p.read_bytes() for p in res.rglob("*") if p.is_file()}
@@ -350,7 +340,7 @@ def test_leaderboard_on_a_read_only_results_folder(tmp_path, base):
     try:
         try:
             r = subprocess.run([sys.executable, "-m", "harness", "leaderboard", "--results-dir", str(res)],
-                               capture_output=True, text=True, cwd=ROOT, timeout=120, preexec_fn=_honour_permissions)
+                               capture_output=True, text=True, cwd=ROOT, timeout=120, preexec_fn=honour_permissions)
         except subprocess.SubprocessError as e:
             pytest.skip(f"running as root and cannot drop CAP_DAC_OVERRIDE here ({e}): chmod does not restrict root")
         assert r.returncode == 0, r.stderr

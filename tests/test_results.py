@@ -15,6 +15,7 @@ from harness.config import RunConfig
 from harness.leaderboard import leaderboard
 from harness.results import read_jsonl
 from harness.runner import run
+from tests.permissions import honour_permissions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,17 +106,6 @@ def test_results_dir_that_is_a_file_is_one_clear_error(tmp_path):
     assert "cannot write results to" in r.stderr
 
 
-def _honour_permissions():
-    """Root ignores file permissions (CAP_DAC_OVERRIDE): drop that capability from the child's
-    bounding set, so a read-only folder is read-only for it as for any user."""
-    if os.geteuid() == 0:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
 def test_read_only_results_dir_is_one_clear_error_and_keeps_earlier_runs(tmp_path):
     base = tmp_path / "ro"
     base.mkdir()
@@ -129,7 +119,7 @@ def test_read_only_results_dir_is_one_clear_error_and_keeps_earlier_runs(tmp_pat
         for p in [base, *res.rglob("*"), res]:
             p.chmod(0o555 if p.is_dir() else 0o444)
         again = subprocess.run([*cmd[:-1], "--seed", "1", "--quiet"], capture_output=True, text=True,
-                               timeout=120, cwd=ROOT, preexec_fn=_honour_permissions)
+                               timeout=120, cwd=ROOT, preexec_fn=honour_permissions)
         assert again.returncode == 2, again.stderr
         lines = again.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: cannot write results to {res}/runs/")
