@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from harness.api import Engine, HarnessError, Searcher, Source, Task, Transform
+from harness.api import Engine, HarnessError, Searcher, Source, Task, Transform, check_options
 
 GROUPS = {"searcher": "harness.searchers", "task": "harness.tasks", "source": "harness.sources",
           "engine": "harness.engines", "transform": "harness.transforms"}
@@ -53,6 +53,7 @@ def validate(kind: str, cls: type, options) -> None:
     """``cls.validate(options)``; whatever a plugin raises there becomes a one-line HarnessError
     naming the plugin (a plugin should raise HarnessError, but a ValueError must not give the
     user a traceback)."""
+    check_options(kind, options)
     try:
         cls.validate(options)
     except HarnessError:
@@ -74,32 +75,28 @@ def provenance(kind: str, name: str) -> dict:
 
 
 def options_table(kind: str, name: str) -> list[tuple[str, str, str, str]]:
-    """``(option, type, default, help)`` for each option of a plugin. Help comes from the field's
-    ``metadata["help"]``, else from the sentence of the Options or plugin docstring that names it."""
+    """``(option, type, default, help)`` for each option of a plugin, from the fields'
+    :func:`harness.api.option` declarations (help text, then the choices and bounds)."""
     return options_table_of(load(kind, name))
 
 
 def options_table_of(cls) -> list[tuple[str, str, str, str]]:
     """:func:`options_table` of a plugin class."""
     import dataclasses
-    import re
     import typing
+
+    from harness.api import constraint_text
     hints = typing.get_type_hints(cls.Options)
-    # Docstrings of the Options classes (inherited ones too) and of the plugin class; not the
-    # signature dataclasses put where a class has no docstring.
-    owners = [k for k in cls.Options.__mro__ if k is not object] + [k for k in cls.__mro__ if k is not object]
-    docs = " ".join(" ".join(k.__doc__.split()) for k in owners
-                    if k.__doc__ and not k.__doc__.startswith(f"{k.__name__}("))
     rows = []
     for f in dataclasses.fields(cls.Options):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         tp = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
         text = f.metadata.get("help", "")
-        if not text:
-            m = re.search(rf"``{re.escape(f.name)}(=[^`]*)?``[^.]*\.", docs)
-            text = m.group(0) if m else ""
-        rows.append((f.name, tp, repr(default), text.replace("``", "")[:160]))
+        rule = constraint_text(f)
+        if rule:
+            text = f"{text} [{rule}]" if text else f"[{rule}]"
+        rows.append((f.name, tp, repr(default), text))
     return rows
 
 
