@@ -1,0 +1,212 @@
+"""The harness from Python: run, sweep, rank and reload runs, and compose task vectors yourself.
+
+Everything here is what the command line does, with Python values in and out; ``harness``
+re-exports these names (``import harness; harness.run(...)``). Runs are recorded under
+``results_dir`` exactly as ``python -m harness run`` records them, so the CLI and Python see
+the same runs, resume the same runs and rank them in the same leaderboards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from harness.api import HarnessError
+
+
+@dataclasses.dataclass
+class Run:
+    """One recorded run: its record (``record.json``) with the main facts as typed attributes;
+    ``trace`` (one row per evaluation) and ``coefficients`` are read from disk when first used.
+
+    Attributes:
+        run_id: the run's id (its folder name under ``results_dir/runs``).
+        status: ``complete``, ``running``, ``failed`` or ``interrupted``.
+        task, searcher: plugin names; seed: the run's seed.
+        headline: the task's main metric, ``score`` its value on the held-out split.
+        final: every final metric; ``references``: zero-shot, task arithmetic, ... side by side.
+        evaluations, wall_time_s: what the search cost.
+        record: the whole record as a dict; path: the run's folder.
+    """
+
+    run_id: str
+    status: str
+    task: str
+    searcher: str
+    seed: int
+    headline: str
+    score: float | None
+    final: dict
+    references: dict
+    evaluations: int
+    wall_time_s: float
+    record: dict
+    path: Path
+
+    @classmethod
+    def from_record(cls, record: dict, path: str | Path) -> "Run":
+        final = dict(record.get("final") or {})
+        headline = record.get("headline", "")
+        return cls(run_id=record["run_id"], status=record.get("status", ""), task=record["task"],
+                   searcher=record["searcher"], seed=int(record.get("seed", 0)), headline=headline,
+                   score=final.get(headline), final=final, references=dict(record.get("references") or {}),
+                   evaluations=int(record.get("evaluations", 0)), wall_time_s=float(record.get("wall_time_s", 0.0)),
+                   record=record, path=Path(path))
+
+    @functools.cached_property
+    def trace(self):
+        """Every evaluation as a pandas DataFrame, in the order they finished: ``i``, ``loss``,
+        ``ok``, ``t`` (seconds into the run), ``best`` (best whole-set loss so far), ``batch``
+        and ``fidelity`` (what the candidate was scored on), ``x`` (the coefficients, an array
+        per row) and one ``metric/NAME`` column per metric the task reported."""
+        import pandas as pd
+
+        from harness.results import RunStore
+        rows = RunStore(self.path.parent.parent, self.run_id).trace_rows()
+        frame = pd.DataFrame([{"i": r.i, "loss": r.loss, "ok": r.ok, "t": r.t, "best": r.best, "batch": r.batch,
+                               "fidelity": r.fidelity, "x": r.x, **{f"metric/{k}": v for k, v in r.metrics.items()}}
+                              for r in rows])
+        return frame if len(frame) else pd.DataFrame(columns=["i", "loss", "ok", "t", "best", "batch", "fidelity", "x"])
+
+    @functools.cached_property
+    def coefficients(self) -> dict:
+        """The recommended coefficients as numpy arrays: ``x`` (the flat vector the searcher
+        returned) and, for tasks that compose task vectors, ``coefficients`` (its expansion to
+        one coefficient per task vector and block, shape (T, B) or (T, B, K)); empty for a run
+        that ended before recommending."""
+        from harness.results import load_coefficients
+        path = self.record.get("coefficients")
+        return load_coefficients(path) if path and Path(path).is_file() else {}
+
+
+def run(task: str = "addition", searcher: str = "nevergrad", *, preset: str | None = None,
+        budget: int | None = None, batch_size: int | None = None, seed: int | None = None,
+        space: str | None = None, searcher_options: Mapping[str, Any] | None = None,
+        task_options: Mapping[str, Any] | None = None, results_dir: str | Path = "results",
+        cache_dir: str | None = None, workers: int | None = None, device: str | None = None,
+        rerun: bool = False, quiet: bool = True, log: Callable[[str], None] | None = None) -> Run:
+    """Run one search and record it, like ``python -m harness run``; return the :class:`Run`.
+
+    Arguments mean what the flags of the same name mean (``searcher_options`` is ``-s``,
+    ``task_options`` is ``-t``); ``None`` leaves the default (or the preset's value). A run that
+    is already complete is returned without running again unless ``rerun``; an interrupted one
+    is resumed. Bad input raises :class:`harness.HarnessError` before anything is recorded.
+    ``log`` receives progress lines (default: none).
+    """
+    from harness.config import build_config
+    from harness.runner import run as run_config
+    flags = {"task": task, "searcher": searcher, "preset": preset, "budget": budget, "batch_size": batch_size,
+             "seed": seed, "space": space, "results_dir": str(results_dir), "cache_dir": cache_dir,
+             "workers": workers, "device": device, "rerun": rerun or None, "quiet": quiet,
+             "searcher_options": dict(searcher_options or {}) or None,
+             "task_options": dict(task_options or {}) or None}
+    if preset:  # a preset names the task and searcher; explicit ones override it only when given
+        flags.update(task=None if task == "addition" else task, searcher=None if searcher == "nevergrad" else searcher)
+    record = run_config(build_config(flags), log=log or (lambda _m: None))
+    return Run.from_record(record, Path(results_dir) / "runs" / record["run_id"])
+
+
+def sweep(tasks: Sequence[str] | None = None, searchers: Sequence[str | Mapping[str, Any]] | None = None,
+          seeds: Iterable[int] | None = None, *, file: str | Path | None = None,
+          task_options: Mapping[str, Any] | None = None, results_dir: str | Path | None = None,
+          cache_dir: str | None = None, workers: int | None = None, device: str | None = None,
+          quiet: bool = True, log: Callable[[str], None] | None = None):
+    """Run searchers × tasks × seeds, skipping runs already recorded, like ``python -m harness
+    sweep``; return the sweep's leaderboard (a pandas DataFrame, as :func:`leaderboard`).
+
+    ``searchers`` are names or tables with the keys of a sweep file's ``[[searchers]]`` entry
+    (``name``, ``label``, ``budget``, ``space``, ``options``, ``task_options``). With ``file``,
+    the sweep file is read first and the arguments given here replace its values. Every run is
+    checked against the plugins before the first one starts.
+    """
+    from harness.sweep import read_sweep_file, run_sweep
+    spec: dict[str, Any] = {"seeds": [0, 1], "tasks": [], "searchers": [], "results_dir": "results",
+                            "cache_dir": None, "task_options": {}, "workers": 0, "quiet": quiet, "device": "cpu"}
+    if file is not None:
+        spec.update(read_sweep_file(str(file)))
+    if tasks is not None:
+        spec["tasks"] = [str(t) for t in tasks]
+    if searchers is not None:
+        spec["searchers"] = [{"name": s} if isinstance(s, str) else dict(s) for s in searchers]
+    if seeds is not None:
+        spec["seeds"] = [int(s) for s in seeds]
+    spec["task_options"] = {**spec["task_options"], **dict(task_options or {})}
+    for key, value in (("results_dir", results_dir), ("cache_dir", cache_dir), ("workers", workers),
+                       ("device", device)):
+        if value is not None:
+            spec[key] = str(value) if key == "results_dir" else value
+    if not spec["tasks"] or not spec["searchers"]:
+        raise HarnessError("a sweep needs tasks and searchers (or a file that names them)")
+    return run_sweep(spec, log=log or (lambda _m: None))
+
+
+def leaderboard(results_dir: str | Path = "results", *, task: str | None = None, searcher: str | None = None,
+                family: str | None = None):
+    """Rank the complete runs under ``results_dir``, like ``python -m harness leaderboard``:
+    one row per task × searcher setting × checkpoint family, with the mean, standard deviation
+    and number of seeds of the task's headline metric, the cost, and the rank within the task.
+    Returns a pandas DataFrame (empty, with the columns, when nothing is recorded)."""
+    from harness.leaderboard import leaderboard as board
+    return board(results_dir, task=task, searcher=searcher, family_prefix=family)
+
+
+def load_run(run_id: str, results_dir: str | Path = "results") -> Run:
+    """The recorded run ``run_id`` (any status), with its trace and coefficients."""
+    from harness.results import RunStore, check_run_id
+    store = RunStore(results_dir, check_run_id(run_id))
+    record = store.record()
+    if record is None:
+        raise HarnessError(f"no recorded run '{run_id}' under {results_dir}/runs")
+    return Run.from_record(record, store.dir)
+
+
+def compose(base: Mapping[str, Any], task_vectors: Mapping[str, Mapping[str, Any]], coefficients,
+            space: str = "per_block") -> dict:
+    """θ0 + Σ_t λ_t ⊙ τ_t as a state dict, for users who bring their own training or evaluation loop.
+
+    Args:
+        base: the pre-trained state dict (torch tensors); entries that are not floating point
+            (counters, integer buffers) are copied unchanged.
+        task_vectors: task name → state dict of differences to ``base`` (floating entries only),
+            e.g. made with :func:`task_vector`.
+        coefficients: one number for every coefficient (task arithmetic with α), a flat array of
+            the space's size (what a run recommends: ``load_run(...).coefficients["x"]``), or a
+            dict task name → number or per-block array.
+        space: ``per_task``, ``per_layer``, ``per_block`` (the paper's anisotropic scaling) or
+            ``per_partition:K``; a flat array must be in this space.
+    """
+    import numpy as np
+
+    from harness.composition import Composition
+    names = list(task_vectors)
+    comp = Composition(dict(base), [dict(task_vectors[n]) for n in names], names, space=space)
+    if isinstance(coefficients, Mapping):
+        if set(coefficients) != set(names):
+            raise HarnessError(f"coefficients must name every task vector ({', '.join(names)}); "
+                               f"got {', '.join(map(str, coefficients))}")
+        per = comp.dim // len(names)  # the flat vector is task-major: one run of `per` per task
+        rows = []
+        for n in names:
+            v = np.asarray(coefficients[n], dtype=np.float64).reshape(-1)
+            v = np.full(per, v.item()) if v.size == 1 else v
+            if v.size != per:
+                raise HarnessError(f"space {space} has {per} coefficients per task vector; "
+                                   f"task '{n}' got {v.size}")
+            rows.append(v)
+        x = np.concatenate(rows)
+    else:
+        x = np.asarray(coefficients, dtype=np.float64)
+        if x.ndim == 0:
+            x = np.full(comp.dim, float(x))
+        if x.shape != (comp.dim,):
+            raise HarnessError(f"space {space} over {len(names)} task vectors has {comp.dim} coefficients, "
+                               f"got an array of shape {tuple(x.shape)}")
+    merged = comp.merge(x)
+    return {k: merged.get(k, v) for k, v in base.items()}
+
+
+def task_vector(base: Mapping[str, Any], finetuned: Mapping[str, Any]) -> dict:
+    """τ = θ_finetuned − θ0 over the floating entries of ``base`` (both state dicts of torch tensors)."""
+    from harness.composition import task_vector as tv
+    return tv(dict(base), dict(finetuned))
