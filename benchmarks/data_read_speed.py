@@ -1,5 +1,5 @@
 """Reading and decoding a split: the harness's :class:`harness.stream.SampleSplit` against
-torchvision's ``ImageFolder`` + ``DataLoader`` with the same worker count (issue #27).
+torchvision's ``ImageFolder`` + ``DataLoader`` with the same worker count.
 
     python benchmarks/data_read_speed.py                       # 2000 images of 256 px, JPEG and PNG
     python benchmarks/data_read_speed.py --n 500 --formats jpeg --workers 2 --repeats 5 --out r.json

@@ -42,7 +42,7 @@ def _args(argv):
     p.add_argument("--fs-gradient-budget", type=int, default=100)
     p.add_argument("--fs-nevergrad-budget", type=int, default=150)
     p.add_argument("--fs-nevergrad-space", default="per_layer",
-                   help="NGOpt's space (per_block = 150 coefficients needs ~500 evaluations; DESIGN.md §3)")
+                   help="NGOpt's space (per_block = 150 coefficients needs ~500 evaluations)")
     p.add_argument("--tta-objectives", default="im,ufm,entropy,simclr")
     p.add_argument("--tta-seeds", default="0")
     p.add_argument("--tta-max-n", type=int, default=500)

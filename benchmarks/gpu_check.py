@@ -1,4 +1,4 @@
-"""Device check (issue #19, item 4): throughput and loss agreement of the harness's real scoring
+"""Device check: throughput and loss agreement of the harness's real scoring
 path on a GPU and on the CPU, side by side in one run (meant to take <= 5 min on one GPU).
 
 It runs the ``addition`` task on a synthetic source defined here: an open_clip image tower with

@@ -1,4 +1,4 @@
-"""Performance figures of issue #10, each a ratio measured side by side in one run.
+"""Performance figures, each a ratio measured side by side in one run.
 
     python -m harness bench perf                 # effnet zoo, all figures, ~6-8 min on 2 cores
     python -m harness bench perf --only throughput,overhead

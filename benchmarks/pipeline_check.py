@@ -1,4 +1,4 @@
-"""Pipelined against batch-synchronous Ray runs, side by side in one run (issue #19, item 3).
+"""Pipelined against batch-synchronous Ray runs, side by side in one run.
 
 The same nevergrad run (addition on the default effnet zoo, per_block, NGOpt) on two Ray workers,
 once with ``--parallel candidates`` (ask a batch, score it, tell it, repeat: a worker that finishes

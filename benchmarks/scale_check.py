@@ -1,4 +1,4 @@
-"""Real-scale check (issue #19): a ViT-B-32 run on image folders whose test splits are streamed
+"""Real-scale check: a ViT-B-32 run on image folders whose test splits are streamed
 from disk, against the same run with every split in memory, and a second run that reads its
 references from the cache.
 

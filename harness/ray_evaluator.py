@@ -4,7 +4,7 @@ Each worker is a Ray actor that builds the task once (model, task vectors and ca
 loaded from the zoo cache on disk) and then only ever receives :class:`Candidate` objects and
 returns :class:`Evaluation` objects, so nothing large crosses a process boundary per call.
 
-Two kinds of parallelism (DESIGN.md §2):
+Two kinds of parallelism:
 
 - ``candidates``: the batch's candidates are handed out one at a time to whichever worker is free
   (like ``ray.util.ActorPool``); results come back in candidate order. For population searchers.

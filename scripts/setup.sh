@@ -28,7 +28,7 @@ pip_install() {  # quiet on success; the whole log on failure
     rm -f "$log"
 }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-pip_install -e ".[test]"
+pip_install -e ".[test,docs]"
 # animal-mnist declares tensorflow as a dependency it does not need for its data files.
 pip_install --no-deps animal-mnist==0.4
 .venv/bin/python -c "import harness, torch, open_clip, nevergrad, ray, pandas" 

@@ -3,7 +3,7 @@
 Every data set is uint8 images, (N,H,W) grayscale or (N,H,W,3) RGB, with int64 labels and
 human-readable class names (they end up in CLIP prompts such as "a photo of a {c}"). Nothing here
 touches the network: the built-in sets come from Debian packages or from files bundled inside
-Python packages (DESIGN.md §3).
+Python packages.
 
 Example:
     >>> ds = load("fashion", seed=1)

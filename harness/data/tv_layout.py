@@ -4,7 +4,7 @@
 one data root (``--data-location``, default ``~/data``) laid out as torchvision and
 ``AT:DATASETS.md`` leave it: ``MNIST/raw/*-ubyte``, ``svhn/*_32x32.mat``, ``gtsrb/GTSRB/…``,
 ``resisc45/…``, ``sun397/{train,val}``, ``dtd/{train,val}``, ``EuroSAT_splits/…``,
-``stanford_cars/…`` and so on (the table is /work/shared/BENCHMARK-DATA.md §1.2). This module
+``stanford_cars/…`` and so on (docs/paper-benchmark.md lists every folder). This module
 finds each data set under a root (:func:`locate`), lists its splits as :class:`Samples` with the
 labels the reference loaders give (:func:`read`), and says how to get it (:func:`fetch_hint`).
 
