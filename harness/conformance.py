@@ -6,7 +6,7 @@ check returns a :class:`Check`; a failed one says which promise was broken.
 
 The bars (see ``docs/plugins.md``):
 
-- searcher: on a 6-D quadratic (:mod:`tasks.quadratic`, seed 0) within 300 evaluations, distance to
+- searcher: on a 6-D quadratic (the built-in ``quadratic`` task, seed 0) within 300 evaluations, distance to
   the optimum < 0.15 and loss < 5% of the start's (a ``reference`` searcher: no worse than its
   start); never more evaluations than the budget, and exactly the budget unless it is a reference;
   never more candidates per ask than the batch size; candidates inside the box; the same trace and
@@ -111,7 +111,7 @@ def check_searcher(name: str, options: dict | None = None, workdir: str | None =
 def _ask_sizes(cls, options: dict, batch: int) -> list[tuple[int, bool]]:
     """(candidates per ask, all inside the box) over a few asks on the quadratic."""
     from harness.wrappers import Wrappers
-    from tasks.quadratic import QuadraticTask
+    QuadraticTask = registry.load("task", "quadratic")  # by name: the harness never imports plugins
     task = QuadraticTask(QuadraticTask.Options(dim=5), seed=0)
     task.setup()
     space = task.space()
@@ -175,7 +175,7 @@ def check_source(name: str, source_options: str = "", task_options: dict | None 
     and the addition task's promises hold on it."""
     import torch
     from harness.objective import resolve_source
-    from tasks.addition import AdditionTask
+    AdditionTask = registry.load("task", "addition")
     given = {"source": name, "source_options": source_options, **(task_options or {})}
     opts = resolve_options(AdditionTask, given, "task")
     AdditionTask.validate(opts)
@@ -199,7 +199,7 @@ def check_source(name: str, source_options: str = "", task_options: dict | None 
 def check_engine(name: str, task_options: dict, cache_dir: str | None = None) -> list[Check]:
     """An engine plugin gives the losses, accuracies and gradients of one plain merge + forward per
     candidate, for batches and shards."""
-    from tasks.addition import AdditionTask
+    AdditionTask = registry.load("task", "addition")
     made = []
     for engine, extra in ((name, {}), ("local", {"population": "off"})):
         t = AdditionTask(resolve_options(AdditionTask, {**task_options, "engine": engine, **extra}, "task"),

@@ -13,8 +13,16 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """A zoo cache for the whole session (small zoos are built into it on first use)."""
-    path = os.environ.get("ATLAS_HARNESS_TEST_CACHE") or str(tmp_path_factory.mktemp("zoo-cache"))
-    return path
+    path = os.environ.get("ATLAS_HARNESS_TEST_CACHE")
+    if path:
+        return path
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # The workers of one `pytest -n N` run share one cache, so each zoo is built once: the
+        # cache's build lock makes a second worker wait for the first one's build, then load it.
+        shared = tmp_path_factory.getbasetemp().parent / "zoo-cache"
+        shared.mkdir(exist_ok=True)
+        return str(shared)
+    return str(tmp_path_factory.mktemp("zoo-cache"))
 
 
 # A tiny open_clip architecture (32 px, one layer per tower) for tests of users' model files.
