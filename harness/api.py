@@ -24,9 +24,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from harness.errors import HarnessError
+from harness.options import check_options, constraint_text, option
 
-class HarnessError(Exception):
-    """An error a user caused and can fix; the CLI prints its message as one line and exits 2."""
+__all__ = ["Candidate", "Engine", "Evaluation", "HarnessError", "Plugin", "Searcher", "Source", "Space", "Task",
+           "Transform", "check_options", "constraint_text", "option"]
 
 
 @dataclass
@@ -90,62 +92,6 @@ class Evaluation:
     weight: float = 1.0
     ok: bool = True
     error: str = ""
-
-
-_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
-           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
-
-
-def option(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, ge=None, gt=None,
-           le=None, lt=None, default_factory: Any = dataclasses.MISSING) -> Any:
-    """Declare one plugin option: a dataclass field that carries its help text, its allowed
-    values (``choices``) and its bounds (``ge``/``gt``/``le``/``lt``, as in pydantic).
-
-    The declaration is the single source for ``python -m harness list NAME``, the docs' option
-    tables and validation: :func:`check_options` refuses a value outside the choices or the
-    bounds with a one-line :class:`HarnessError` before the plugin's own ``validate`` runs.
-    ``None`` is always accepted for an option whose default is ``None`` ("not set")::
-
-        @dataclass
-        class Options:
-            lr: float = option(1e-3, "learning rate of Adam", gt=0)
-            space: str = option("per_block", "granularity", choices=["per_task", "per_block"])
-    """
-    meta: dict[str, Any] = {"help": " ".join(help.split())}
-    if choices is not None:
-        meta["choices"] = tuple(choices)
-    for key, bound in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
-        if bound is not None:
-            meta[key] = bound
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def constraint_text(f: dataclasses.Field) -> str:
-    """The choices and bounds an :func:`option` declares, as text (``'> 0, <= 1'``; ``'a | b'``)."""
-    parts = [f"{_BOUNDS[k][0]} {f.metadata[k]}" for k in _BOUNDS if k in f.metadata]
-    if "choices" in f.metadata:
-        parts.insert(0, " | ".join(str(c) for c in f.metadata["choices"]))
-    return ", ".join(parts)
-
-
-def check_options(what: str, options) -> None:
-    """Refuse option values outside what each field declares with :func:`option` (one line
-    naming the option, the value and what is valid). ``what`` names the owner, e.g. ``"searcher"``."""
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if value is None or not f.metadata:
-            continue
-        values = value if isinstance(value, (list, tuple)) else [value]
-        choices = f.metadata.get("choices")
-        for v in values:
-            if choices is not None and v not in choices:
-                raise HarnessError(f"{what} option {f.name}={v!r} is not one of {', '.join(map(str, choices))}")
-            for key, (sym, ok) in _BOUNDS.items():
-                if key in f.metadata and isinstance(v, (int, float)) and not isinstance(v, bool) \
-                        and not ok(v, f.metadata[key]):
-                    raise HarnessError(f"{what} option {f.name} must be {constraint_text(f)}, got {v!r}")
 
 
 class Plugin:
@@ -213,6 +159,7 @@ class Searcher(Plugin):
         return cls.default_budget
 
     def __init__(self, space: Space, budget: int, batch_size: int, seed: int, options):
+        check_options("searcher", options)  # also when a searcher is built directly, not planned
         type(self).validate(options)
         self.space, self.budget, self.batch_size, self.seed, self.options = space, budget, batch_size, seed, options
         self.info: dict[str, Any] = {}  # facts worth recording, e.g. the optimiser NGOpt chose
@@ -332,6 +279,28 @@ class Task(Plugin, ABC):
         """Whether a final result satisfies the task's constraint (negation's control floor)."""
         return True
 
+    # What the runner records about a built task (called once, in the runner, after setup).
+
+    def provenance(self) -> dict:
+        """The plugins the task used besides itself (``{"source": {...}, "engine": {...}}``, as
+        :func:`harness.registry.provenance` gives them) and ``family``: hashes of the checkpoints
+        it composed, so runs on different checkpoints never pool. ``{}`` for a task without any."""
+        return {}
+
+    def setup_facts(self) -> dict:
+        """Facts of the setup for the run record: which caches were hit, what inputs are held in
+        memory and which are streamed from disk. Keys become top-level record fields."""
+        return {}
+
+    def expand(self, x: np.ndarray) -> np.ndarray | None:
+        """``x`` as one coefficient per task vector and block (saved with the run and drawn by
+        ``plot``); ``None`` for a task that composes no task vectors."""
+        return None
+
+    def task_vector_names(self) -> list[str] | None:
+        """The names of the composed task vectors, in the order of :meth:`expand`'s rows."""
+        return None
+
 
 class Source(Plugin, ABC):
     """A model source plugin: builds a :class:`harness.sources.ModelSource` (θ0 as ``base``, one
@@ -377,6 +346,25 @@ class Engine(Plugin, ABC):
     @abstractmethod
     def accuracy(self, x, ds: str, split: str = "test") -> float:
         """Top-1 accuracy of coefficients ``x`` on one split of the source."""
+
+    # What composing tasks call besides score (the built-in tasks use all of them).
+
+    @abstractmethod
+    def to(self, device) -> "Engine":
+        """Move the source and the composition to ``device`` once; returns the engine."""
+
+    @abstractmethod
+    def weighted_ce(self, candidate: Candidate, data, shard=None, regularizer=None) -> Evaluation:
+        """One candidate's weighted mean cross-entropy (and accuracy) on shard ``shard`` of
+        ``data`` (a :class:`harness.objective.WeightedSet`), plus ``regularizer(coefficients)``;
+        with the gradient when ``candidate.grad``. The unit :meth:`score` is made of."""
+
+    @abstractmethod
+    def per_sample_ce(self, params, names: list[str], xs: list, ys: list) -> tuple[list, list]:
+        """Per-sample cross-entropy and correctness of each data set's inputs ``xs`` (labels
+        ``ys``) under merged parameters ``params`` (from :meth:`params`), each through its own
+        head: two lists of tensors, one per data set. For losses that are not a plain weighted
+        mean (negation's target and control terms, entropy objectives)."""
 
 
 class Transform(Plugin):

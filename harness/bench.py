@@ -16,7 +16,7 @@ import pandas as pd
 from harness.api import HarnessError
 from harness.config import RunConfig
 from harness.runner import run
-from harness.sweep import read_sweep_file
+from harness.sweeps import read_sweep_file
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -77,7 +77,7 @@ def summarize(df: pd.DataFrame, reference: str = "task arithmetic", higher_is_be
 
 
 def main(name: str, seeds: list[int], results_dir: str, cache_dir: str | None, task_options: dict | None) -> str:
-    from harness.leaderboard import markdown
+    from harness.leaderboards import markdown
     task = load_suite(name)["tasks"][0]
     t0 = time.time()
     df = run_suite(name, seeds, results_dir, cache_dir, task_options)

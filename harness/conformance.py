@@ -137,7 +137,7 @@ def check_task(name: str, options: dict | None = None, cache_dir: str | None = N
     from harness.evaluators import reduce_shards
     cls = registry.load("task", name)
     opts = resolve_options(cls, dict(options or {}), "task")
-    cls.validate(opts)
+    registry.validate("task", cls, opts)
     task = cls(opts, space=space or ("per_block" if cls.composes else "flat"), seed=0, cache_dir=cache_dir)
     task.setup(device)
     sp = task.space()
@@ -178,7 +178,7 @@ def check_source(name: str, source_options: str = "", task_options: dict | None 
     AdditionTask = registry.load("task", "addition")
     given = {"source": name, "source_options": source_options, **(task_options or {})}
     opts = resolve_options(AdditionTask, given, "task")
-    AdditionTask.validate(opts)
+    registry.validate("task", AdditionTask, opts)
     cls, sopts = resolve_source(opts)
     src = cls.load(sopts, cache_dir=cache_dir, progress=False)
     bad = [ds for ds in src.datasets if list(src.task_vectors.get(ds, {})) != list(src.base)

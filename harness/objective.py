@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from harness import registry
-from harness.api import HarnessError, Space, Task
+from harness.api import HarnessError, Space, Task, option
 from harness.composition import Composition, parse_space
 from harness.config import resolve_options
 from harness.sources.base import content_hash, data_hash
@@ -43,12 +43,14 @@ class ComposeOptions:
     ``source_options`` its own options as ``"key=value;key=value"``. ``model``, ``pretrained``,
     ``checkpoints`` and ``data_root`` go to sources that take them (your own open_clip model), and
     so do the benchmark-data options ``suite``, ``data_convention``, ``val_rule``, ``prompts`` and
-    ``bench_subset`` (:class:`harness.sources.open_clip.BenchOptions`).
+    ``bench_subset`` (:class:`harness.sources.open_clip.BenchOptions`). The source declares and
+    checks their valid values; empty here means the source's own default.
 
     ``engine`` names the engine plugin (``local``); ``population`` (``auto`` or ``off``) is its
     choice of vmap evaluation for batches of candidates, and ``precision`` (``fp32``, ``bf16`` or
-    ``fp16``) the autocast of its forward, kept only where it measured within tolerance of fp32;
+    ``fp16``) the autocast of its forward, used only where it stays within a tolerance of fp32;
     ``eval_chunk`` (``auto`` or N) the images per forward pass (sized to the GPU's memory on CUDA).
+    The engine declares and checks their valid values.
 
     ``select=b`` (b ≥ 1) keeps only the ``b`` most informative task vectors per block, ranked by
     |∂L/∂λ| at the start point before any search (informative block selection, paper App. D.6;
@@ -59,26 +61,32 @@ class ComposeOptions:
     canonical form (non-default options only) and is part of the run's identity.
     """
 
-    source: str = field(default="", metadata={"help": "model source plugin (effnet default; open_clip when checkpoints are given)"})
-    source_options: str = field(default="", metadata={"help": "the source's own options, \"key=value;key=value\""})
-    model: str = field(default="", metadata={"help": "open_clip architecture of your model (source open_clip)"})
-    pretrained: str = field(default="", metadata={"help": "your pre-trained weights: a file or local-dir:DIR"})
-    checkpoints: list[str] = field(default_factory=list, metadata={"help": "fine-tuned checkpoints, NAME=PATH,..."})
-    data_root: str = field(default="", metadata={"help": "image folders DIR/<data set>/<split>/<class>/, or benchmark data sets in their own layouts"})
-    extra_data: list[str] = field(default_factory=list, metadata={"help": "data sets without a checkpoint (heads and data only), e.g. negation's control"})
-    suite: str = field(default="", metadata={"help": "benchmark suite: ta8, ta8-atlas, tall14, tall20, atlas22 (needs --data-root)"})
-    data_convention: str = field(default="", metadata={"help": "benchmark data layout: auto (default), tv, hf, folders"})
-    val_rule: str = field(default="", metadata={"help": "validation split of train: atlas (default; at most 5,000) or fusionbench (no cap)"})
-    prompts: str = field(default="", metadata={"help": "class names and templates: atlas (default) or fusionbench"})
-    bench_subset: int = field(default=0, metadata={"help": "benchmark val/test: a seeded subset of at most N images (0: all)"})
-    engine: str = field(default="local", metadata={"help": "engine plugin that merges and runs the forward pass"})
-    bound: float = field(default=1.5, metadata={"help": "coefficient box [-bound, bound] for black-box searchers"})
-    dtype: str = field(default="fp32", metadata={"help": "task-vector storage: fp32 or fp16"})
-    select: int = field(default=0, metadata={"help": "keep the b most informative task vectors per block (0: all)"})
-    population: str = field(default="auto", metadata={"help": "engine's vmap evaluation of batches: auto or off"})
-    precision: str = field(default="fp32", metadata={"help": "engine's forward precision: fp32, or bf16/fp16 autocast kept within a measured tolerance"})
-    eval_chunk: str = field(default="auto", metadata={"help": "images per forward: auto (source's own on CPU, sized to free memory on CUDA) or N"})
-    transform: str = field(default="", metadata={"help": "rewrite the task vectors first: ties, dare, iso [:key=value,...]"})
+    source: str = option("", "model source plugin (empty: effnet, or open_clip / hf_clip when checkpoints are given)")
+    source_options: str = option("", "the source's own options, \"key=value;key=value\" (python -m harness list SOURCE)")
+    model: str = option("", "open_clip architecture of your model, e.g. ViT-B-32 (source open_clip)")
+    pretrained: str = option("", "your pre-trained weights: a file, local-dir:DIR, or a Hugging Face CLIPModel folder")
+    checkpoints: list[str] = option(help="fine-tuned checkpoints, one per data set: NAME=PATH,... (or files/folders named after their data sets)",
+                                    default_factory=list)
+    data_root: str = option("", "image folders DIR/<data set>/<split>/<class>/, or benchmark data sets in their own layouts")
+    extra_data: list[str] = option(help="data sets loaded without a checkpoint (heads and data only), e.g. negation's control",
+                                   default_factory=list)
+    suite: str = option("", "benchmark suite: ta8, ta8-atlas, tall14, tall20, atlas22 (needs --data-root; empty: none)")
+    data_convention: str = option("", "benchmark data layout: auto, tv, hf or folders (empty: the source's default, auto)")
+    val_rule: str = option("", "validation split of train: atlas (at most 5,000) or fusionbench (no cap) (empty: atlas)")
+    prompts: str = option("", "class names and templates: atlas or fusionbench (empty: atlas)")
+    bench_subset: int = option(0, "score benchmark val/test on a seeded subset of at most N images (0: all)")
+    engine: str = option("local", "engine plugin that merges the weights and runs the forward pass")
+    bound: float = option(1.5, "searchers keep every coefficient in [-bound, bound]", gt=0)
+    dtype: str = option("fp32", "storage precision of the stacked task vectors", choices=("fp32", "fp16"))
+    select: int = option(0, "keep the b most informative task vectors per block, by |dL/dλ| at the start "
+                            "(needs --space per_block or per_partition:K; 0: keep all)", ge=0)
+    population: str = option("auto", "engine's vmap evaluation of a batch of candidates: auto or off")
+    precision: str = option("fp32", "engine's forward precision: fp32, or bf16/fp16 autocast, used only where it "
+                                    "stays within a tolerance of fp32")
+    eval_chunk: str = option("auto", "images per forward pass: auto (the source's own on CPU, sized to free memory "
+                                     "on CUDA) or N")
+    transform: str = option("", "rewrite the task vectors before composing: NAME[:key=value,...] with NAME ties, "
+                                "dare or iso (empty: none)")
 
 
 def source_name(options) -> str:
@@ -217,13 +225,8 @@ class ComposingTask(Task):
 
     @classmethod
     def validate(cls, options):
-        """Cheap checks before anything is built or recorded (files exist, values in range)."""
-        if options.dtype not in ("fp32", "fp16"):
-            raise HarnessError(f"task option dtype must be fp32 or fp16, got {options.dtype!r}")
-        if options.bound <= 0:
-            raise HarnessError(f"task option bound must be positive, got {options.bound}")
-        if options.select < 0:
-            raise HarnessError(f"task option select keeps b task vectors per block: b >= 1, or 0 for all; got {options.select}")
+        """Cheap checks before anything is built or recorded (files exist, the source and engine
+        accept their options); choices and bounds are checked from the declarations before this."""
         if options.data_root and not options.checkpoints:
             raise HarnessError("data_root (--data-root) is for your own model: give checkpoints too "
                                "(-t checkpoints=NAME=PATH,...); the built-in zoos use the built-in data")
@@ -256,6 +259,25 @@ class ComposingTask(Task):
     def expand(self, x):
         """Per-(task vector, block) coefficients of ``x`` (for records and heat maps)."""
         return self.comp.expand(np.asarray(x, dtype=np.float32))
+
+    def task_vector_names(self) -> list[str] | None:
+        return list(self.comp.task_names) if getattr(self, "comp", None) is not None else None
+
+    def setup_facts(self) -> dict:
+        """What the source reports about its setup: whether its zero-shot/fine-tuned accuracies
+        and its zero-shot heads came from the reference cache, the inputs it holds in memory and
+        how, and the splits it streams from disk instead."""
+        meta = getattr(getattr(self, "source", None), "meta", None) or {}
+        facts = {}
+        if "references_cached" in meta:
+            facts["source_references_cached"] = meta["references_cached"]
+        if "heads_cached" in meta:
+            facts["heads_cached"] = meta["heads_cached"]
+        if "resident_inputs_mb" in meta:
+            facts.update(resident_inputs_mb=meta["resident_inputs_mb"], input_dtype=meta.get("input_dtype"))
+            if meta.get("streamed_splits"):
+                facts.update(streamed_splits=meta["streamed_splits"], streamed_inputs_mb=meta["streamed_inputs_mb"])
+        return facts
 
     def subset(self, ds: str, split: str, n: int, salt: int = 0) -> torch.Tensor:
         """A fixed random subset of ``n`` indices of a split (all of it if n <= 0), seeded by the run."""

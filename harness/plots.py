@@ -76,9 +76,9 @@ def curves(results_dir: str | Path, task: str | None = None, searcher: str | Non
     curve is one setting: the run key (searcher, its options, space, budget, task options with
     the transform) and the checkpoint family, as one leaderboard row. ``label`` is the curve's
     legend text (searcher or sweep label, transform, setting), made unique within the task.
-    ``records``/``labels``: see :func:`harness.leaderboard.runs_frame`.
+    ``records``/``labels``: see :func:`harness.leaderboards.runs_frame`.
     """
-    from harness.leaderboard import _setting, family, select, task_label, transform
+    from harness.leaderboards import _setting, family, select, task_label, transform
     if records is None:
         records = read_records(results_dir)
     labels = labels or {}
@@ -195,7 +195,7 @@ def plot_coefficients(record: dict, out_path: str | Path, run_dir: str | Path | 
 
 def html_page(board: pd.DataFrame, images: list[Path], title: str = "aTLAS harness leaderboard") -> str:
     """A self-contained HTML page: the leaderboard table and the PNGs inlined as data URIs."""
-    from harness.leaderboard import format_board
+    from harness.leaderboards import format_board
     table = format_board(board).to_html(index=False, border=0, classes="board", na_rep="")
     imgs = []
     for p in images:
@@ -214,7 +214,7 @@ def publish(board: pd.DataFrame, results_dir: str | Path, plots: bool = True, re
     """Markdown + CSV and (with ``plots``) the curves PNGs and the self-contained HTML page, each
     written whole or not at all; returns the paths written. The curves take the same filters and
     records as the table. Raises OSError when the results folder cannot be written."""
-    from harness.leaderboard import write
+    from harness.leaderboards import write
     paths = write(board, results_dir)
     if plots:
         pngs = plot_curves(results_dir, Path(results_dir) / "plots", task=task, searcher=searcher,
@@ -230,7 +230,7 @@ def show(board: pd.DataFrame, results_dir: str | Path, plots: bool = True, recor
     """Print the table (stdout) and publish it; each file written is named on stderr. Files that
     cannot be written (a read-only results folder, a full disk) are one warning line on stderr:
     the table stays printed, nothing recorded is touched."""
-    from harness.leaderboard import board_text
+    from harness.leaderboards import board_text
     print(board_text(board))
     try:
         paths = publish(board, results_dir, plots=plots, records=records, labels=labels, **filters)

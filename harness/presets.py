@@ -4,7 +4,7 @@ A preset is the lowest layer of a run's configuration: a ``--config`` file and e
 override it (``--preset adamerging-layer --budget 100``; ``-s``/``-t`` options are merged, the
 explicit ones winning). A preset names nothing the harness does not record: the run's record
 holds the resolved task, searcher, space, budget and options, so two ways of asking for the
-same run are the same run. ``python -m harness presets`` prints the table the README shows.
+same run are the same run. ``python -m harness presets [NAME]`` lists them (docs/reference/presets.md).
 """
 from __future__ import annotations
 
@@ -141,9 +141,3 @@ def apply(name: str, values: dict[str, Any]) -> dict[str, Any]:
     out["searcher_options"] = {**p.searcher_options, **values.get("searcher_options", {})}
     out["task_options"] = {**p.task_options, **values.get("task_options", {})}
     return out
-
-
-def table() -> list[dict[str, str]]:
-    """One row per preset, for the CLI and the README."""
-    return [{"preset": f"`{n}`", "method": p.method, "paper": p.paper, "runs": f"`{p.flags()}`", "note": p.note}
-            for n, p in PRESETS.items()]

@@ -120,7 +120,7 @@ def sweep(tasks: Sequence[str] | None = None, searchers: Sequence[str | Mapping[
     the sweep file is read first and the arguments given here replace its values. Every run is
     checked against the plugins before the first one starts.
     """
-    from harness.sweep import read_sweep_file, run_sweep
+    from harness.sweeps import read_sweep_file, run_sweep
     spec: dict[str, Any] = {"seeds": [0, 1], "tasks": [], "searchers": [], "results_dir": "results",
                             "cache_dir": None, "task_options": {}, "workers": 0, "quiet": quiet, "device": "cpu"}
     if file is not None:
@@ -147,7 +147,7 @@ def leaderboard(results_dir: str | Path = "results", *, task: str | None = None,
     one row per task × searcher setting × checkpoint family, with the mean, standard deviation
     and number of seeds of the task's headline metric, the cost, and the rank within the task.
     Returns a pandas DataFrame (empty, with the columns, when nothing is recorded)."""
-    from harness.leaderboard import leaderboard as board
+    from harness.leaderboards import leaderboard as board
     return board(results_dir, task=task, searcher=searcher, family_prefix=family)
 
 

@@ -46,13 +46,12 @@ import os
 import socket
 import sys
 import time
-from collections import deque
 from typing import TYPE_CHECKING
-
 
 from harness.api import Candidate, Evaluation, HarnessError, Task
 from harness.evaluators import PARALLEL_MODES as MODES
 from harness.evaluators import PENALTY, Evaluator, fidelity_shard, reduce_shards, sanitize
+from harness.ray_pool import ActorPool
 from harness.ray_worker import HarnessWorker, start_local_ray
 
 if TYPE_CHECKING:
@@ -133,11 +132,6 @@ def _writable(ev: Evaluation) -> Evaluation:
     return ev
 
 
-def _lost_errors():
-    import ray.exceptions as E
-    return (E.RayActorError, E.WorkerCrashedError, E.OutOfMemoryError, E.NodeDiedError, E.ObjectLostError)
-
-
 class RayEvaluator(Evaluator):
     """Scores candidates on ``workers`` Ray actors, each holding its own set-up task.
 
@@ -170,12 +164,9 @@ class RayEvaluator(Evaluator):
             raise HarnessError(f"task '{plan.config.task}' with these options cannot split its data across "
                                "workers; use --parallel candidates or auto")
         self.cpus, self.gpus = float(cpus_per_worker), float(gpus_per_worker)
-        self._task, self.restarts, self.actors, self._starting, self._owns_ray = task, 0, [], {}, False
-        # Scheduler state (see _step): items by key, the queue of (key, attempt), running refs,
-        # idle worker slots, and the candidates submitted for pipelined scoring by key.
-        self._items, self._queue, self._running, self._idle, self._next_key = {}, deque(), {}, deque(), 0
-        self._submitted: dict[int, Candidate] = {}
-        self._stats = {"calls": 0, "wall_s": 0.0, "worker_s": 0.0}
+        self._task, self._owns_ray, self.pool = task, False, None
+        self._submitted: dict[int, Candidate] = {}  # pipelined candidates by their pool key
+        self._stats = {"calls": 0, "wall_s": 0.0}
         import ray
         from ray import cloudpickle
         self._ray = ray
@@ -192,13 +183,10 @@ class RayEvaluator(Evaluator):
             self._payload = cloudpickle.dumps(plan)  # by value for classes defined in __main__
             self._remote = ray.remote(HarnessWorker).options(
                 num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0, max_concurrency=1)
-            self.actors = [self._spawn() for _ in range(self.workers)]
-            self._idle.extend(range(self.workers))
-            try:
-                infos = [self._ready(info) for info in ray.get([a.ready.remote() for a in self.actors])]
-            except _lost_errors() as e:
-                raise RuntimeError(f"a Ray worker died while setting up the task: {e}") from None
-            self.worker_info = infos
+            self.pool = ActorPool(ray, self.workers, spawn=lambda: self._remote.remote(self._payload, self._context),
+                                  ready=self._ready, call=lambda actor, item: actor.evaluate.remote(*item),
+                                  failed=self._failed, max_attempts=MAX_ATTEMPTS, quiet=quiet)
+            self.worker_info = self.pool.wait_ready()
         except BaseException:
             self.close()
             raise
@@ -248,10 +236,8 @@ class RayEvaluator(Evaluator):
                 raise HarnessError(f"{self.workers} workers × {flag} {per:g} need {need:g} {kind}s but the Ray cluster has "
                                    f"{have.get(kind, 0):g}; lower --workers or {flag}")
 
-    def _spawn(self):
-        return self._remote.remote(self._payload, self._context)
-
-    def _ready(self, info: dict) -> dict:
+    @staticmethod
+    def _ready(info: dict) -> dict:
         if "error" in info:
             is_user, msg = info["error"]
             if is_user:
@@ -259,18 +245,27 @@ class RayEvaluator(Evaluator):
             raise RuntimeError(f"a Ray worker failed to set up the task: {msg}")
         return info
 
+    @staticmethod
+    def _failed(item, message: str) -> list[Evaluation]:
+        """The result of work that took its worker down ``MAX_ATTEMPTS`` times: failed evaluations."""
+        return [Evaluation(loss=PENALTY, weight=0.0, ok=False, error=message) for _ in item[0]]
+
+    @property
+    def actors(self) -> list:
+        return self.pool.actors if self.pool is not None else []
+
+    @property
+    def restarts(self) -> int:
+        return self.pool.restarts if self.pool is not None else 0
+
     def close(self) -> None:
         """Kill the workers, and shut down the Ray this evaluator started (idempotent)."""
         ray = getattr(self, "_ray", None)
         if ray is None:
             return
-        for a in self.actors:
-            try:
-                ray.kill(a)
-            except Exception:  # already dead, or Ray already gone
-                pass
-        self.actors, self._starting = [], {}
-        self._running, self._idle, self._queue, self._items, self._submitted = {}, deque(), deque(), {}, {}
+        if self.pool is not None:
+            self.pool.close()
+        self._submitted = {}
         if self._owns_ray:
             atexit.unregister(self.close)
             self._owns_ray = False
@@ -302,7 +297,7 @@ class RayEvaluator(Evaluator):
             work += [([candidates[i] for i in full], (k, n), False) for k in range(n)]
         else:
             work += [([candidates[i]], None, False) for i in full]
-        outs = self._run(work)
+        outs = self.pool.run(work)
         result: list[Evaluation | None] = [None] * len(candidates)
         for i, o in zip(low, outs):
             result[i] = sanitize(_writable(o[0]))
@@ -323,7 +318,8 @@ class RayEvaluator(Evaluator):
         """Where the time went: batches, wall seconds in :meth:`evaluate`, seconds the workers spent
         computing (summed over workers) and restarts. ``worker_s / (wall_s × workers)`` is the
         workers' utilisation; the rest is waiting, transport and the driver's reduction."""
-        return {**self._stats, "workers": len(self.actors), "restarts": self.restarts}
+        return {**self._stats, "worker_s": self.pool.busy_s if self.pool else 0.0, "workers": len(self.actors),
+                "restarts": self.restarts}
 
     def _driver_task(self, always: bool = False) -> Task | None:
         """The task ``complete`` runs on after a reduction; None when the task keeps the default
@@ -335,79 +331,14 @@ class RayEvaluator(Evaluator):
             self._task, _ = build_task(self.plan)
         return self._task
 
-    def _run(self, work: list[tuple[list[Candidate], tuple[int, int] | None, bool]]) -> list[list[Evaluation]]:
-        """Hand out work items to free workers until every item has a result (in item order)."""
-        keys = [self._put(w) for w in work]
-        want, got = set(keys), {}
-        while want - got.keys():
-            for key, res in self._step():
-                got[key] = res
-        return [got.pop(k) for k in keys]
-
-    # The scheduler behind both ``evaluate`` and ``submit``/``collect``: items wait in a queue, an
-    # idle worker takes the next one, and a worker lost mid-item is replaced (the new actor sets up
-    # while the others keep working) and the item goes back to the front of the queue. Its state
-    # lives on the evaluator, so work submitted in one call can finish in a later one.
-
-    def _put(self, item: tuple[list[Candidate], tuple[int, int] | None, bool]) -> int:
-        key = self._next_key
-        self._next_key += 1
-        self._items[key] = item
-        self._queue.append((key, 1))
-        return key
-
-    def _step(self) -> list[tuple[int, list[Evaluation]]]:
-        """Dispatch queued items to idle workers, wait for one event, and return the items it
-        finished (none when the event was a replacement worker becoming ready)."""
-        ray, lost = self._ray, _lost_errors()
-        starting, running, idle = self._starting, self._running, self._idle
-        self._dispatch()
-        if not running and not starting:
-            raise RuntimeError("no Ray worker is left to evaluate on")
-        (ref,), _ = ray.wait(list(running) + list(starting), num_returns=1)
-        if ref in starting:
-            slot = starting.pop(ref)
-            try:
-                self._ready(ray.get(ref))
-            except lost as e:
-                raise RuntimeError(f"a replacement Ray worker died while setting up: {e}") from None
-            idle.append(slot)
-            return []
-        slot, k, attempt = running.pop(ref)
-        try:
-            result, busy = ray.get(ref)
-            self._stats["worker_s"] += busy
-        except lost as e:
-            if not self.quiet:
-                print(f"ray evaluator: worker {slot} lost ({type(e).__name__}); starting a new one and "
-                      "handing its work out again", file=sys.stderr, flush=True)
-            starting[self._replace(slot)] = slot
-            if attempt < MAX_ATTEMPTS:
-                self._queue.appendleft((k, attempt + 1))
-                return []
-            msg = f"Ray worker lost {attempt} times on this work: {type(e).__name__}"
-            result = [Evaluation(loss=PENALTY, weight=0.0, ok=False, error=msg) for _ in self._items[k][0]]
-        else:
-            idle.append(slot)
-            self._dispatch()  # the freed worker starts on the next queued item before the driver moves on
-        del self._items[k]
-        return [(k, result)]
-
-    def _dispatch(self) -> None:
-        """Start queued items on idle workers."""
-        while self._idle and self._queue:
-            slot, (k, attempt) = self._idle.popleft(), self._queue.popleft()
-            cands, shard, whole = self._items[k]
-            self._running[self.actors[slot].evaluate.remote(cands, shard, whole)] = (slot, k, attempt)
-
     # ------------------------------------------------------------------ pipelined (asynchronous) use
 
     def submit(self, candidates: list[Candidate]) -> None:
         """Queue candidates, each scored whole by the next free worker (``--parallel async``)."""
         for c in candidates:
             shard = fidelity_shard(c.fidelity)
-            self._submitted[self._put(([c], shard, True))] = c
-        self._dispatch()
+            self._submitted[self.pool.put(([c], shard, True))] = c
+        self.pool.dispatch()
 
     def collect(self) -> list[tuple[Candidate, Evaluation]]:
         """Wait until at least one submitted candidate is scored; return those that are, in the
@@ -417,18 +348,8 @@ class RayEvaluator(Evaluator):
         t0 = time.perf_counter()
         out = []
         while not out:
-            for k, res in self._step():
+            for k, res in self.pool.step():
                 out.append((self._submitted.pop(k), sanitize(_writable(res[0]))))
         self._stats["calls"] += 1
         self._stats["wall_s"] += time.perf_counter() - t0
         return out
-
-    def _replace(self, slot: int):
-        """Start a fresh actor in ``slot`` (the old one is dead or killed); returns its ready ref."""
-        try:
-            self._ray.kill(self.actors[slot])
-        except Exception:
-            pass
-        self.restarts += 1
-        self.actors[slot] = self._spawn()
-        return self.actors[slot].ready.remote()

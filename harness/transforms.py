@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from harness import registry
-from harness.api import HarnessError, Transform
+from harness.api import HarnessError, Transform, option
 from harness.config import resolve_options
 
 
@@ -110,19 +110,17 @@ class Ties(Transform):
 
     @dataclass
     class Options:
-        k: float = field(default=0.2, metadata={"help": "fraction of each task vector's entries kept by magnitude"})
-        scope: str = field(default="global", metadata={"help": "top-k over the whole vector (global) or per tensor"})
-        merge: str = field(default="mean", metadata={"help": "what the vectors sum to: mean (paper), sum (FusionBench), max"})
-        exclude: str = field(default="", metadata={"help": "regex of blocks left out (passed through unchanged)"})
+        k: float = option(0.2, "fraction of each task vector's entries kept, by magnitude", gt=0, le=1)
+        scope: str = option("global", "rank magnitudes over the whole task vector (global) or within each block "
+                                      "(tensor)", choices=("global", "tensor"))
+        merge: str = option("mean", "what the vectors sum to, per entry: the mean of the values agreeing with the "
+                                    "elected sign (the paper), their sum (FusionBench), or the largest of them",
+                            choices=("mean", "sum", "max"))
+        exclude: str = option("", "regular expression of blocks left out of trimming and election, passed through "
+                                  "unchanged (empty: none)")
 
     @classmethod
     def validate(cls, options):
-        if not 0 < options.k <= 1:
-            raise HarnessError(f"transform ties: k is the fraction kept, 0 < k <= 1; got {options.k}")
-        if options.scope not in ("global", "tensor"):
-            raise HarnessError(f"transform ties: scope must be global or tensor, got {options.scope!r}")
-        if options.merge not in ("mean", "sum", "max"):
-            raise HarnessError(f"transform ties: merge must be mean, sum or max, got {options.merge!r}")
         try:
             re.compile(options.exclude)
         except re.error as e:
@@ -193,14 +191,9 @@ class Dare(Transform):
 
     @dataclass
     class Options:
-        p: float = field(default=0.5, metadata={"help": "drop probability of each entry"})
-        rescale: bool = field(default=True, metadata={"help": "multiply kept entries by 1/(1-p)"})
-        matrices_only: bool = field(default=False, metadata={"help": "drop entries of 2-D weights only"})
-
-    @classmethod
-    def validate(cls, options):
-        if not 0 <= options.p < 1:
-            raise HarnessError(f"transform dare: p is a drop probability, 0 <= p < 1; got {options.p}")
+        p: float = option(0.5, "drop probability of each entry", ge=0, lt=1)
+        rescale: bool = option(True, "multiply the kept entries by 1/(1-p), so the expected task vector is unchanged")
+        matrices_only: bool = option(False, "drop entries of 2-D weights only (other blocks pass through unchanged)")
 
     def apply(self, task_vectors, names, seed):
         o = self.options
@@ -234,15 +227,10 @@ class IsoC(Transform):
 
     @dataclass
     class Options:
-        other: str = field(default="sum", metadata={"help": "non-matrix blocks: sum (task arithmetic) or mean (FusionBench)"})
-        conv: str = field(default="matrix", metadata={"help": ">2-D weights as matrices (out, rest) or like other blocks"})
-
-    @classmethod
-    def validate(cls, options):
-        if options.other not in ("sum", "mean"):
-            raise HarnessError(f"transform iso: other must be sum or mean, got {options.other!r}")
-        if options.conv not in ("matrix", "other"):
-            raise HarnessError(f"transform iso: conv must be matrix or other, got {options.conv!r}")
+        other: str = option("sum", "how the blocks that are not matrices combine: sum (task arithmetic) or mean "
+                                   "(FusionBench)", choices=("sum", "mean"))
+        conv: str = option("matrix", "weights of more than 2 dimensions: flattened to matrices (out, rest), or "
+                                     "combined like the other blocks", choices=("matrix", "other"))
 
     def apply(self, task_vectors, names, seed):
         o, T = self.options, len(task_vectors)

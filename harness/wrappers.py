@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from harness.api import Candidate, Evaluation, HarnessError, Plugin, Searcher, Space
+from harness.api import Candidate, Evaluation, HarnessError, Plugin, Searcher, Space, check_options, option
 
 # Factory of the wrapped searcher: (space, budget) → a searcher.
 Factory = Callable[[Space, int], Searcher]
@@ -32,18 +32,18 @@ class Wrappers(Plugin):
 
     @dataclass
     class Options:
-        warm: int = 0
-        screen: float = 1.0
-        finalists: int = 8
+        warm: int = option(0, "first score K points α·1, α on linspace(0, 1, K), and start the searcher at the best "
+                              "(0: off; else at least 2)", ge=0)
+        screen: float = option(1.0, "score the searcher's candidates on this fixed fraction of the search set, then "
+                                    "the finalists on all of it (1: off)", gt=0, le=1)
+        finalists: int = option(8, "with screen < 1: the best distinct screened points scored on the whole search set",
+                                ge=1)
 
     @classmethod
     def validate(cls, options):
-        if options.warm == 1 or options.warm < 0:
-            raise HarnessError(f"searcher option warm must be 0 (off) or at least 2 (points on the α line), got {options.warm}")
-        if not 0 < options.screen <= 1:
-            raise HarnessError(f"searcher option screen must be in (0, 1] (fraction of the search set), got {options.screen}")
-        if options.finalists < 1:
-            raise HarnessError(f"searcher option finalists must be at least 1, got {options.finalists}")
+        check_options("searcher", options)  # called directly by the planner, not through the registry
+        if options.warm == 1:
+            raise HarnessError("searcher option warm must be 0 (off) or at least 2 (points on the α line), got 1")
 
 
 def wrap(factory: Factory, space: Space, budget: int, options, batch_size: int, seed: int) -> Searcher:

@@ -8,7 +8,9 @@ Rules checked:
      through the entry-point registry, by name);
   2. no import cycle among the modules of ``harness`` (imports inside functions count: they
      are still a dependency, only a later one);
-  3. no module over 400 lines (``harness/data/_prompt_lists.py`` is data, not code).
+  3. each module imports only modules of its own layer or of the layers below (``LAYERS``, the
+     table of docs/architecture.md);
+  4. no module over 400 lines (``harness/data/_prompt_lists.py`` is data, not code).
 Reported, not yet enforced: the module sizes over the limit that remain.
 """
 from __future__ import annotations
@@ -22,6 +24,37 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("harness", "searchers", "tasks")
 MAX_LINES = 400
 DATA_MODULES = {"harness.data._prompt_lists"}
+# The harness's layers, bottom up (a name covers the module and, for a folder, everything in it).
+LAYERS = [
+    ("contracts", ["harness.errors", "harness.options", "harness.api"]),
+    ("configuration", ["harness.config", "harness.presets", "harness.registry"]),
+    ("storage and files", ["harness.results", "harness.filecheck", "harness.checkpoints", "harness.unpickle",
+                           "harness.refcache"]),
+    ("data", ["harness.data", "harness.stream"]),
+    ("composition", ["harness.composition"]),
+    ("model sources", ["harness.sources", "harness.finetune", "harness.convert"]),
+    ("transforms", ["harness.transforms"]),
+    ("engines", ["harness.engines", "harness.evaluators"]),
+    ("objectives", ["harness.objective", "harness.selection"]),
+    ("search", ["harness.wrappers"]),
+    ("plan", ["harness.problem"]),
+    ("evaluation", ["harness.ray_pool", "harness.ray_worker", "harness.ray_evaluator"]),
+    ("loop", ["harness.loop", "harness.signals", "harness.runner"]),
+    ("report", ["harness.leaderboards", "harness.plots", "harness.sweeps", "harness.bench"]),
+    ("testing", ["harness.conformance"]),
+    ("interfaces", ["harness.python_api", "harness.cli_parser", "harness.cli", "harness.__main__", "harness"]),
+]
+
+
+def layer(module: str) -> int | None:
+    """The index in :data:`LAYERS` of the most specific entry that covers ``module``."""
+    best = None
+    for i, (_, names) in enumerate(LAYERS):
+        for n in names:
+            if module == n or module.startswith(n + "."):
+                if best is None or len(n) > best[1]:
+                    best = (i, len(n))
+    return None if best is None else best[0]
 
 
 def modules() -> dict[str, Path]:
@@ -105,6 +138,17 @@ def check() -> list[str]:
     problems = [f"{a} imports {b}" for a, deps in sorted(g.items()) if a.split(".")[0] == "harness"
                 for b in sorted(deps) if b.split(".")[0] in ("searchers", "tasks", "benchmarks")]
     problems += [f"import cycle: {' ↔ '.join(c)}" for c in cycles(g)]
+    for a, deps in sorted(g.items()):
+        if a.split(".")[0] != "harness":
+            continue
+        la = layer(a)
+        if la is None:
+            problems.append(f"{a} is in no layer (add it to LAYERS)")
+            continue
+        for b in sorted(deps):
+            lb = layer(b)
+            if lb is not None and lb > la:
+                problems.append(f"{a} ({LAYERS[la][0]}) imports {b} ({LAYERS[lb][0]}), a layer above it")
     for name, path in sorted(known.items()):
         n = len(path.read_text().splitlines())
         if n > MAX_LINES and name not in DATA_MODULES:

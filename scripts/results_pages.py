@@ -47,10 +47,10 @@ def page(sweep_file: str | Path, out_dir: str | Path = DOCS, results_dir: str | 
     """Write ``<out_dir>/<sweep stem>.md`` (and its curves PNG) from the sweep's recorded runs."""
     import pandas as pd
 
-    from harness.leaderboard import family, format_board, leaderboard, markdown
+    from harness.leaderboards import family, format_board, leaderboard, markdown
     from harness.plots import _plt, curves
     from harness.results import read_records
-    from harness.sweep import plan_sweep, read_sweep_file
+    from harness.sweeps import plan_sweep, read_sweep_file
     sweep_file, out_dir = Path(sweep_file), Path(out_dir)
     spec = {"seeds": [0, 1], "results_dir": "results", "cache_dir": None, "task_options": {}, "workers": 0,
             "quiet": True, "device": "cpu", **read_sweep_file(str(sweep_file))}

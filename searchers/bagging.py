@@ -1,31 +1,23 @@
 """Bagged black-box search: nevergrad rounds on resampled mini-batches, their optima averaged.
 
-Why (issue #20): a black-box optimiser scored on the task's fixed search set (64 images per data
-set on the default zoo) fits that set as well as gradient descent does, but generalises worse,
-because gradient descent's mini-batches come from the whole validation split. This searcher
-splits the budget into ``rounds``; round r runs its own nevergrad optimiser (default NGOpt, which
-picks Cobyla for these budgets) on one fixed mini-batch, ``Candidate.batch`` = a seed drawn from
-the run's seed and r, so within a round the objective is deterministic, as Cobyla needs, while the
-rounds together read ``rounds`` different samples of the validation split. The round optima are
-averaged (bagging: each round's overfit is to a different sample, and the mean cancels part of
-it), and the last evaluation of the budget scores that mean on the whole search set, so the run
-records a search loss comparable with every other searcher's. The mean is recommended.
+Why: a black-box optimiser scored on the task's fixed search set (a few dozen images per data set)
+fits that set as well as gradient descent does, but generalises worse, because gradient descent's
+mini-batches come from the whole validation split. This searcher splits the budget into
+``rounds``; round r runs its own nevergrad optimiser (default NGOpt, which picks Cobyla for these
+budgets) on one fixed mini-batch, ``Candidate.batch`` = a seed drawn from the run's seed and r, so
+within a round the objective is deterministic, as Cobyla needs, while the rounds together read
+``rounds`` different samples of the validation split. The round optima are averaged (bagging:
+each round's overfit is to a different sample, and the mean cancels part of it), and the last
+evaluation of the budget scores that mean on the whole search set, so the run records a search
+loss comparable with every other searcher's. The mean is recommended.
 
 ``chain=true`` (default) starts each round at the running mean of the earlier rounds' optima; with
 ``chain=false`` every round starts at the space's start (independent rounds); ``combine=best`` recommends the
 point with the lowest whole-search-set loss among the round optima and their mean (each scored
 there, ``rounds + 1`` evaluations at the end) instead of the mean.
 
-The mini-batch's size is the task's (``-t batch_size``, 32 images per data set for addition).
-``info["rounds"]`` records each round's budget, the algorithm NGOpt chose and the best
-mini-batch loss it reached.
-
-Measured on the default zoo (task addition, per_layer on the raw task vectors, seeds 0-2,
-normalised accuracy; ``benchmarks/blackbox.toml``): the defaults (4 chained rounds of 300
-evaluations on 32 images per data set, 1201 evaluations, 64-71 s) .8819 ± .0071, against NGOpt
-per_layer 600 on the fixed search set .8809 ± .0032 and gradient descent per_layer 300 steps
-.8808 ± .0045 at about the same wall time. Seed 0 only: independent rounds .8773, two rounds
-on 64-image mini-batches .8603 (chained .8717) (``benchmarks/blackbox-bagging.toml``).
+The mini-batch's size is the task's (``-t batch_size``). ``info["rounds"]`` records each round's
+budget, the algorithm NGOpt chose and the best mini-batch loss it reached.
 """
 from __future__ import annotations
 
@@ -34,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.api import Candidate, Evaluation, HarnessError, Searcher, Space
+from harness.api import Candidate, Evaluation, HarnessError, Searcher, Space, option
 from searchers.nevergrad_search import NevergradSearcher
 
 COMBINES = ("mean", "best")
@@ -51,17 +43,17 @@ class Bagging(Searcher):
 
     @dataclass
     class Options:
-        rounds: int = 4
-        optimizer: str = "NGOpt"
-        chain: bool = True
-        combine: str = "mean"
+        rounds: int = option(4, "nevergrad rounds, each on its own fixed mini-batch (the budget is split between them)",
+                             ge=1)
+        optimizer: str = option("NGOpt", "nevergrad optimiser of every round, by registry name")
+        chain: bool = option(True, "start each round at the mean of the earlier rounds' optima "
+                                   "(false: at the space's start)")
+        combine: str = option("mean", "mean: recommend the mean of the round optima; best: the one of the optima and "
+                                      "their mean with the lowest whole-search-set loss (rounds + 1 final evaluations)",
+                              choices=COMBINES)
 
     @classmethod
     def validate(cls, options):
-        if options.rounds < 1:
-            raise HarnessError(f"bagging option rounds must be at least 1, got {options.rounds}")
-        if options.combine not in COMBINES:
-            raise HarnessError(f"bagging option combine must be one of {', '.join(COMBINES)}, got {options.combine!r}")
         NevergradSearcher.validate(NevergradSearcher.Options(optimizer=options.optimizer))
 
     def __init__(self, space: Space, budget: int, batch_size: int, seed: int, options):

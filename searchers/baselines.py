@@ -9,8 +9,9 @@ vectors (the quadratic test function) there is nothing to transform and the sear
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from harness.api import option
 from searchers.task_arithmetic import TaskArithmeticSearcher
 
 
@@ -18,7 +19,7 @@ from searchers.task_arithmetic import TaskArithmeticSearcher
 class WideGrid(TaskArithmeticSearcher.Options):
     """The α grid ``linspace(0, 2, 21)``: merges whose scale sits near one task vector's."""
 
-    hi: float = field(default=2.0, metadata={"help": "last α of the grid"})
+    hi: float = option(2.0, "last α of the grid (at least lo)")
 
 
 class TiesSearcher(TaskArithmeticSearcher):

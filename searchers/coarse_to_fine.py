@@ -9,9 +9,8 @@ with a nevergrad optimiser (:class:`searchers.nevergrad_search.NevergradSearcher
 copied) over the reduced vector ``u`` in the box ``|u| ≤ radius_k / step_k``. Its first move is one
 ``step_k`` (Cobyla's initial simplex is x0 + e_j), and ``radius_k`` bounds how far stage k can move
 a group from where it started. Each stage multiplies both by ``shrink``; the default 1 keeps
-them (step 0.3, box ±1.5 in every stage), which scored better on the default zoo than halving
-them per stage (figures in :class:`CoarseToFine`'s docstring). The groupings come from
-``Space.labels`` (``"fashion/_blocks.13._bn0.weight"``):
+them (step 0.3, box ±1.5 in every stage). The groupings come from ``Space.labels``
+(``"fashion/_blocks.13._bn0.weight"``):
 
 - ``per_task``: the task name before ``/``;
 - ``per_layer``: task and layer, the layer given by :func:`harness.composition.layer_of` (the
@@ -39,14 +38,13 @@ started from, its best loss, and how many proposals it answered from memory.
 """
 from __future__ import annotations
 
-import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from harness.api import Candidate, Evaluation, HarnessError, Searcher, Space
+from harness.api import Candidate, Evaluation, HarnessError, Searcher, Space, option
 from harness.composition import layer_of
 from searchers.nevergrad_search import NevergradSearcher
 
@@ -114,17 +112,7 @@ class CoarseToFine(Searcher):
     around its start (coefficient units); each later stage multiplies both by ``shrink`` (< 1
     shrinks, > 1 grows them). ``shuffle`` orders the reduced coordinates by a seeded permutation, so
     a stage too short for its optimiser's initial design (Cobyla probes one coordinate per
-    evaluation) probes groups from every task rather than the first tasks' only.
-
-    Measured on the default zoo (addition, per_block, 300 evaluations, seeds 0–2, normalised
-    accuracy): defaults .8725 ± .0016; ``splits=0.2,0.4,0.4 shrink=0.5`` .8621 ± .0074; over the
-    Iso-C vector (``-t transform=iso``) .9081 ± .0032. Plain NGOpt: per_layer .8758 ± .0080, over
-    Iso-C .9077 ± .0035; gradient per_block .9090 ± .0021. Over Iso-C the stages reach a lower
-    search loss than plain NGOpt on every seed, but not a better test accuracy: black-box solutions
-    fit the 384-image search set, while the gradient, whose mini-batches come from the whole
-    2580-image validation split, generalises (loss on that whole split: coarse-to-fine .461–.494,
-    NGOpt per_layer .435–.528, gradient per_layer .399–.402, gradient per_block .344–.345).
-    """
+    evaluation) probes groups from every task rather than the first tasks' only."""
 
     name = "coarse-to-fine"
     description = "nevergrad stages over coarser-to-finer coefficient groups (per_task → per_layer → per_block), black-box"
@@ -134,49 +122,38 @@ class CoarseToFine(Searcher):
 
     @dataclass
     class Options:
-        stages: tuple[str, ...] = field(default=("per_task", "per_layer", "per_block"), metadata={
-            "help": "groupings searched in order: per_task, per_layer, per_block, full (comma-separated)"})
-        splits: tuple[float, ...] | None = field(default=None, metadata={
-            "help": "budget share of each stage, normalised (default 0.1,0.3,0.6 for the default stages, else equal)"})
-        optimizer: tuple[str, ...] = field(default=("NGOpt",), metadata={
-            "help": "nevergrad optimiser of every stage, or one per stage (comma-separated)"})
-        step: float = field(default=0.3, metadata={
-            "help": "first stage's initial move per group (coefficient units; Cobyla's first probes)"})
-        radius: float = field(default=1.5, metadata={
-            "help": "half-width of the first stage's box around its start (coefficient units)"})
-        shrink: float = field(default=1.0, metadata={
-            "help": "each later stage multiplies step and radius by this (> 1 grows them)"})
-        shuffle: bool = field(default=True, metadata={
-            "help": "order each stage's groups by a seeded permutation (a short stage probes every task)"})
+        stages: tuple[str, ...] = option(("per_task", "per_layer", "per_block"),
+                                         "groupings searched in order, comma-separated", choices=GROUPINGS)
+        splits: tuple[float, ...] | None = option(None, "budget share of each stage, comma-separated and normalised "
+                                                        "(None: 0.1,0.3,0.6 for the default stages, else equal shares)",
+                                                  gt=0)
+        optimizer: tuple[str, ...] = option(("NGOpt",), "nevergrad optimiser of every stage, or one per stage "
+                                                        "(comma-separated)")
+        step: float = option(0.3, "first stage's initial move per group, in coefficient units (the optimiser's "
+                                  "first probes)", gt=0)
+        radius: float = option(1.5, "half-width of the first stage's box around its start, in coefficient units "
+                                    "(at least step)", gt=0)
+        shrink: float = option(1.0, "each later stage multiplies step and radius by this (< 1 shrinks, > 1 grows; "
+                                    "1 keeps them)", gt=0)
+        shuffle: bool = option(True, "order each stage's groups by a seeded permutation, so a short stage probes "
+                                     "groups of every task")
 
     @classmethod
     def validate(cls, options):
         stages = tuple(options.stages)
         if not stages:
             raise HarnessError(f"coarse-to-fine option stages needs at least one of {', '.join(GROUPINGS)}")
-        for s in stages:
-            if s not in GROUPINGS:
-                close = difflib.get_close_matches(s, GROUPINGS, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise HarnessError(f"coarse-to-fine option stages: unknown grouping {s!r}{hint}; "
-                                   f"valid: {', '.join(GROUPINGS)}")
         if options.splits is not None:
             splits = tuple(options.splits)
             if len(splits) != len(stages):
                 raise HarnessError(f"coarse-to-fine option splits needs one share per stage: {len(splits)} "
                                    f"given for {len(stages)} stages ({','.join(stages)})")
-            if any(not (math.isfinite(s) and s > 0) for s in splits):
-                raise HarnessError(f"coarse-to-fine option splits must be positive numbers, got {','.join(map(str, splits))}")
         opts = tuple(options.optimizer)
         if len(opts) not in (1, len(stages)):
             raise HarnessError(f"coarse-to-fine option optimizer takes one nevergrad name or one per stage: "
                                f"{len(opts)} given for {len(stages)} stages")
         for o in opts:
             NevergradSearcher.validate(NevergradSearcher.Options(optimizer=o))
-        for key in ("step", "radius", "shrink"):
-            v = getattr(options, key)
-            if not (math.isfinite(v) and v > 0):
-                raise HarnessError(f"coarse-to-fine option {key} must be a positive number, got {v}")
         if options.radius < options.step:
             raise HarnessError(f"coarse-to-fine option radius ({options.radius}) must be at least step "
                                f"({options.step}): a stage's box has to hold its first move")

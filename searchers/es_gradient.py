@@ -1,4 +1,4 @@
-"""Evolution strategies: gradient descent without gradients (issue #20).
+"""Evolution strategies: gradient descent without gradients.
 
 Each step draws ``pairs`` Gaussian directions ε_1 … ε_P and scores the antithetic points
 ``x ± σ·ε_i``, every one of them on the *same* mini-batch (``Candidate.batch`` = a per-step seed,
@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from harness.api import Candidate, Evaluation, HarnessError, Searcher
+from harness.api import Candidate, Evaluation, Searcher, option
 
 OPTIMIZERS = ("adam", "sgd")
 ESTIMATES = ("difference", "rank")
@@ -63,17 +63,7 @@ def centred_ranks(losses: np.ndarray) -> np.ndarray:
 
 class EvolutionStrategy(Searcher):
     """Antithetic evolution strategies on mini-batches, with Adam: a gradient-free stochastic
-    gradient descent on the coefficients (see the module docstring).
-
-    Measured on the default zoo (addition, 1500 evaluations ≈ the wall time of 300 gradient steps
-    when idle, defaults: 4 pairs, σ 0.05, Adam lr 0.05; seeds 0–2, normalised accuracy): over the
-    Iso-C vector (``--space per_block -t transform=iso``, 30 coefficients) .9110 ± .0037, against
-    gradient per_block .9090 ± .0021 and NGOpt over Iso-C .9077 ± .0035; per_layer on the raw task
-    vectors .8674 ± .0012, below NGOpt (.8758) and gradient per_layer (.8808): there it underfits
-    (whole-search-set loss .48–.49 against the gradient's .33–.45), 750 directional derivatives
-    in 30 dimensions being less information than 288 mini-batch gradients. Larger steps (lr 0.1,
-    cosine) or 8 pairs with lr 0.03 did worse on seed 0 (.8463, .8603).
-    """
+    gradient descent on the coefficients (see the module docstring)."""
 
     name = "es"
     description = "evolution strategies: antithetic pairs on shared mini-batches, Adam on the estimate, gradient-free"
@@ -83,48 +73,24 @@ class EvolutionStrategy(Searcher):
 
     @dataclass
     class Options:
-        pairs: int = field(default=4, metadata={
-            "help": "antithetic pairs x ± σε per step (a step scores 2 × pairs candidates on one mini-batch)"})
-        sigma: float = field(default=0.05, metadata={"help": "perturbation scale σ (coefficient units)"})
-        sigma_decay: float = field(default=1.0, metadata={
-            "help": "σ at the last step ÷ σ at the first (geometric in between; 1 keeps σ)"})
-        lr: float = field(default=0.05, metadata={"help": "step size of the optimiser"})
-        schedule: str = field(default="constant", metadata={"help": "learning rate: constant or cosine (to 0)"})
-        optimizer: str = field(default="adam", metadata={"help": "adam, or sgd (with momentum)"})
-        momentum: float = field(default=0.9, metadata={"help": "Adam's β1 or SGD's momentum"})
-        weight_decay: float = field(default=0.0, metadata={
-            "help": "decoupled decay of x towards 0 (the pre-trained model) per step, × lr"})
-        estimate: str = field(default="difference", metadata={
-            "help": "difference: loss differences of each pair; rank: centred ranks of the 2P losses"})
-        minibatch: bool = field(default=True, metadata={
-            "help": "score each step on a fresh mini-batch (true) or on the whole search set (false)"})
-        average: int = field(default=0, metadata={
-            "help": "recommend the mean of the last A iterates (0: the last iterate)"})
-        validate_every: int = field(default=0, metadata={
-            "help": "score the point on the whole search set every K steps and recommend the best (0: the last point)"})
-
-    @classmethod
-    def validate(cls, options):
-        def fail(msg):
-            raise HarnessError(f"es searcher option {msg}")
-        if options.pairs < 1:
-            fail(f"pairs must be at least 1, got {options.pairs}")
-        for key in ("sigma", "lr", "sigma_decay"):
-            v = getattr(options, key)
-            if not (math.isfinite(v) and v > 0):
-                fail(f"{key} must be a positive number, got {v}")
-        if not (0 <= options.momentum < 1):
-            fail(f"momentum must be in [0, 1), got {options.momentum}")
-        if not (math.isfinite(options.weight_decay) and options.weight_decay >= 0):
-            fail(f"weight_decay must be >= 0, got {options.weight_decay}")
-        for key, valid in (("optimizer", OPTIMIZERS), ("estimate", ESTIMATES), ("schedule", SCHEDULES)):
-            v = getattr(options, key)
-            if v not in valid:
-                fail(f"{key} must be one of {', '.join(valid)}, got {v!r}")
-        if options.average < 0:
-            fail(f"average must be >= 0, got {options.average}")
-        if options.validate_every < 0:
-            fail(f"validate_every must be >= 0, got {options.validate_every}")
+        pairs: int = option(4, "antithetic pairs x ± σε per step (a step scores 2 × pairs candidates on one "
+                               "mini-batch)", ge=1)
+        sigma: float = option(0.05, "perturbation scale σ, in coefficient units", gt=0)
+        sigma_decay: float = option(1.0, "σ at the last step ÷ σ at the first (geometric in between; 1 keeps σ)",
+                                    gt=0)
+        lr: float = option(0.05, "step size of the optimiser", gt=0)
+        schedule: str = option("constant", "learning rate: constant, or cosine decay to 0 over the steps",
+                               choices=SCHEDULES)
+        optimizer: str = option("adam", "update rule on the estimate: adam, or sgd with momentum", choices=OPTIMIZERS)
+        momentum: float = option(0.9, "Adam's β1 or SGD's momentum", ge=0, lt=1)
+        weight_decay: float = option(0.0, "decoupled decay of x towards 0 (the pre-trained model) per step, × lr",
+                                     ge=0)
+        estimate: str = option("difference", "difference: loss differences of each pair; rank: centred ranks of the "
+                                             "2 × pairs losses (invariant to the loss's scale)", choices=ESTIMATES)
+        minibatch: bool = option(True, "score each step on a fresh mini-batch (false: on the whole search set)")
+        average: int = option(0, "recommend the mean of the last A iterates (0 or 1: the last iterate)", ge=0)
+        validate_every: int = option(0, "score the point on the whole search set every K steps and recommend the "
+                                        "best scored (0: the final point)", ge=0)
 
     def __init__(self, space, budget, batch_size, seed, options):
         super().__init__(space, budget, batch_size, seed, options)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness.api import Candidate, Evaluation, HarnessError, Searcher
+from harness.api import Candidate, Evaluation, Searcher, option
 
 
 class GradientSearcher(Searcher):
@@ -29,24 +29,18 @@ class GradientSearcher(Searcher):
 
     @dataclass
     class Options:
-        lr: float = 1e-3
-        weight_decay: float = 0.1
-        clip: float = 1.0
-        schedule: str = "constant"
-        warmup: int = 0
-        validate_every: int = 25
+        lr: float = option(1e-3, "learning rate of AdamW (peak rate with warmup or cosine)", gt=0)
+        weight_decay: float = option(0.1, "AdamW's decoupled weight decay (pulls the coefficients towards 0)")
+        clip: float = option(1.0, "clip the gradient's norm to this (0: no clipping)")
+        schedule: str = option("constant", "learning rate after warmup: constant, or cosine decay to 0 over the steps",
+                               choices=("constant", "cosine"))
+        warmup: int = option(0, "steps of linear warmup to lr (0: none)")
+        validate_every: int = option(25, "score the coefficients on the whole search split every K steps and "
+                                         "recommend the best scored (0: only at the end)", ge=0)
         # The paper does not bound the coefficients (they reach about ±2.5); black-box searchers
         # need the task's box, the gradient does not unless asked to.
-        bounded: bool = False
-
-    @classmethod
-    def validate(cls, options):
-        if options.lr <= 0:
-            raise HarnessError(f"gradient searcher option lr must be positive, got {options.lr}")
-        if options.schedule not in ("constant", "cosine"):
-            raise HarnessError(f"gradient searcher option schedule must be 'constant' or 'cosine', got {options.schedule!r}")
-        if options.validate_every < 0:
-            raise HarnessError(f"gradient searcher option validate_every must be >= 0, got {options.validate_every}")
+        bounded: bool = option(False, "clip the coefficients to the task's box after each step "
+                                      "(false: unbounded, as in the paper)")
 
     def __init__(self, space, budget, batch_size, seed, options):
         super().__init__(space, budget, batch_size, seed, options)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.api import Candidate, HarnessError, Searcher
+from harness.api import Candidate, Searcher, option
 
 
 class RandomSearcher(Searcher):
@@ -24,15 +24,10 @@ class RandomSearcher(Searcher):
 
     @dataclass
     class Options:
-        mode: str = "local"
-        sigma: float = 0.2
-
-    @classmethod
-    def validate(cls, options):
-        if options.mode not in ("local", "uniform"):
-            raise HarnessError(f"random searcher option mode must be 'local' or 'uniform', got {options.mode!r}")
-        if options.sigma <= 0:
-            raise HarnessError(f"random searcher option sigma must be positive, got {options.sigma}")
+        mode: str = option("local", "local: Gaussian steps around the best point so far; uniform: anywhere in the box",
+                           choices=("local", "uniform"))
+        sigma: float = option(0.2, "first step's standard deviation as a fraction of the box width "
+                                   "(shrinks linearly to a tenth of it over the budget; mode=local)", gt=0)
 
     def __init__(self, space, budget, batch_size, seed, options):
         super().__init__(space, budget, batch_size, seed, options)

@@ -1,11 +1,11 @@
 """Task arithmetic: the isotropic baseline θ0 + α Σ τ_i, α chosen on the search split."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from harness.api import Candidate, Evaluation, HarnessError, Searcher
+from harness.api import Candidate, Evaluation, HarnessError, Searcher, option
 
 
 class TaskArithmeticSearcher(Searcher):
@@ -25,9 +25,9 @@ class TaskArithmeticSearcher(Searcher):
 
     @dataclass
     class Options:
-        lo: float = field(default=0.0, metadata={"help": "first α of the grid"})
-        hi: float = field(default=1.0, metadata={"help": "last α of the grid"})
-        points: int = field(default=21, metadata={"help": "grid points (the budget)"})
+        lo: float = option(0.0, "first α of the grid")
+        hi: float = option(1.0, "last α of the grid (at least lo)")
+        points: int = option(21, "α values on linspace(lo, hi, points), each scored once (the budget)", ge=1)
 
     @classmethod
     def budget_for(cls, options) -> int:
@@ -35,8 +35,8 @@ class TaskArithmeticSearcher(Searcher):
 
     @classmethod
     def validate(cls, options):
-        if options.points < 1 or options.hi < options.lo:
-            raise HarnessError(f"task-arithmetic grid needs points >= 1 and hi >= lo, got {options}")
+        if options.hi < options.lo:
+            raise HarnessError(f"searcher option hi must be >= lo ({options.lo}), got {options.hi}")
 
     def __init__(self, space, budget, batch_size, seed, options):
         super().__init__(space, budget, batch_size, seed, options)

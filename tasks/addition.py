@@ -1,13 +1,13 @@
 """Task addition: one model good at every data set, by composing all their task vectors."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from harness.api import Candidate, HarnessError
-from harness.engines.local import package
+from harness.api import Candidate, HarnessError, option
+from harness.engines import package
 from harness.objective import ComposeOptions, ComposingTask, WeightedSet
 
 _GRID = np.linspace(0.0, 1.0, 21)
@@ -35,17 +35,13 @@ class AdditionTask(ComposingTask):
 
     @dataclass
     class Options(ComposeOptions):
-        datasets: list[str] = field(default_factory=list)
-        search_n: int = 64
-        batch_size: int = 32
-        objective: str = field(default="ce", metadata={
-            "help": "ce: cross-entropy on labelled validation (aTLAS); entropy: on unlabelled test (AdaMerging)"})
-
-    @classmethod
-    def validate(cls, options):
-        super().validate(options)
-        if options.objective not in ("ce", "entropy"):
-            raise HarnessError(f"addition objective must be ce or entropy, got {options.objective!r}")
+        datasets: list[str] = option(help="data sets whose task vectors are composed and scored "
+                                          "(empty: every data set of the source with a task vector)",
+                                     default_factory=list)
+        search_n: int = option(64, "search-set images per data set, a fixed seeded subset of the searched split (0: all of it)")
+        batch_size: int = option(32, "images per data set in a gradient step's random mini-batch")
+        objective: str = option("ce", "ce: cross-entropy on labelled validation (aTLAS); entropy: prediction "
+                                      "entropy on unlabelled test (AdaMerging)", choices=("ce", "entropy"))
 
     @classmethod
     def data_for(cls, options) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness.api import Candidate, HarnessError
+from harness.api import Candidate, option
 from harness.objective import ComposeOptions, ComposingTask, WeightedSet
 from harness.sources.base import few_shot_indices
 from tasks.tta import augment
@@ -38,22 +38,14 @@ class FewShotTask(ComposingTask):
 
     @dataclass
     class Options(ComposeOptions):
-        target: str = "animals"
-        shots: int = 4
-        augment: int = 0
-        flip: bool = True
-        l1: float = 0.0
-        batch_size: int = 64
-        calibrate: bool = False
-
-    @classmethod
-    def validate(cls, options):
-        super().validate(options)
-        if options.shots < 1:
-            raise HarnessError(f"task option shots must be at least 1, got {options.shots}")
-        if options.augment < 0 or options.l1 < 0 or options.batch_size < 1:
-            raise HarnessError(f"few_shot needs augment >= 0, l1 >= 0 and batch_size >= 1, got "
-                               f"{options.augment}, {options.l1} and {options.batch_size}")
+        target: str = option("animals", "data set to adapt to; every other data set's task vector is composed")
+        shots: int = option(4, "labelled train samples per class of the target, drawn with the run seed", ge=1)
+        augment: int = option(0, "extra strongly augmented views of each shot, drawn once (0: none)", ge=0)
+        flip: bool = option(True, "allow horizontal flips in the augmented views (off where mirroring changes the class)")
+        l1: float = option(0.0, "weight of the L1 term l1 × mean|λ| added to the search loss (0: none)", ge=0)
+        batch_size: int = option(64, "shots in a gradient step's random mini-batch (all of them when fewer)", ge=1)
+        calibrate: bool = option(False, "first fit one temperature to the shots at the start point, so the search "
+                                        "cannot lower the loss merely by rescaling the head's logits")
 
     def prepare(self):
         src, o = self.load_source(), self.options

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.api import Candidate, Evaluation, HarnessError, Space, Task
+from harness.api import Candidate, Evaluation, Space, Task, option
 
 
 # Coefficient vectors are held in float64 by every searcher: 10 million of them is 80 MB each,
@@ -29,17 +29,11 @@ class QuadraticTask(Task):
 
     @dataclass
     class Options:
-        dim: int = 8
-        noise: float = 0.0
-        # Test fixtures: seconds slept per evaluation (to kill a run mid-search), and a region
-        # x[0] > nan_above whose loss is NaN (to exercise failed evaluations).
-        delay: float = 0.0
-        nan_above: float | None = None
-
-    @classmethod
-    def validate(cls, options):
-        if not 1 <= options.dim <= MAX_DIM:
-            raise HarnessError(f"quadratic task option dim must be between 1 and {MAX_DIM:,}, got {options.dim}")
+        dim: int = option(8, "number of coefficients", ge=1, le=MAX_DIM)
+        noise: float = option(0.0, "standard deviation of Gaussian noise added to mini-batch losses (0: none)")
+        # Test fixtures: one to kill a run mid-search, one to exercise failed evaluations.
+        delay: float = option(0.0, "test fixture: seconds slept per evaluation")
+        nan_above: float | None = option(None, "test fixture: the loss is NaN where x[0] > nan_above (None: never)")
 
     def setup(self, device="cpu"):
         rng = np.random.default_rng([self.seed, 7])

@@ -9,14 +9,14 @@ evaluation is deterministic and runs only the tail.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.api import Candidate, Evaluation, HarnessError
+from harness.api import Candidate, Evaluation, HarnessError, option
 from harness.objective import ComposeOptions, ComposingTask, shard_slice
 from harness.sources.base import host_array, scalar
 
@@ -167,7 +167,7 @@ class TTATask(ComposingTask):
     without their labels; report test accuracy on those same images (transductive, as in the paper).
 
     Objectives (``objective``), each a weighted mean of per-sample terms so that data shards reduce
-    exactly (DESIGN.md §2):
+    exactly (``im`` excepted, below):
 
     - ``ufm`` (unsupervised FixMatch, the paper's): a trusted set is chosen once with the zero-shot
       model (:func:`trusted_set`: per predicted class the min(``trusted_fraction`` · N/C,
@@ -198,26 +198,15 @@ class TTATask(ComposingTask):
       square root, which *flattens* p.
     - ``scale``: s·p, the released ``main`` branch (``softmax * 0.5``); renormalising undoes it, so
       the pseudo-labels are p itself, whatever s. (That branch's ``trusted_bool`` quirk, which
-      marks every sample trusted, BENCHMARK-DATA.md §3.4, is not reproduced here.)
+      marks every sample trusted, is not reproduced here.)
 
     Reported: ``acc`` (headline) and ``zero_shot_acc`` on the adapted test images, and their difference.
 
-    Defaults that differ from DESIGN.md's one-line description, measured on the effnet zoo (500
-    test images per target, seed 0):
-
-    - ``trusted_fraction`` 0.1, as in the released code (k = min(N/C/10, 100)). Read literally,
-      min(N/C, 100) trusts 437–461 of 500 images at 71–88% pseudo-label precision (animals,
-      cvdigits, fashion, textures); a tenth of it trusts ~50 at 84–100%.
-    - ``threshold`` 0.99, the released code's default (applied to the sharpened distribution).
-
-    On that zoo UFM and SimCLR *lower* accuracy even at the paper's lr 1e-3 (animals, 60 steps:
-    UFM .680 → .636, SimCLR → .642), while entropy raises it (→ .718). Self-training on the
-    untrusted samples is what collapses (trusted part alone: .666 → .682 at lr 1e-2; untrusted part
-    alone, threshold 0.9: → .228). Entropy alone collapses on cvdigits at lr 3e-3 (.672 → .634).
-    Information maximisation keeps the classes apart: gradient, lr 3e-3, 60 steps, animals
-    .680 → .720 and cvdigits .672 → .676 (lr 1e-3: .708 / .672; 1e-2: .716 / .670), hence the
-    default. Rescaling the features to their zero-shot norm before the head (so confidence cannot
-    grow through the norm) did not help UFM or entropy consistently (tried, not kept).
+    Defaults: ``trusted_fraction`` 0.1 and ``threshold`` 0.99 are the released code's (read
+    literally, min(N/C, 100) trusts most of a small test split, at a lower pseudo-label precision
+    than a tenth of it). ``objective`` is ``im`` because self-training (``ufm``) and entropy
+    minimisation alone can collapse the predictions onto a few classes, which information
+    maximisation's diversity term prevents.
     """
 
     name = "tta"
@@ -229,37 +218,28 @@ class TTATask(ComposingTask):
 
     @dataclass
     class Options(ComposeOptions):
-        target: str = "animals"
-        objective: str = "im"
-        max_n: int = 0
-        batch_size: int = 128
-        threshold: float = 0.99
-        sharpen: float = field(default=0.5, metadata={
-            "help": "ufm: the s of sharpen_mode (temperature: p^(1/s), so 0.5 squares p; power: p^s; scale: s·p)"})
-        sharpen_mode: str = field(default="temperature", metadata={
-            "help": "ufm pseudo-labels: temperature p^(1/s) (paper), power p^s (released ssl branch), "
-                    "scale s·p = p (released main branch)"})
-        trusted_cap: int = 100
-        trusted_fraction: float = 0.1
-        trusted_share: float = 0.25
-        temperature: float = 0.1
-        flip: bool = True
-
-    @classmethod
-    def validate(cls, options):
-        super().validate(options)
-        o = options
-        if o.objective not in OBJECTIVES:
-            raise HarnessError(f"unknown tta objective {o.objective!r}; valid: {', '.join(OBJECTIVES)}")
-        if o.sharpen_mode not in SHARPEN_MODES:
-            raise HarnessError(f"unknown tta sharpen_mode {o.sharpen_mode!r}; valid: {', '.join(SHARPEN_MODES)}")
-        if o.max_n < 0 or o.batch_size < 2:
-            raise HarnessError(f"tta needs max_n >= 0 (0: all) and batch_size >= 2, got {o.max_n} and {o.batch_size}")
-        if not 0 <= o.threshold < 1 or o.sharpen <= 0 or o.temperature <= 0:
-            raise HarnessError(f"tta needs 0 <= threshold < 1 and positive sharpen and temperature, got "
-                               f"{o.threshold}, {o.sharpen}, {o.temperature}")
-        if o.trusted_cap < 0 or not 0 <= o.trusted_fraction <= 1 or not 0 <= o.trusted_share <= 1:
-            raise HarnessError("tta needs trusted_cap >= 0 and trusted_fraction, trusted_share in [0, 1]")
+        target: str = option("animals", "data set to adapt to (its test split, unlabelled); every other data "
+                                        "set's task vector is composed")
+        objective: str = option("im", "unsupervised search loss: im (information maximisation), ufm (unsupervised "
+                                      "FixMatch), entropy, or simclr", choices=OBJECTIVES)
+        max_n: int = option(0, "adapt on a seeded subset of at most N test images (0: all)", ge=0)
+        batch_size: int = option(128, "samples in a gradient step's mini-batch; simclr: also the group size of "
+                                      "whole-set scores", ge=2)
+        threshold: float = option(0.99, "ufm: an untrusted sample counts only if its sharpened pseudo-label's "
+                                        "largest entry exceeds this", ge=0, lt=1)
+        sharpen: float = option(0.5, "ufm: the s of sharpen_mode (temperature: p^(1/s), so 0.5 squares p; "
+                                     "power: p^s; scale: s·p)", gt=0)
+        sharpen_mode: str = option("temperature", "ufm pseudo-labels: temperature p^(1/s) (paper), power p^s "
+                                                  "(released ssl branch), scale s·p = p (released main branch)",
+                                   choices=SHARPEN_MODES)
+        trusted_cap: int = option(100, "ufm: at most this many trusted samples per predicted class", ge=0)
+        trusted_fraction: float = option(0.1, "ufm: trusted samples per predicted class, as a fraction of N / C "
+                                              "(before trusted_cap)", ge=0, le=1)
+        trusted_share: float = option(0.25, "ufm: the share of every batch's weight the trusted samples carry",
+                                      ge=0, le=1)
+        temperature: float = option(0.1, "simclr: temperature of the NT-Xent loss", gt=0)
+        flip: bool = option(True, "allow horizontal flips in the augmented views (off where mirroring changes "
+                                  "the class)")
 
     def prepare(self):
         src, o = self.load_source(), self.options

@@ -33,3 +33,16 @@ def test_the_api_examples_run(tmp_path, cache_dir, monkeypatch, capsys):
     # The runs landed where the CLI would put them, and the CLI ranks them too.
     assert len(list((tmp_path / "results" / "runs").iterdir())) >= 3
     assert os.path.isfile(namespace["run"].path / "record.json")
+
+
+def test_no_submodule_shadows_an_api_function():
+    """Importing ``harness.X`` sets the attribute ``harness.X`` to that module, so no module may be
+    named after a function the package exports."""
+    import importlib
+    import pkgutil
+    for mod in pkgutil.walk_packages(harness.__path__, "harness."):
+        if not mod.name.endswith("__main__"):
+            importlib.import_module(mod.name)
+    for name in harness.__all__:
+        assert not type(getattr(harness, name)).__name__ == "module", name
+    assert harness.sweep.__module__ == harness.leaderboard.__module__ == "harness.python_api"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from harness import registry
 from harness.api import HarnessError
 from harness.config import resolve_options
 from harness.conformance import drive as drive_searcher
@@ -93,10 +94,11 @@ def test_bad_options_get_one_line_errors():
     t = quadratic()
     with pytest.raises(HarnessError, match="at least 2 evaluations per round.*raise --budget to 9"):
         drive(t, 8, rounds=4)
-    with pytest.raises(HarnessError, match="combine must be one of mean, best"):
-        drive(t, 50, combine="median")
-    with pytest.raises(HarnessError, match="rounds must be at least 1"):
-        drive(t, 50, rounds=0)
+    # Declared choices and bounds are checked by the registry, before the searcher is built.
+    with pytest.raises(HarnessError, match="combine='median' is not one of mean, best"):
+        registry.validate("searcher", Bagging, resolve_options(Bagging, {"combine": "median"}, "searcher"))
+    with pytest.raises(HarnessError, match="rounds must be >= 1, got 0"):
+        registry.validate("searcher", Bagging, resolve_options(Bagging, {"rounds": 0}, "searcher"))
     with pytest.raises(HarnessError, match="unknown nevergrad optimizer"):
         drive(t, 50, optimizer="Cobila")
 

@@ -297,7 +297,7 @@ def test_paper_sweep_files_are_generated_from_the_presets():
     valid sweep file (every field type-checked)."""
     import importlib.util
     from pathlib import Path
-    from harness.sweep import read_sweep_file
+    from harness.sweeps import read_sweep_file
     root = Path(__file__).resolve().parent.parent
     spec_ = importlib.util.spec_from_file_location("make_paper_sweeps", root / "scripts" / "make_paper_sweeps.py")
     gen = importlib.util.module_from_spec(spec_)

@@ -95,7 +95,7 @@ def test_vit_b32_over_ta8_end_to_end(tmp_path, vit_b32, convention, capsys):
                    for d in bench["datasets"].values())
         assert bench["architecture"] == "ViT-B/32"
     assert len({json.dumps(r["family"], sort_keys=True) for r in records}) == 1
-    from harness.leaderboard import leaderboard
+    from harness.leaderboards import leaderboard
     board = leaderboard(tmp_path / "results")
     assert board["family"].str.contains("/ta8:").all()
     if convention == "hf":

@@ -63,7 +63,7 @@ def test_a_validate_that_raises_anything_is_one_line(tmp_path):
 
 def test_the_setting_label_shows_every_non_default_option_falsy_ones_too(tmp_path):
     from harness.config import RunConfig
-    from harness.leaderboard import leaderboard
+    from harness.leaderboards import leaderboard
     from harness.runner import run
     run(RunConfig(task="quadratic", searcher="gradient", budget=6, searcher_options={"clip": 0, "lr": 0.001},
                   task_options={"dim": 3}, results_dir=str(tmp_path), quiet=True), log=lambda m: None)

@@ -183,13 +183,13 @@ def test_unlabelled_space_is_one_stage():
 
 
 @pytest.mark.parametrize("opts, expect", [
-    ({"stages": "per_task,per_leyer"}, "unknown grouping 'per_leyer' (did you mean per_layer?)"),
+    ({"stages": "per_task,per_leyer"}, "stages='per_leyer' is not one of per_task, per_layer, per_block, full"),
     ({"splits": "0.5,0.5"}, "splits needs one share per stage: 2 given for 3 stages"),
-    ({"splits": "0.5,0,0.5"}, "splits must be positive numbers"),
+    ({"splits": "0.5,0,0.5"}, "searcher option splits must be > 0, got 0.0"),
     ({"optimizer": "NGOpt,CMA"}, "optimizer takes one nevergrad name or one per stage: 2 given for 3 stages"),
     ({"optimizer": "NGOptt"}, "unknown nevergrad optimizer 'NGOptt'"),
     ({"radius": "0.1"}, "radius (0.1) must be at least step (0.3)"),
-    ({"shrink": "0"}, "shrink must be a positive number"),
+    ({"shrink": "0"}, "searcher option shrink must be > 0, got 0.0"),
     ({"step": "abc"}, "searcher option 'step' must be float"),
 ])
 def test_bad_options_are_one_line_errors(opts, expect):

@@ -160,7 +160,7 @@ def test_records_name_every_plugin_and_the_checkpoint_family(tmp_path, cache_dir
     assert len(fam["pretrained"]) == 16 and fam["pretrained"] != fam["task_vectors"]
     again = run(RunConfig(**{**cfg.__dict__, "seed": 1}), log=lambda m: None)
     assert again["family"] == fam  # same checkpoints, same family, whatever the seed
-    from harness.leaderboard import leaderboard
+    from harness.leaderboards import leaderboard
     board = leaderboard(tmp_path)
     assert board["family"].iloc[0] == f"{fam['pretrained'][:8]}/{fam['task_vectors'][:8]}"
     assert leaderboard(tmp_path, family_prefix="zzzz").empty

@@ -163,7 +163,7 @@ def test_bf16_autocast_is_measured_against_fp32_and_kept_only_within_tolerance(c
 
 
 def test_an_unknown_precision_is_one_line():
-    with pytest.raises(HarnessError, match="precision must be one of fp32, bf16, fp16"):
+    with pytest.raises(HarnessError, match="precision='fp8' is not one of fp32, bf16, fp16"):
         plan(RunConfig(task="addition", task_options={"precision": "fp8"}))
 
 

@@ -102,7 +102,7 @@ def test_presets_prints_a_readable_list_and_one_preset_in_full(capsys):
 
 
 def test_results_page_is_generated_from_recorded_runs(tmp_path):
-    from harness.sweep import read_sweep_file, run_sweep
+    from harness.sweeps import read_sweep_file, run_sweep
     sweep = tmp_path / "tiny.toml"
     sweep.write_text(f'# Two searchers on the quadratic bowl.\nseeds = [0, 1]\ntasks = ["quadratic"]\n'
                      f'results_dir = "{tmp_path / "results"}"\nquiet = true\n\n'

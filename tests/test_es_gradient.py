@@ -150,14 +150,14 @@ def test_a_failed_pair_is_skipped():
 
 
 @pytest.mark.parametrize("opts, expect", [
-    ({"pairs": "0"}, "es searcher option pairs must be at least 1, got 0"),
-    ({"sigma": "-0.1"}, "es searcher option sigma must be a positive number"),
-    ({"lr": "0"}, "es searcher option lr must be a positive number"),
-    ({"momentum": "1"}, "es searcher option momentum must be in [0, 1)"),
-    ({"optimizer": "adamw"}, "es searcher option optimizer must be one of adam, sgd, got 'adamw'"),
-    ({"estimate": "ranks"}, "es searcher option estimate must be one of difference, rank"),
-    ({"schedule": "linear"}, "es searcher option schedule must be one of constant, cosine"),
-    ({"validate_every": "-1"}, "es searcher option validate_every must be >= 0"),
+    ({"pairs": "0"}, "searcher option pairs must be >= 1, got 0"),
+    ({"sigma": "-0.1"}, "searcher option sigma must be > 0, got -0.1"),
+    ({"lr": "0"}, "searcher option lr must be > 0, got 0.0"),
+    ({"momentum": "1"}, "searcher option momentum must be >= 0, < 1, got 1.0"),
+    ({"optimizer": "adamw"}, "searcher option optimizer='adamw' is not one of adam, sgd"),
+    ({"estimate": "ranks"}, "searcher option estimate='ranks' is not one of difference, rank"),
+    ({"schedule": "linear"}, "searcher option schedule='linear' is not one of constant, cosine"),
+    ({"validate_every": "-1"}, "searcher option validate_every must be >= 0, got -1"),
     ({"pairs": "abc"}, "searcher option 'pairs' must be int"),
 ])
 def test_bad_options_are_one_line_errors(opts, expect):

@@ -11,7 +11,7 @@ import torch
 from harness import registry
 from harness.api import Candidate, Evaluation, HarnessError
 from harness.config import resolve_options
-from harness.leaderboard import leaderboard
+from harness.leaderboards import leaderboard
 
 from tests.test_conformance import TASK_OPTIONS
 
@@ -19,7 +19,7 @@ from tests.test_conformance import TASK_OPTIONS
 def _negation(cache_dir, **extra):
     cls = registry.load("task", "negation")
     opts = resolve_options(cls, dict(TASK_OPTIONS["negation"], **extra), "task")
-    cls.validate(opts)
+    registry.validate("task", cls, opts)
     task = cls(opts, space="per_block", seed=0, cache_dir=cache_dir)
     task.setup("cpu")
     return task
@@ -68,7 +68,7 @@ def test_control_pool_train_and_val(cache_dir, negation):
     assert torch.equal(val.search.labels[1], src.labels["lfw"]["val"])
     assert torch.equal(both.search.labels[0], val.search.labels[0])  # the target part is unchanged
     assert both.zs == val.zs  # test-side references do not depend on the pool
-    with pytest.raises(HarnessError, match="control_split must be val or train"):
+    with pytest.raises(HarnessError, match="control_split='test' is not one of val, train"):
         _negation(cache_dir, control_split="test")
 
 

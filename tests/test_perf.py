@@ -176,7 +176,7 @@ def test_select_needs_a_per_block_space(tmp_path):
                     task_options=dict(TASK_OPTIONS["addition"], select=2), results_dir=str(tmp_path), quiet=True)
     with pytest.raises(HarnessError, match="select .*needs --space per_block"):
         run(cfg, log=lambda m: None)
-    with pytest.raises(HarnessError, match="select keeps b task vectors"):
+    with pytest.raises(HarnessError, match="task option select must be >= 0, got -1"):
         run(RunConfig(**dict(vars(cfg), space="per_block", task_options=dict(TASK_OPTIONS["addition"], select=-1))),
             log=lambda m: None)
     assert not (tmp_path / "runs").exists()  # checked before anything is recorded

@@ -29,7 +29,7 @@ def test_a_task_dimension_that_would_exhaust_memory_is_refused(capsys):
     assert main(["run", "--task", "quadratic", "--searcher", "random", "-t", "dim=3000000000", "--quiet",
                  "--results-dir", "/nonexistent-never-written"]) == 2
     err = capsys.readouterr().err
-    assert "dim must be between 1 and 10,000,000, got 3000000000" in err and err.count("\n") == 1
+    assert "task option dim must be >= 1, <= 10000000, got 3000000000" in err and err.count("\n") == 1
 
 
 def test_gradient_at_the_papers_lr_on_a_zoo_gets_a_hint():

@@ -294,7 +294,7 @@ def test_curves_keep_settings_and_transforms_apart(tmp_path, capsys):
 
 
 def test_family_filters_the_curves_and_targets_label_the_task(tmp_path, base, capsys):
-    from harness.leaderboard import leaderboard
+    from harness.leaderboards import leaderboard
     from harness.plots import curves
     res, record = _case(tmp_path, base)
     fam_a = {"pretrained": "a" * 16, "task_vectors": "b" * 16}
@@ -480,7 +480,7 @@ def test_a_sweep_label_names_its_rows(tmp_path, capsys):
 def test_a_sweep_whose_runs_are_all_held_elsewhere_ends_cleanly(tmp_path, capsys):
     from harness.problem import plan
     from harness.results import RunStore
-    from harness.sweep import plan_sweep
+    from harness.sweeps import plan_sweep
     res = tmp_path / "res"
     spec = {**_sweep(res), "cache_dir": None, "option_sources": {}}
     (cfg,), _ = plan_sweep(spec)

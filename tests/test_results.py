@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.config import RunConfig
-from harness.leaderboard import leaderboard
+from harness.leaderboards import leaderboard
 from harness.results import read_jsonl
 from harness.runner import run
 from tests.permissions import honour_permissions

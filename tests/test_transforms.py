@@ -122,11 +122,11 @@ def test_iso_hand_computed_and_flat_spectrum():
 
 @pytest.mark.parametrize("spec,message", [
     ("bogus", "unknown transform 'bogus'; valid transforms: dare, iso, ties"),
-    ("ties:k=0", "transform ties: k is the fraction kept, 0 < k <= 1; got 0.0"),
-    ("ties:scope=row", "scope must be global or tensor"),
+    ("ties:k=0", "transform option k must be > 0, <= 1, got 0.0"),
+    ("ties:scope=row", "transform option scope='row' is not one of global, tensor"),
     ("ties:q=1", "unknown transform 'ties' option 'q'"),
-    ("dare:p=1", "0 <= p < 1"),
-    ("iso:other=max", "other must be sum or mean"),
+    ("dare:p=1", "transform option p must be >= 0, < 1, got 1.0"),
+    ("iso:other=max", "transform option other='max' is not one of sum, mean"),
     ("ties:k", "bad transform option 'k'"),
 ])
 def test_bad_transform_specs(spec, message):
@@ -156,7 +156,7 @@ def _run(tmp_path, cache_dir, searcher, **kw):
 
 
 def test_baseline_searchers_compose_their_transform(tmp_path, cache_dir):
-    from harness.leaderboard import leaderboard
+    from harness.leaderboards import leaderboard
     ta = _run(tmp_path, cache_dir, "task-arithmetic")
     ties = _run(tmp_path, cache_dir, "ties")
     iso = _run(tmp_path, cache_dir, "iso")

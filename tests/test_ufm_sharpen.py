@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from harness import registry
 from harness.api import Candidate, HarnessError
 from harness.config import NEUTRAL, RunConfig, resolve_options
 from harness.problem import plan
@@ -75,9 +76,9 @@ def test_bad_mode_is_a_one_line_error():
     assert "\n" not in str(e.value) and "temperature, power, scale" in str(e.value)
     opts = resolve_options(TTATask, {"objective": "ufm", "sharpen_mode": "Power"}, "task")
     with pytest.raises(HarnessError) as e:
-        TTATask.validate(opts)
+        registry.validate("task", TTATask, opts)
     msg = str(e.value)
-    assert "\n" not in msg and "'Power'" in msg and "valid: temperature, power, scale" in msg
+    assert "\n" not in msg and "'Power'" in msg and "is not one of temperature, power, scale" in msg
     with pytest.raises(HarnessError) as e:  # and before a run is created
         plan(RunConfig(task="tta", searcher="gradient", budget=2, task_options={**UFM, "sharpen_mode": "x"}))
     assert "\n" not in str(e.value) and "sharpen_mode" in str(e.value)

@@ -87,6 +87,6 @@ def test_the_template_numbers_candidates_and_keeps_the_best():
 
 
 def test_validate_runs_once_in_the_base_class():
-    cls = registry.load("searcher", "random")
-    with pytest.raises(HarnessError, match="sigma"):
-        cls(Space(dim=2), 10, 1, 0, cls.Options(sigma=-1.0))
+    cls = registry.load("searcher", "task-arithmetic")
+    with pytest.raises(HarnessError, match=r"hi must be >= lo \(1.0\), got 0.0"):
+        cls(Space(dim=2), 10, 1, 0, cls.Options(lo=1.0, hi=0.0))

@@ -10,7 +10,8 @@ import re
 
 import torch
 
-from harness.api import HarnessError
+from harness.api import Evaluation, HarnessError
+from harness.sources.base import host_array, scalar
 
 _DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
 
@@ -33,3 +34,13 @@ def check_device(spec: str) -> str:
         if ":" in spec and int(spec.split(":")[1]) >= n:
             raise HarnessError(f"device {spec!r} does not exist; valid devices here: {here}")
     return spec
+
+
+def package(loss: torch.Tensor, weight: float, xt: torch.Tensor, want_grad: bool, metrics: dict) -> Evaluation:
+    """An Evaluation of a (weighted-mean) loss, on the host: backpropagates to the coefficients
+    when a gradient is wanted and copies loss and gradient off the device."""
+    grad = None
+    if want_grad:
+        loss.backward()
+        grad = host_array(xt.grad)
+    return Evaluation(loss=scalar(loss.detach()), grad=grad, metrics=metrics, weight=float(weight))

@@ -5,8 +5,8 @@ merges θ = θ0 + Σ λ τ, runs the tail on the search inputs in chunks, applie
 reduces per-sample losses to the weighted mean the task defined; only floats (and the gradient
 as a numpy array) come back to the host. A batch of several full-set candidates may instead be
 scored in one ``torch.func.vmap`` pass over their stacked parameters: ``population=auto`` times
-the first three candidates both ways once per run and keeps the faster (recorded in ``info``);
-on CPU that is sequential (vmap measured 0.36× on the effnet tail).
+the first three candidates both ways once per run and keeps the faster (recorded in ``info``;
+on CPU, sequential usually wins).
 """
 from __future__ import annotations
 
@@ -19,9 +19,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.api import Candidate, Engine, Evaluation, HarnessError
+from harness.api import Candidate, Engine, Evaluation, HarnessError, option
 from harness.composition import functional_forward
+from harness.engines import package
 from harness.sources.base import host_array, scalar
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS_RTOL, ACC_ATOL = 0.01, 0.01  # reduced precision is kept within these of fp32
+# An automatic evaluation chunk fills this fraction of the device memory free after set-up, and is
+# at most CHUNK_CAP images (beyond that a GPU is saturated and only the memory grows).
+CHUNK_FRACTION, CHUNK_CAP = 0.5, 4096
 
 
 @dataclass
@@ -38,16 +45,13 @@ class LocalOptions:
     chunk fills half of the memory then free (recorded in ``task_info.eval_chunk``). An integer
     sets it (0: one pass)."""
 
-    population: str = "auto"
-    precision: str = "fp32"
-    eval_chunk: str = "auto"
-
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOSS_RTOL, ACC_ATOL = 0.01, 0.01  # reduced precision is kept within these of fp32
-# An automatic evaluation chunk fills this fraction of the device memory free after set-up, and is
-# at most CHUNK_CAP images (beyond that a GPU is saturated and only the memory grows).
-CHUNK_FRACTION, CHUNK_CAP = 0.5, 4096
+    population: str = option("auto", "score a batch of candidates in one vmap pass where that measures faster "
+                                     "(auto), or one after another (off)", choices=("auto", "off"))
+    precision: str = option("fp32", "forward precision when scoring candidates: fp32, or bf16/fp16 autocast, used "
+                                    "only where the first score stays within a tolerance of fp32",
+                            choices=tuple(PRECISIONS))
+    eval_chunk: str = option("auto", "images per forward pass: auto (the source's own on CPU, sized to free memory "
+                                     "on CUDA) or N (0: one pass)")
 
 
 def parse_chunk(value) -> int | None:
@@ -80,10 +84,6 @@ class LocalEngine(Engine):
 
     @classmethod
     def validate(cls, options):
-        if options.population not in ("auto", "off"):
-            raise HarnessError(f"task option population must be auto or off, got {options.population!r}")
-        if options.precision not in PRECISIONS:
-            raise HarnessError(f"task option precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
         parse_chunk(options.eval_chunk)
 
     def __init__(self, source, composition, device: str, options):
@@ -306,13 +306,3 @@ def ce_from_features(source, z, names, xs, ys):
         losses.append(F.cross_entropy(logits, y, reduction="none") if len(y) else logits.new_zeros(0))
         correct.append(logits.argmax(1) == y)
     return losses, correct
-
-
-def package(loss: torch.Tensor, weight: float, xt: torch.Tensor, want_grad: bool, metrics: dict) -> Evaluation:
-    """An Evaluation of a (weighted-mean) loss, on the host: backpropagates to the coefficients
-    when a gradient is wanted and copies loss and gradient off the device."""
-    grad = None
-    if want_grad:
-        loss.backward()
-        grad = host_array(xt.grad)
-    return Evaluation(loss=scalar(loss.detach()), grad=grad, metrics=metrics, weight=float(weight))

@@ -44,7 +44,8 @@ CACHE_FOLDER = "atlas-harness"  # under $XDG_CACHE_HOME, else under ~/.cache
 
 
 class ZooSource(Source):
-    """A source built from its ``Options`` (a frozen config dataclass) and cached on disk.
+    """A source built from its ``Options`` (a frozen config dataclass whose fields are declared with
+    :func:`harness.api.option`) and cached on disk.
 
     Subclasses set ``packages`` (distributions whose versions key the cache beside torch's) and
     implement :meth:`empty` (the untrained skeleton a cache file is restored into) and

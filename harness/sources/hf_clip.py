@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from harness.api import HarnessError, Source
+from harness.api import HarnessError, Source, option
 from harness.sources.base import ModelSource
 from harness.sources.open_clip import (FileOptions, check_bench_options, check_file_options, checkpoint_list,
                                       from_checkpoints, suite_checkpoints)
@@ -425,8 +425,15 @@ def convert(pretrained: str, checkpoints: list[tuple[str, str]], out_dir: Path) 
 
 @dataclass
 class HFClipOptions(FileOptions):
-    """``pretrained``: a Hugging Face ``CLIPModel`` folder; ``checkpoints``: ``CLIPVisionModel``
-    folders, LoRA adapter folders or safetensors files as ``NAME=PATH``."""
+    """Options of the Hugging Face CLIP source: :class:`FileOptions`, with ``pretrained`` a
+    ``CLIPModel`` folder and ``checkpoints`` ``CLIPVisionModel`` folders, LoRA adapter folders or
+    safetensors files."""
+
+    pretrained: str = option("", "the pre-trained Hugging Face CLIPModel folder (config.json and model.safetensors)")
+    checkpoints: list[str] = option(help="one fine-tuned checkpoint per data set, NAME=PATH or a path named "
+                                         "after its data set: a CLIPVisionModel folder, a LoRA adapter folder or a "
+                                         ".safetensors file",
+                                    default_factory=list)
 
 
 class HFClipSource(Source):

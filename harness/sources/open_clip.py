@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from harness.api import HarnessError, Source
+from harness.api import HarnessError, Source, option
 from harness.data import OFFLINE, load
+from harness.data.benchmark import CONVENTIONS, VAL_RULES
+from harness.data.prompts import VARIANTS
 from harness.sources.base import ModelSource, freeze, source_stats, tail_parameters
 from harness.sources.clip import TEMPLATES, clip_preprocessing, zero_shot_heads
 
@@ -102,11 +104,7 @@ def checkpoint_list(entries: list[str], folders: bool = False) -> list[tuple[str
 
 
 def check_file_options(options) -> None:
-    """``options.data_root`` made absolute, or a one-line error if it is not a folder; the
-    residency budget and loader workers checked."""
-    if options.max_resident_mb < 0 or options.loader_workers < 0:
-        raise HarnessError(f"source options max_resident_mb and loader_workers must be >= 0, got "
-                           f"{options.max_resident_mb:g} and {options.loader_workers}")
+    """``options.data_root`` made absolute, or a one-line error if it is not a folder."""
     if options.data_root:
         if not os.path.isdir(options.data_root):
             raise HarnessError(f"data root not found: {options.data_root} (a folder holding "
@@ -312,30 +310,25 @@ def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Seque
 class BenchOptions:
     """How benchmark data sets (:mod:`harness.data.benchmark`) under the data root are read."""
 
-    suite: str = field(default="", metadata={
-        "help": "a named task list (ta8, ta8-atlas, tall14, tall20, atlas22): the data sets, in order"})
-    data_convention: str = field(default="auto", metadata={
-        "help": "auto (task_vectors layout, then Hugging Face Parquet), tv, hf, or folders (plain image folders only)"})
-    val_rule: str = field(default="atlas", metadata={
-        "help": "validation split of train: atlas (10%, at most 5,000) or fusionbench (10%, no cap)"})
-    prompts: str = field(default="atlas", metadata={
-        "help": "class names and templates: atlas (task_vectors/aTLAS lists) or fusionbench"})
-    bench_subset: int = field(default=0, metadata={
-        "help": "score benchmark data sets on a seeded subset of at most N val and test images (0: all)"})
+    suite: str = option("", "a named task list (ta8, ta8-atlas, tall14, tall20, atlas22): the data sets, in order "
+                            "(needs data_root; empty: none)")
+    data_convention: str = option("auto", "data layout: auto (task_vectors layout, then Hugging Face Parquet), tv, "
+                                          "hf, or folders (plain image folders only)",
+                                  choices=CONVENTIONS + ("folders",))
+    val_rule: str = option("atlas", "validation split of train: atlas (10%, at most 5,000) or fusionbench "
+                                    "(10%, no cap)", choices=VAL_RULES)
+    prompts: str = option("atlas", "class names and templates: atlas (task_vectors/aTLAS lists) or fusionbench",
+                          choices=VARIANTS)
+    bench_subset: int = option(0, "score benchmark data sets on a seeded subset of at most N val and test images "
+                                  "(0: all)", ge=0)
 
 
 def check_bench_options(options) -> None:
-    """One-line errors for a bad suite, convention, rule, prompt variant or subset."""
-    from harness.data.benchmark import CONVENTIONS, VAL_RULES
+    """One-line errors for an unknown suite, or a suite without a data root (the other benchmark
+    options' choices and bounds are declared on :class:`BenchOptions`)."""
     from harness.data.suites import SUITES
-    checks = (("suite", options.suite, ("",) + tuple(SUITES)),
-              ("data_convention", options.data_convention, CONVENTIONS + ("folders",)),
-              ("val_rule", options.val_rule, VAL_RULES), ("prompts", options.prompts, ("atlas", "fusionbench")))
-    for name, value, valid in checks:
-        if value not in valid:
-            raise HarnessError(f"option {name} must be one of {', '.join(v for v in valid if v)}, got {value!r}")
-    if options.bench_subset < 0:
-        raise HarnessError(f"option bench_subset must be >= 0, got {options.bench_subset}")
+    if options.suite not in ("",) + tuple(SUITES):
+        raise HarnessError(f"option suite must be one of {', '.join(SUITES)}, got {options.suite!r}")
     if options.suite and not options.data_root:
         raise HarnessError(f"suite {options.suite} needs --data-root (where its data sets are)")
 
@@ -410,23 +403,22 @@ def suite_checkpoints(suite_name: str, entries: list[str], folders: bool = False
 
 @dataclass
 class FileOptions(BenchOptions):
-    """Options of a source that loads a user's files: ``pretrained`` (the pre-trained weights),
-    ``checkpoints`` (one fine-tuned checkpoint per data set as ``NAME=PATH``, or a path whose file
-    stem is the data set name, or a folder of such files), ``data_root`` (image folders
-    ``<data_root>/<NAME>/<split>/<class>/*.png`` for data sets that are not built in, or the
-    benchmark data sets in their own layouts) and ``max_n`` (images per built-in data set, or per
-    split of an image folder), ``max_resident_mb`` (memory for resident inputs: train and val
-    must fit, a test split that does not is streamed from disk) and ``loader_workers`` (processes
-    that decode a streamed image folder); see :class:`BenchOptions` for suites."""
+    """Options of a source that loads a user's files: the pre-trained weights, one fine-tuned
+    checkpoint per data set, image folders or benchmark data sets under ``data_root``, and how
+    much of them is held in memory; see :class:`BenchOptions` for suites."""
 
-    pretrained: str = ""
-    checkpoints: list[str] = field(default_factory=list)
-    data_root: str = ""
-    extra_data: list[str] = field(default_factory=list, metadata={
-        "help": "data sets loaded without a checkpoint (heads and splits only), e.g. negation's control ImageNet"})
-    max_n: int = 4000
-    max_resident_mb: float = 2048
-    loader_workers: int = 2
+    pretrained: str = option("", "the pre-trained weights: a file, or local-dir:DIR (empty: random initialisation)")
+    checkpoints: list[str] = option(help="one fine-tuned checkpoint per data set: NAME=PATH, a path whose file stem "
+                                         "is the data set name, or a folder of such files",
+                                    default_factory=list)
+    data_root: str = option("", "image folders <data_root>/<NAME>/<split>/<class>/*.png for data sets that are not "
+                                "built in, or benchmark data sets in their own layouts (empty: built-in data only)")
+    extra_data: list[str] = option(help="data sets loaded without a checkpoint (heads and splits only), e.g. "
+                                        "negation's control ImageNet", default_factory=list)
+    max_n: int = option(4000, "images per built-in data set, or per split of an image folder", ge=1)
+    max_resident_mb: float = option(2048, "memory (MB) for inputs held in memory: train and val must fit, a test "
+                                          "split that does not is streamed from disk", ge=0)
+    loader_workers: int = option(2, "processes that decode a streamed image folder", ge=0)
 
     def bench(self) -> BenchOptions:
         return BenchOptions(**{f: getattr(self, f) for f in BenchOptions.__dataclass_fields__})
@@ -434,10 +426,9 @@ class FileOptions(BenchOptions):
 
 @dataclass
 class OpenClipOptions(FileOptions):
-    """``model``: the open_clip architecture; ``pretrained``: a local file, ``local-dir:DIR``, or
-    empty for random init (see :class:`FileOptions` for the rest)."""
+    """Options of the open_clip source (see :class:`FileOptions` for the files and data)."""
 
-    model: str = ""
+    model: str = option("", "the open_clip architecture, e.g. ViT-B-32 (not needed with pretrained=local-dir:DIR)")
 
 
 class OpenClipSource(Source):

@@ -38,7 +38,7 @@ from pathlib import Path
 from harness import registry
 from harness.api import HarnessError
 from harness.config import RunConfig, coerce, parse_pairs
-from harness.leaderboard import leaderboard
+from harness.leaderboards import leaderboard
 from harness.problem import plan
 from harness.results import RunInUse, _is_int, one_line, read_records
 from harness.runner import run
