@@ -204,7 +204,7 @@ def cmd_check_plugin(args) -> int:
 def cmd_leaderboard(args) -> int:
     from harness.leaderboards import leaderboard
     from harness.plots import show
-    from harness.results import read_records
+    from harness.records import read_records
     records = read_records(args.results_dir)
     board = leaderboard(args.results_dir, task=args.task, searcher=args.searcher, family_prefix=args.family, records=records)
     if board.empty:

@@ -1,6 +1,6 @@
 """Leaderboards: run records → one pandas table, grouped by task × searcher × setting over seeds.
 
-Records are read once per command (:func:`harness.results.read_records`): a record that cannot be
+Records are read once per command (:func:`harness.records.read_records`): a record that cannot be
 used is named in one warning line on stderr and left out; every other run is still ranked.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.results import atomic_write, read_records
+from harness.records import read_records
+from harness.results import atomic_write
 
 # Config fields that describe a searcher's setting in the leaderboard (the seed is aggregated).
 _SETTING_FIELDS = ("space", "budget", "batch_size")

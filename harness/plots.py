@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from harness.api import HarnessError
-from harness.results import _is_number, atomic_write, load_coefficients, read_jsonl, read_records
+from harness.records import _is_number, read_records
+from harness.results import atomic_write, load_coefficients, read_jsonl
 
 
 def _plt():

@@ -28,7 +28,8 @@ from harness.config import RunConfig
 from harness.evaluators import Evaluator, LocalEvaluator
 from harness.loop import Progress, check_losses, progress_bar, search, search_async
 from harness.problem import Plan, build_task, make_searcher, plan
-from harness.results import RunRecord, RunStore, git_sha, now, peak_rss_mb, reset_peak_rss, versions
+from harness.provenance import git_sha, now, peak_rss_mb, reset_peak_rss, versions
+from harness.results import RunRecord, RunStore
 from harness.signals import close_all, sigint_deferred, stop_signals_exit
 
 # The most candidates one ask may take (``--batch-size``): beyond it a searcher's per-batch state

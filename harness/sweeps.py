@@ -40,7 +40,8 @@ from harness.api import HarnessError
 from harness.config import RunConfig, coerce, parse_pairs
 from harness.leaderboards import leaderboard
 from harness.problem import plan
-from harness.results import RunInUse, _is_int, one_line, read_records
+from harness.records import _is_int, one_line, read_records
+from harness.results import RunInUse
 from harness.runner import run
 
 

@@ -28,7 +28,7 @@ DATA_MODULES = {"harness.data._prompt_lists"}
 LAYERS = [
     ("contracts", ["harness.errors", "harness.options", "harness.api"]),
     ("configuration", ["harness.config", "harness.presets", "harness.registry"]),
-    ("storage and files", ["harness.results", "harness.filecheck", "harness.checkpoints", "harness.unpickle",
+    ("storage and files", ["harness.provenance", "harness.results", "harness.records", "harness.filecheck", "harness.checkpoints", "harness.unpickler", "harness.unpickle",
                            "harness.refcache"]),
     ("data", ["harness.data", "harness.stream"]),
     ("composition", ["harness.composition"]),

@@ -49,7 +49,7 @@ def page(sweep_file: str | Path, out_dir: str | Path = DOCS, results_dir: str | 
 
     from harness.leaderboards import family, format_board, leaderboard, markdown
     from harness.plots import _plt, curves
-    from harness.results import read_records
+    from harness.records import read_records
     from harness.sweeps import plan_sweep, read_sweep_file
     sweep_file, out_dir = Path(sweep_file), Path(out_dir)
     spec = {"seeds": [0, 1], "results_dir": "results", "cache_dir": None, "task_options": {}, "workers": 0,

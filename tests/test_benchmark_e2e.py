@@ -13,6 +13,8 @@ from harness.cli import main
 from harness.data.suites import spec, suite
 from tests.hfdata import make_hf
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
+
 # ViT-B/32's image tower exactly (152 parameter blocks); a tiny text tower.
 VIT_B32_IMAGE = {"embed_dim": 512,
                  "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32, "head_width": 64,

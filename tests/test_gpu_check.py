@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 ROW = re.compile(r"^(cpu|cpu-ref)\s+(\d+)\s+(\d+)\s+(sequential|population)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+"

@@ -153,6 +153,7 @@ def test_screen_option_is_checked():
         cls.validate(resolve_options(cls, {"screen": 1.5}, "searcher"))
 
 
+@pytest.mark.slow
 def test_select_task_option_records_the_selection_and_ray_workers_select_alike(tmp_path):
     opts = dict(TASK_OPTIONS["addition"], select=1)
     common = dict(task="addition", searcher="random", space="per_block", budget=3, seed=0, task_options=opts,

@@ -16,6 +16,8 @@ from harness.config import RunConfig
 from harness.problem import plan
 from harness.runner import run
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from harness import cli
 from harness.config import RunConfig
-from harness.results import read_records
+from harness.records import read_records
 from harness.runner import run
 from tests.permissions import honour_permissions
 

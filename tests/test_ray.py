@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
+
 ray = pytest.importorskip("ray")
 
 from harness.api import Candidate  # noqa: E402

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from harness.api import Candidate, Engine, Evaluation, HarnessError, option
 from harness.composition import functional_forward
 from harness.engines import package
-from harness.sources.base import host_array, scalar
+from harness.sources.base import scalar
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS_RTOL, ACC_ATOL = 0.01, 0.01  # reduced precision is kept within these of fp32

@@ -1,0 +1,56 @@
+"""Facts about the process a run ran in, for its record: the code's commit, package versions,
+the time, and the peak resident memory."""
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("atlas-harness", "torch", "numpy", "nevergrad", "open_clip_torch", "ray", "pandas"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak-memory count afresh (Linux: ``5`` to /proc/self/clear_refs resets
+    VmHWM), so runs that share a process (sweeps, benches) each record their own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB. Linux's VmHWM starts afresh at exec, unlike
+    ``ru_maxrss``, which a process started by a large parent inherits from it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
