@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from harness.api import Candidate, Evaluation, HarnessError, Searcher, Space, option
-from searchers.nevergrad_search import NevergradSearcher
+from atlas_harness_searchers.nevergrad_search import NevergradSearcher
 
 COMBINES = ("mean", "best")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.api import option
-from searchers.task_arithmetic import TaskArithmeticSearcher
+from atlas_harness_searchers.task_arithmetic import TaskArithmeticSearcher
 
 
 @dataclass

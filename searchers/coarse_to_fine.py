@@ -5,7 +5,7 @@ k searches one offset per *group* of coordinates, around the best point found so
 
     x = clip(x_best + step_k · u[group(i)])          for every coordinate i,
 
-with a nevergrad optimiser (:class:`searchers.nevergrad_search.NevergradSearcher`, composed, not
+with a nevergrad optimiser (:class:`atlas_harness_searchers.nevergrad_search.NevergradSearcher`, composed, not
 copied) over the reduced vector ``u`` in the box ``|u| ≤ radius_k / step_k``. Its first move is one
 ``step_k`` (Cobyla's initial simplex is x0 + e_j), and ``radius_k`` bounds how far stage k can move
 a group from where it started. Each stage multiplies both by ``shrink``; the default 1 keeps
@@ -46,7 +46,7 @@ import numpy as np
 
 from harness.api import Candidate, Evaluation, HarnessError, Searcher, Space, option
 from harness.composition import layer_of
-from searchers.nevergrad_search import NevergradSearcher
+from atlas_harness_searchers.nevergrad_search import NevergradSearcher
 
 GROUPINGS = ("per_task", "per_layer", "per_block", "full")
 # Budget shares of the default three stages; any other number of stages splits equally by default.

@@ -10,7 +10,7 @@ import torch
 from harness.api import Candidate, option
 from harness.objective import ComposeOptions, ComposingTask, WeightedSet
 from harness.sources.base import few_shot_indices
-from tasks.tta import augment
+from harness.data.augment import augment
 
 
 class FewShotTask(ComposingTask):

@@ -9,8 +9,8 @@ from harness import registry
 from harness.api import HarnessError
 from harness.config import resolve_options
 from harness.conformance import drive as drive_searcher
-from searchers.bagging import Bagging
-from tasks.quadratic import QuadraticTask
+from atlas_harness_searchers.bagging import Bagging
+from atlas_harness_tasks.quadratic import QuadraticTask
 
 
 def quadratic(dim=5, seed=0, noise=0.0):

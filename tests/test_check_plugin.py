@@ -50,7 +50,7 @@ def test_the_example_source_passes(site, tmp_path):
 
 def test_a_validate_that_raises_anything_is_one_line(tmp_path):
     mod = tmp_path / "badval.py"
-    mod.write_text("from dataclasses import dataclass\nfrom searchers.random_search import RandomSearcher\n"
+    mod.write_text("from dataclasses import dataclass\nfrom atlas_harness_searchers.random_search import RandomSearcher\n"
                    "class Bad(RandomSearcher):\n    name = 'bad'\n    @classmethod\n    def validate(cls, options):\n"
                    "        raise ValueError('sigma is not a colour')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}

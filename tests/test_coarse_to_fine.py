@@ -14,11 +14,11 @@ from harness.api import Evaluation, HarnessError, Space
 from harness.config import RunConfig, resolve_options
 from harness.conformance import drive as drive_searcher
 from harness.problem import plan
-from searchers.coarse_to_fine import CoarseToFine, allocate, groups_of
-from searchers.nevergrad_search import NevergradSearcher
+from atlas_harness_searchers.coarse_to_fine import CoarseToFine, allocate, groups_of
+from atlas_harness_searchers.nevergrad_search import NevergradSearcher
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = "searchers.coarse_to_fine:CoarseToFine"
+NAME = "atlas_harness_searchers.coarse_to_fine:CoarseToFine"
 SMALL_ZOO = "datasets=skdigits,lfw;max_n=400;pretrain_steps=40;ft_steps=15"
 
 

@@ -123,7 +123,7 @@ def _source_task_options(name, request) -> dict:
 @pytest.mark.parametrize("name", SOURCES)
 def test_source_builds_what_objectives_and_engines_need(name, cache_dir, request):
     from harness.objective import resolve_source
-    from tasks.addition import AdditionTask
+    from atlas_harness_tasks.addition import AdditionTask
     given = _source_task_options(name, request)
     checks = check_source(name, given.pop("source_options", ""), {k: v for k, v in given.items() if k != "source"},
                           cache_dir)

@@ -14,8 +14,8 @@ from harness.api import Evaluation, HarnessError, Space
 from harness.config import RunConfig, resolve_options
 from harness.conformance import drive as drive_searcher
 from harness.problem import plan
-from searchers.es_gradient import EvolutionStrategy, centred_ranks
-from tasks.quadratic import QuadraticTask
+from atlas_harness_searchers.es_gradient import EvolutionStrategy, centred_ranks
+from atlas_harness_tasks.quadratic import QuadraticTask
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ import torch
 from harness.api import Candidate
 from harness.config import RunConfig, resolve_options
 from harness.runner import run
-from tasks.few_shot import FewShotTask
+from atlas_harness_tasks.few_shot import FewShotTask
 from harness.objective import shard_slice
-from tasks.tta import TTATask, augment, info_nce, sharpen, trusted_set
+from atlas_harness_tasks.tta import TTATask, augment, info_nce, sharpen, trusted_set
 
 # The same zoo as tests/test_conformance.py's TASK_OPTIONS, so the session builds it once.
 ZOO = {"source": "tiny-clip", "source_options": "datasets=skdigits,lfw;max_n=400;pretrain_steps=40;ft_steps=15"}
@@ -239,7 +239,7 @@ def test_tta_gradient_run_through_the_runner(cache_dir, tmp_path, tta_tasks, obj
 def test_few_shot_calibration_puts_the_start_at_the_best_temperature(cache_dir, few_shot):
     """With calibrate, the start point's loss is the minimum over every temperature of the head
     (so calming confidence alone cannot lower it), accuracy is unchanged, the temperature is recorded."""
-    from tasks.few_shot import fit_scale
+    from atlas_harness_tasks.few_shot import fit_scale
     task = _task(FewShotTask, cache_dir, shots=2, calibrate=True)
     zero = Candidate(x=np.zeros(task.space().dim))
     start, plain = task.evaluate([zero])[0].loss, few_shot.evaluate([zero])[0].loss

@@ -93,7 +93,7 @@ def test_task_vectors_are_the_fine_tunes_minus_the_base_in_both_layouts(hf, tmp_
 def test_task_arithmetic_merge_equals_theta0_plus_alpha_sum_tau(hf, tmp_path):
     tmp, model, tunes = hf
     from harness.config import resolve_options
-    from tasks.addition import AdditionTask
+    from atlas_harness_tasks.addition import AdditionTask
     opts = resolve_options(AdditionTask, {"pretrained": str(tmp / "pretrained"),
                                           "checkpoints": [f"{n}={tmp / n}" for n in ("skdigits", "lfw")],
                                           "source_options": "max_n=60", "search_n": 16}, "task")
@@ -285,7 +285,7 @@ def test_a_suite_finds_fusionbench_named_folders_and_parquet_data(hf, tmp_path):
     shutil.rmtree(tmp_path / "ckpt" / "clip-vit-tiny_dtd")
     with pytest.raises(HarnessError, match=r"suite ta8: no checkpoint for dtd in "):
         from harness.objective import resolve_source
-        from tasks.addition import AdditionTask
+        from atlas_harness_tasks.addition import AdditionTask
         opts = AdditionTask.Options(suite="ta8", pretrained=str(tmp / "pretrained"),
                                     checkpoints=[str(tmp_path / "ckpt")], data_root=str(tmp_path / "data"))
         resolve_source(opts)

@@ -58,7 +58,7 @@ def test_adamerging_objective_is_entropy_on_unlabelled_test_inputs(cache_dir):
     from harness.api import Candidate
     from harness.config import resolve_options
     from harness.evaluators import reduce_shards
-    from tasks.addition import AdditionTask
+    from atlas_harness_tasks.addition import AdditionTask
     opts = resolve_options(AdditionTask, {"source": "tiny-clip", "source_options": SMALL_ZOO, "search_n": 16,
                                           "objective": "entropy"}, "task")
     AdditionTask.validate(opts)

@@ -30,7 +30,7 @@ from harness.ray_evaluator import RayEvaluator  # noqa: E402
 from harness.ray_worker import start_local_ray  # noqa: E402
 from harness.problem import make_task, plan  # noqa: E402
 from harness.runner import run  # noqa: E402
-from tasks.quadratic import QuadraticTask  # noqa: E402
+from atlas_harness_tasks.quadratic import QuadraticTask  # noqa: E402
 
 import psutil  # noqa: E402  (importable once ray is: ray ships it)
 

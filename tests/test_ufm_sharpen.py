@@ -15,7 +15,7 @@ from harness.config import NEUTRAL, RunConfig, resolve_options
 from harness.problem import plan
 from harness.registry import options_table_of
 from harness.runner import run
-from tasks.tta import SHARPEN_MODES, TTATask, sharpen
+from atlas_harness_tasks.tta import SHARPEN_MODES, TTATask, sharpen
 
 # The tiny zoo and the small UFM settings of tests/test_few_shot_tta.py (the session builds the
 # zoo once): threshold 0 so that every untrusted sample counts, whatever the mode.
