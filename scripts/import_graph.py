@@ -21,7 +21,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("harness", "searchers", "tasks")
+# Folder → the name it installs under (pyproject.toml's package-dir).
+PACKAGES = {"harness": "harness", "searchers": "atlas_harness_searchers", "tasks": "atlas_harness_tasks"}
+# What the harness must never import: the plugins (under either name) and the benchmarks.
+PLUGINS = ("atlas_harness_searchers", "atlas_harness_tasks", "searchers", "tasks", "benchmarks")
 MAX_LINES = 400
 DATA_MODULES = {"harness.data._prompt_lists"}
 # The harness's layers, bottom up (a name covers the module and, for a folder, everything in it).
@@ -59,9 +62,9 @@ def layer(module: str) -> int | None:
 
 def modules() -> dict[str, Path]:
     out = {}
-    for pkg in PACKAGES:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for folder, pkg in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = [pkg] + list(path.relative_to(ROOT / folder).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             out[".".join(parts)] = path
@@ -86,9 +89,11 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
         else:
             continue
         for t in targets:
-            while t and t not in known and t.split(".")[0] in PACKAGES + ("benchmarks",):
-                t = t.rpartition(".")[0]
-            if t and (t in known or t.split(".")[0] == "benchmarks") and t != name:
+            while t and t not in known and t.split(".")[0] in tuple(PACKAGES.values()) + PLUGINS:
+                t = t.rpartition(".")[0] or t
+                if t.count(".") == 0:
+                    break
+            if t and (t in known or t.split(".")[0] in PLUGINS) and t != name:
                 found.add(t)
     return found
 
@@ -136,7 +141,7 @@ def check() -> list[str]:
     """Every broken rule, one line each."""
     g, known = graph(), modules()
     problems = [f"{a} imports {b}" for a, deps in sorted(g.items()) if a.split(".")[0] == "harness"
-                for b in sorted(deps) if b.split(".")[0] in ("searchers", "tasks", "benchmarks")]
+                for b in sorted(deps) if b.split(".")[0] in PLUGINS]
     problems += [f"import cycle: {' ↔ '.join(c)}" for c in cycles(g)]
     for a, deps in sorted(g.items()):
         if a.split(".")[0] != "harness":

@@ -27,15 +27,14 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from harness.api import HarnessError, Source
 from harness.config import resolve_options
-from harness.data import OFFLINE, available, load
-from harness.finetune import finetune
+from harness.data import OFFLINE, available
 from harness.sources.base import SPLITS, ModelSource, source_stats
+from harness.sources.building import Stages, atomic_write, torch_threads
 
 FORMAT = 1  # bump when the file layout changes: old caches are then rebuilt, not misread
 
@@ -60,7 +59,7 @@ class ZooSource(Source):
         raise NotImplementedError
 
     @classmethod
-    def build(cls, cfg, datasets: list[str], stages: "_Stages", progress: bool, root: Path) -> ModelSource:
+    def build(cls, cfg, datasets: list[str], stages: "Stages", progress: bool, root: Path) -> ModelSource:
         raise NotImplementedError
 
     @classmethod
@@ -170,18 +169,6 @@ def _entry_lock(tensor_path: Path, progress: bool):
     finally:
         os.close(fd)  # releases the lock
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)``, then rename over ``path``: a killed build never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; a cache is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 def _save(source: ModelSource, tensor_path: Path, meta_path: Path, with_inputs: bool) -> None:
     from safetensors.torch import save_file
     t: dict[str, Tensor] = {f"base/{k}": v for k, v in source.base.items()}
@@ -197,12 +184,12 @@ def _save(source: ModelSource, tensor_path: Path, meta_path: Path, with_inputs: 
                 t[f"input/{ds}/{split}"] = source.inputs[ds][split]
     t = {k: v.detach().contiguous().clone() for k, v in t.items()}  # safetensors refuses shared storage
     # The sidecar is written last: it marks the pair as complete, and carries the tensors' checksum.
-    _atomic_write(tensor_path, lambda p: save_file(t, str(p)))
+    atomic_write(tensor_path, lambda p: save_file(t, str(p)))
     source.meta["sha256"] = _sha256(tensor_path)
     meta = json.loads(json.dumps(source.meta))  # as it reads back (tuples are lists)
     meta["meta_sha256"] = _meta_checksum(meta)
     source.meta["meta_sha256"] = meta["meta_sha256"]
-    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
 
 
 def _clean_stale(root: Path) -> None:
@@ -238,63 +225,6 @@ def _restore(source: ModelSource, tensors: dict[str, Tensor], with_inputs: bool)
         source.inputs[ds] = {s: tensors[f"input/{ds}/{s}"] if with_inputs
                              else source.encode(source.images[ds][s]) for s in splits}
     return source
-
-
-# --------------------------------------------------------------------------- build helpers
-
-class _Stages:
-    """Times build stages, logs each to stderr (when verbose) and keeps them for the metadata."""
-
-    def __init__(self, zoo: str, verbose: bool):
-        self.zoo, self.verbose, self.timings = zoo, verbose, {}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        t0 = time.perf_counter()
-        yield
-        dt = time.perf_counter() - t0
-        self.timings[stage] = round(dt, 2)
-        if self.verbose:
-            print(f"[zoo {self.zoo}] {stage}: {dt:.1f} s", file=sys.stderr, flush=True)
-
-def _bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False,
-                dynamic_ncols=True)
-
-def _seed(seed: int, stage: int, ds: str) -> int:
-    """A per-(stage, data set) seed; keyed by the data set's fixed position in ``OFFLINE``, so
-    dropping a data set from a zoo leaves the others' heads and task vectors unchanged."""
-    return int(np.random.SeedSequence([seed, stage, OFFLINE.index(ds)]).generate_state(1)[0])
-
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-def _load_data(cfg, datasets: list[str]) -> dict:
-    return {ds: load(ds, seed=cfg.seed, max_n=cfg.max_n, fractions=cfg.fractions) for ds in datasets}
-
-def _add_data(source: ModelSource, data: dict, stages: _Stages, progress: bool, stage: str) -> None:
-    total = sum(len(d.splits[s][1]) for d in data.values() for s in SPLITS)
-    with stages(stage), _bar(total, f"{source.name}: {stage}", progress) as bar:
-        for ds, d in data.items():
-            source.classes[ds] = list(d.classes)
-            source.add_data(ds, {s: d.splits[s] for s in SPLITS})
-            bar.update(sum(len(d.splits[s][1]) for s in SPLITS))
-
-def _finetune_all(source: ModelSource, cfg, stages: _Stages, progress: bool) -> None:
-    with _bar(len(source.datasets) * cfg.ft_steps, f"{source.name}: fine-tuning", progress) as bar:
-        for ds in source.datasets:
-            with stages(f"fine-tune {ds}"):
-                source.task_vectors[ds] = finetune(
-                    source, ds, steps=cfg.ft_steps, batch_size=cfg.ft_batch_size, lr=cfg.ft_lr,
-                    seed=_seed(cfg.seed, 2, ds), weight_decay=cfg.ft_weight_decay,
-                    progress=lambda step, loss: (bar.update(1), bar.set_postfix(ds=ds, loss=f"{loss:.3f}")))
 
 
 # --------------------------------------------------------------------------- public API
@@ -346,9 +276,9 @@ def _cached(cls, cfg, root: Path, key: str, tensor_path: Path, meta_path: Path, 
 def _build(cls, cfg, name: str, datasets: list[str], skipped: dict, root: Path, key: str, tensor_path: Path,
            meta_path: Path, progress: bool) -> ModelSource:
     _clean_stale(root)
-    stages = _Stages(name, progress)
+    stages = Stages(name, progress)
     t0 = time.perf_counter()
-    with _threads(cfg.threads):
+    with torch_threads(cfg.threads):
         source = cls.build(cfg, datasets, stages, progress, root)
         with stages("evaluate"):
             source.evaluate_references()

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from harness.api import HarnessError, option
 from harness.data import OFFLINE
 from harness.sources.base import ModelSource, few_shot_indices, fit_linear_head, freeze, tail_parameters
-from harness.sources.cache import ZooSource, _add_data, _finetune_all, _load_data, _seed, _Stages
+from harness.sources.building import Stages, add_data, finetune_all, load_data, stage_seed
+from harness.sources.cache import ZooSource
 
 
 @dataclass(frozen=True)
@@ -113,21 +114,21 @@ def _effnet_source(cfg: EffnetConfig) -> ModelSource:
                        classes={}, inputs={}, labels={}, prefix=prefix, image_size=cfg.image_size,
                        mean=(0.5,), std=(0.5,), chunk_size=96, channels_last=True)
 
-def _build_effnet(cfg: EffnetConfig, datasets: list[str], stages: _Stages, progress: bool) -> ModelSource:
+def _build_effnet(cfg: EffnetConfig, datasets: list[str], stages: Stages, progress: bool) -> ModelSource:
     with stages("load backbone"):
         source = _effnet_source(cfg)
     with stages("load data"):
-        data = _load_data(cfg, datasets)
-    _add_data(source, data, stages, progress, "cache prefix")
+        data = load_data(cfg, datasets)
+    add_data(source, data, stages, progress, "cache prefix")
     with stages("fit heads"), torch.no_grad():
         for ds in datasets:
             x, y = source.inputs[ds]["train"], source.labels[ds]["train"]
-            shots = few_shot_indices(y, cfg.head_shots, _seed(cfg.seed, 1, ds))
+            shots = few_shot_indices(y, cfg.head_shots, stage_seed(cfg.seed, 1, ds))
             z = source.features(source.base, x[shots])
             with torch.enable_grad():
                 source.heads[ds] = fit_linear_head(z, y[shots], len(source.classes[ds]), cfg.head_steps,
                                                    cfg.head_lr, cfg.head_weight_decay)
-    _finetune_all(source, cfg, stages, progress)
+    finetune_all(source, cfg, stages, progress)
     return source
 
 

@@ -20,8 +20,9 @@ from harness.api import option
 from harness.data import OFFLINE
 from harness.finetune import one_cycle
 from harness.sources.base import ModelSource, freeze, tail_parameters
-from harness.sources.cache import (ZooSource, _add_data, _atomic_write, _bar, _finetune_all, _load_data, _seed,
-                                   _Stages, cache_root)
+from harness.sources.building import (Stages, add_data, atomic_write, finetune_all, load_data, progress_bar,
+                                      stage_seed)
+from harness.sources.cache import ZooSource, cache_root
 from harness.sources.clip import clip_preprocessing, zero_shot_heads
 
 
@@ -86,7 +87,7 @@ def register_tiny_clip(cfg: TinyClipConfig | None = None, cache_dir: str | None 
     name = "atlas-tiny-clip-" + hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:8]
     if name not in open_clip.list_models():
         path = cache_root(cache_dir) / "open_clip" / f"{name}.json"
-        _atomic_write(path, lambda p: p.write_text(json.dumps(arch, indent=1)))
+        atomic_write(path, lambda p: p.write_text(json.dumps(arch, indent=1)))
         open_clip.add_model_config(path)
     return name
 
@@ -130,9 +131,9 @@ def _pretrain_clip(model, tokenizer, cfg: TinyClipConfig, data: dict, source: Mo
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.pretrain_weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.pretrain_lr)
     sched = one_cycle(opt, cfg.pretrain_steps)
-    gen = torch.Generator().manual_seed(_seed(cfg.seed, 0, next(iter(data))))
+    gen = torch.Generator().manual_seed(stage_seed(cfg.seed, 0, next(iter(data))))
     losses = []
-    with _bar(cfg.pretrain_steps, "tiny-clip: pre-training", progress) as bar:
+    with progress_bar(cfg.pretrain_steps, "tiny-clip: pre-training", progress) as bar:
         for _ in range(cfg.pretrain_steps):
             idx = torch.randint(0, len(labels), (cfg.pretrain_batch_size,), generator=gen)
             which = torch.randint(0, len(cfg.templates), (len(captions),), generator=gen)
@@ -164,24 +165,24 @@ def _tiny_clip_source(cfg: TinyClipConfig, model) -> ModelSource:
                        classes={}, inputs={}, labels={}, normalize=True, image_size=size, mean=mean,
                        std=std)
 
-def _build_tiny_clip(cfg: TinyClipConfig, datasets: list[str], stages: _Stages, progress: bool,
+def _build_tiny_clip(cfg: TinyClipConfig, datasets: list[str], stages: Stages, progress: bool,
                      root: Path) -> ModelSource:
     with stages("build model"):
         model, tokenizer = _tiny_clip_model(cfg, root)
         source = _tiny_clip_source(cfg, model)
     with stages("load data"):
-        data = _load_data(cfg, datasets)
+        data = load_data(cfg, datasets)
     with stages("pre-train"):
         losses = _pretrain_clip(model, tokenizer, cfg, data, source, progress)
     source.base = tail_parameters(model.visual)  # θ_0 is the pre-trained tower
     if losses:  # pretrain_steps=0 gives the randomly initialised model
         source.meta["pretrain_loss"] = {"first": round(losses[0], 4), "last": round(losses[-1], 4)}
-    _add_data(source, data, stages, progress, "preprocess")
+    add_data(source, data, stages, progress, "preprocess")
     with stages("zero-shot heads"):
         for ds in datasets:
             source.heads[ds] = zero_shot_heads(model, tokenizer, source.classes[ds], cfg.templates)
         source.meta["logit_scale"] = float(model.logit_scale.exp())
-    _finetune_all(source, cfg, stages, progress)
+    finetune_all(source, cfg, stages, progress)
     return source
 
 
