@@ -290,6 +290,14 @@ class ComposingTask(Task):
         gen = torch.Generator().manual_seed(self.seed * 7919 + salt)
         return torch.randperm(size, generator=gen)[:n].sort().values
 
+    @staticmethod
+    def minibatch(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+        """The mini-batch sampler of every composing task: ``min(k, n)`` distinct indices of
+        ``range(n)``, drawn with ``generator``. Without replacement, as a shuffled DataLoader
+        draws a batch in the paper's training loop: no sample counts twice in one step's loss,
+        and the estimate has less variance than drawing with replacement."""
+        return torch.randperm(n, generator=generator)[:min(k, n)]
+
     def params(self, x, grad: bool):
         """Merged parameters for ``x`` on the engine's device (see :meth:`Engine.params`)."""
         return self.engine.params(x, grad)

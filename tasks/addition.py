@@ -73,7 +73,7 @@ class AdditionTask(ComposingTask):
         pieces = []
         for ds in self.names:
             n = len(src.inputs[ds][self.split])
-            idx = torch.randint(0, n, (min(self.options.batch_size, n),), generator=gen)
+            idx = self.minibatch(n, self.options.batch_size, gen)
             pieces.append((ds, src.inputs[ds][self.split][idx], self._labels(ds, idx), 1.0 / len(self.names)))
         return WeightedSet(pieces)
 

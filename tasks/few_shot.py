@@ -72,7 +72,7 @@ class FewShotTask(ComposingTask):
 
     def _minibatch(self, seed: int) -> WeightedSet:
         x, y = self.search.inputs[0], self.search.labels[0]
-        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:self.options.batch_size]
+        idx = self.minibatch(len(y), self.options.batch_size, torch.Generator().manual_seed(seed))
         return WeightedSet([(self.options.target, x[idx], y[idx], 1.0)])
 
     def evaluate(self, candidates: list[Candidate], shard=None):

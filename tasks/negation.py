@@ -101,7 +101,7 @@ class NegationTask(ComposingTask):
         pieces = []
         for ds in (o.target, o.control):
             xs, ys = self.pools[ds]
-            idx = torch.randint(0, len(ys), (min(o.batch_size, len(ys)),), generator=gen)
+            idx = self.minibatch(len(ys), o.batch_size, gen)
             pieces.append((ds, xs[idx], ys[idx], 0.5))
         return WeightedSet(pieces)
 

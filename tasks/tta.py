@@ -241,6 +241,8 @@ class TTATask(ComposingTask):
         if c.batch is None:
             t, u = self.trusted, self.untrusted
         else:
+            # The one sampler that draws with replacement: a batch keeps its trusted share even
+            # when fewer samples are trusted than that share asks for (UFM's batch composition).
             gen = torch.Generator().manual_seed(c.batch)
             bt = round(o.batch_size * share)
             t = self.trusted[torch.randint(0, nt, (bt,), generator=gen)] if bt else self.trusted[:0]
@@ -280,7 +282,7 @@ class TTATask(ComposingTask):
         n = len(self.idx)
         if c.batch is None:
             return torch.arange(n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(c.batch))[:self.options.batch_size]
+        return self.minibatch(n, self.options.batch_size, torch.Generator().manual_seed(c.batch))
 
     def evaluate(self, candidates: list[Candidate], shard=None):
         o, out = self.options, []
