@@ -80,7 +80,7 @@ class Run:
         return load_coefficients(path) if path and Path(path).is_file() else {}
 
 
-def run(task: str = "addition", searcher: str = "nevergrad", *, preset: str | None = None,
+def run(task: str | None = None, searcher: str | None = None, *, preset: str | None = None,
         budget: int | None = None, batch_size: int | None = None, seed: int | None = None,
         space: str | None = None, searcher_options: Mapping[str, Any] | None = None,
         task_options: Mapping[str, Any] | None = None, results_dir: str | Path = "results",
@@ -89,7 +89,8 @@ def run(task: str = "addition", searcher: str = "nevergrad", *, preset: str | No
     """Run one search and record it, like ``python -m harness run``; return the :class:`Run`.
 
     Arguments mean what the flags of the same name mean (``searcher_options`` is ``-s``,
-    ``task_options`` is ``-t``); ``None`` leaves the default (or the preset's value). A run that
+    ``task_options`` is ``-t``); ``None`` leaves the default (or the preset's value): task
+    ``addition``, searcher ``nevergrad``. A run that
     is already complete is returned without running again unless ``rerun``; an interrupted one
     is resumed. Bad input raises :class:`harness.HarnessError` before anything is recorded.
     ``log`` receives progress lines (default: none).
@@ -101,8 +102,6 @@ def run(task: str = "addition", searcher: str = "nevergrad", *, preset: str | No
              "workers": workers, "device": device, "rerun": rerun or None, "quiet": quiet,
              "searcher_options": dict(searcher_options or {}) or None,
              "task_options": dict(task_options or {}) or None}
-    if preset:  # a preset names the task and searcher; explicit ones override it only when given
-        flags.update(task=None if task == "addition" else task, searcher=None if searcher == "nevergrad" else searcher)
     record = run_config(build_config(flags), log=log or (lambda _m: None))
     return Run.from_record(record, Path(results_dir) / "runs" / record["run_id"])
 
