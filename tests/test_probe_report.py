@@ -1,4 +1,4 @@
-"""Probe of the leaderboard, plots, sweeps and records (issue #32), with malformed inputs made by
+"""Probe of the leaderboard, plots, sweeps and records, with malformed inputs made by
 construction: every field of a real run record (recursively) and of a sweep file, replaced by each
 wrong kind of value. A bad record is one warning line naming it and the good runs stay ranked; a
 bad sweep file is one error line naming the field, exit code 2, and no run started."""

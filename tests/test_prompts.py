@@ -1,12 +1,13 @@
 """harness.data.prompts: class names and templates equal the reference code's lists.
 
-(a) The 8 standard tasks' lists equal the verbatim lists of shared/BENCHMARK-DATA.md §1.5-1.6
-    (copied below as literals: they are the specification).
+(a) The 8 standard tasks' lists equal the reference code's lists (mlfoundations/task_vectors and
+    fredzzhang/atlas, ``src/datasets/templates.py`` and the data sets' class names), copied below
+    as literals: they are the specification.
 (b) Counts and first/last entries.
 (c) Every template has '{}' exactly once and renders with every class name.
 (d) The FusionBench wheel (fusion_bench==0.2.33, downloaded with pip, sha256-checked, read as a
     zip and parsed with ``ast``; none of its code is imported or run): the "fusionbench" variant
-    equals FB's lists, and "atlas" equals FB except exactly where BENCHMARK-DATA §2.6 says.
+    equals FB's lists, and "atlas" equals FB except exactly where the two codes' lists differ.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ FB_ONLY = ["pcam", "fer2013", "fashion_mnist", "emnist_letters", "emnist_mnist",
 STANDARD8 = ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD"]
 
 # ---------------------------------------------------------------------------------------------
-# BENCHMARK-DATA.md §1.5 (verbatim)
+# Class names, verbatim from the reference code
 CLASSES_MNIST = [  # 10 entries
     '0', '1', '2', '3', '4', '5', '6', '7', '8', '9',
 ]
@@ -107,7 +108,7 @@ CLASSES_GTSRB = [  # 43 entries, index = GTSRB ClassId 0..42
     'white circle with gray strike bar indicating no passing for trucks has ended',
 ]
 
-# BENCHMARK-DATA.md §1.5 (prose)
+# Class names the reference code derives (from torchvision or the data set files)
 CLASSES_PascalVOC = ['aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
                      'cow', 'dining table', 'dog', 'horse', 'motorbike', 'person', 'potted plant',
                      'sheep', 'sofa', 'train', 'tv monitor']
@@ -116,7 +117,7 @@ CLASSES_CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog
 CLASSES_STL10 = ['airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship',
                  'truck']
 
-# BENCHMARK-DATA.md §1.6 (verbatim)
+# Prompt templates, verbatim from the reference code
 TEMPLATES_SUN397 = [
     'a photo of a {}.',
     'a photo of the {}.',
@@ -342,7 +343,7 @@ def test_variants_share_where_fusionbench_has_no_list():
 FB_WHEEL = "fusion_bench-0.2.33-py3-none-any.whl"
 FB_SHA256 = "cf34d2d969073eea0ac49a85d0c2429ceeff12781a71fc5e639844db5412253d"
 FB_DIR = "fusion_bench/tasks/clip_classification/"
-# aTLAS name -> the task key FusionBench looks the lists up with (BENCHMARK-DATA §2.1, §2.5).
+# aTLAS name -> the task key FusionBench looks the lists up with (its clip_classification task module).
 FB_TASK_KEYS = {
     "Cars": "stanford-cars", "DTD": "dtd", "EuroSAT": "eurosat", "GTSRB": "gtsrb",
     "MNIST": "mnist", "RESISC45": "resisc45", "SUN397": "sun397", "SVHN": "svhn",
@@ -480,7 +481,7 @@ def _diff(a, b) -> dict[int, tuple[str, str]]:
 
 
 def test_atlas_differs_from_fusionbench_exactly_where_the_spec_says(fb_lists):
-    """BENCHMARK-DATA §2.6."""
+    """FusionBench's lists are the reference code's except for the data sets listed here."""
     for name in STANDARD8 + ["CIFAR10", "STL10", "Food101"] + FB_ONLY:
         p = prompts(name)
         assert (p.classes, p.templates) == tuple(map(tuple, fb_lists[name])), name

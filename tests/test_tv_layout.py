@@ -83,7 +83,7 @@ def test_reads_fixture(name, pristine):
 
 
 def test_class_names_follow_the_reference_derivations(pristine):
-    """Spot checks of the derived names against the reference lists (BENCHMARK-DATA.md §1.5)."""
+    """Spot checks of the derived names against the reference lists (the class names of the reference code)."""
     def classes(name):
         return tv.read(name, str(pristine(name)[0])).classes
     assert classes("EuroSAT") == bd.EUROSAT_NAMES

@@ -1,4 +1,4 @@
-"""UFM's sharpening of the weak-view pseudo-labels (issue #27 item 7): ``sharpen_mode`` names the
+"""UFM's sharpening of the weak-view pseudo-labels: ``sharpen_mode`` names the
 paper's temperature (default), the released ``ssl`` branch's power and the released ``main``
 branch's scale; the default is today's behaviour bit for bit."""
 from __future__ import annotations
