@@ -34,13 +34,18 @@ def _commit() -> str:
 
 
 def description(sweep_file: Path) -> str:
-    """The sweep file's leading comment lines, as text."""
-    lines = []
+    """The sweep file's leading comment lines as Markdown: prose as a paragraph, indented lines
+    (the commands the comments show) as a code block."""
+    prose, code = [], []
     for line in sweep_file.read_text().splitlines():
         if not line.startswith("#"):
             break
-        lines.append(line[1:].strip())
-    return "\n".join(lines)
+        text = line[1:]
+        (code if text.startswith("  ") else prose).append(text.strip())
+    out = " ".join(prose)
+    if code:
+        out += "\n\n```bash\n" + "\n".join(code) + "\n```"
+    return out
 
 
 def page(sweep_file: str | Path, out_dir: str | Path = DOCS, results_dir: str | None = None) -> Path:
@@ -76,7 +81,8 @@ def page(sweep_file: str | Path, out_dir: str | Path = DOCS, results_dir: str | 
         out += ["## Leaderboard\n",
                 "`score`: mean ± standard deviation over seeds of the task's headline metric on the "
                 "held-out split; `n`: seeds recorded (`n_ok`: those that meet the task's constraint); "
-                "`evals`, `wall s`, `peak MB`: mean cost per run.\n",
+                "`evals`, `wall s`, `peak MB`: mean cost per run, as recorded (on a shared machine "
+                "wall times vary 2–7× with load; compare them within one page, not across machines).\n",
                 markdown(shown) + "\n"]
         frames = curves(spec["results_dir"], records=records, labels=labels)
         if frames:
@@ -125,7 +131,7 @@ def index(out_dir: str | Path = DOCS, benchmarks: str | Path = ROOT / "benchmark
              "differ in the last digits: the zoo's fine-tunes are not bit-reproducible across machines. "
              "All pages so far were measured on CPU.\n", "| sweep file | what it measures | page |", "|---|---|---|"]
     for f in sorted(benchmarks.glob("*.toml")):
-        what = description(f).splitlines()[0] if description(f) else ""
+        what = description(f).split("\n")[0] if description(f) else ""
         link = f"[{f.stem}]({f.stem}.md)" if f.stem in pages else \
             f"not generated yet: `python -m harness sweep --file benchmarks/{f.name}`"
         lines.append(f"| `benchmarks/{f.name}` | {what.replace('|', '/')} | {link} |")
