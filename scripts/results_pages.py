@@ -87,7 +87,7 @@ def page(sweep_file: str | Path, out_dir: str | Path = DOCS, results_dir: str | 
         frames = curves(spec["results_dir"], records=records, labels=labels)
         if frames:
             plt = _plt()
-            fig, axes = plt.subplots(len(frames), 1, figsize=(9, 3.6 * len(frames)), squeeze=False)
+            fig, axes = plt.subplots(len(frames), 1, figsize=(13, 4.2 * len(frames)), squeeze=False)
             for ax, (task, df) in zip(axes[:, 0], sorted(frames.items())):
                 for label, g in df.groupby("label"):
                     mean = g.groupby("evaluation")["best"].mean()
@@ -95,10 +95,10 @@ def page(sweep_file: str | Path, out_dir: str | Path = DOCS, results_dir: str | 
                 ax.set(title=f"{task}: best search loss so far (mean over seeds)", xlabel="evaluations",
                        ylabel="search loss", xscale="log")
                 ax.grid(alpha=0.3)
-                ax.legend(fontsize=6)
+                ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
             fig.tight_layout()
             out_dir.mkdir(parents=True, exist_ok=True)
-            fig.savefig(out_dir / f"{name}.png", dpi=110)
+            fig.savefig(out_dir / f"{name}.png", dpi=110, bbox_inches="tight")
             plt.close(fig)
             out += ["## Search curves\n", f"![best-so-far search loss of every setting]({name}.png)\n"]
     else:
