@@ -52,7 +52,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from harness import bench
+    import harness.bench as bench
     from harness.config import coerce
     seeds = coerce(args.seeds, list[int], "--seeds")
     results_dir = args.results_dir or f"results/bench-{args.suite}"
@@ -145,7 +145,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from harness import registry
+    import harness.registry as registry
     if args.name:
         kinds = [k for k in registry.GROUPS if args.name in registry.names(k)]
         if not kinds:
@@ -251,7 +251,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_zoo(args) -> int:
-    from harness import registry
+    import harness.registry as registry
     from harness.sources import cache as zoo
     if args.action == "list":
         for name in registry.names("source"):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import registry
+import harness.registry as registry
 from harness.api import Candidate, HarnessError
 from harness.config import RunConfig, resolve_options
 
@@ -225,7 +225,7 @@ def check_transform(name: str) -> list[Check]:
     """A transform plugin keeps the blocks and shapes, leaves its inputs alone, is a function of
     the seed (same seed, same vectors), and returns one name per vector."""
     import torch
-    from harness import transforms
+    import harness.transforms as transforms
     gen = torch.Generator().manual_seed(0)
     tvs = [{"w": torch.randn(6, 4, generator=gen), "b": torch.randn(6, generator=gen),
             "conv": torch.randn(3, 2, 2, 2, generator=gen)} for _ in range(3)]

@@ -27,7 +27,7 @@ def _defaults(searcher: str) -> dict:
     """The option defaults (``repr`` text) of an installed searcher; empty for a name that is not
     a registered plugin (record text is never imported as ``module:Class``)."""
     try:
-        from harness import registry
+        import harness.registry as registry
         if searcher not in registry.names("searcher"):
             return {}
         cls = registry.load("searcher", searcher)

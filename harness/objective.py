@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness import registry
+import harness.registry as registry
 from harness.api import HarnessError, Space, Task, option
 from harness.composition import Composition, parse_space
 from harness.config import resolve_options
@@ -206,7 +206,7 @@ class ComposingTask(Task):
         tvs = [dict(self.source.task_vectors[d]) if s == 1 else {k: s * v for k, v in self.source.task_vectors[d].items()}
                for d, s in zip(names, signs)]
         if self.options.transform:
-            from harness import transforms
+            import harness.transforms as transforms
             tvs, names, info = transforms.load(self.options.transform).apply(tvs, list(names), self.seed)
             self.transform_info = {"transform": self.options.transform, **info}
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[self.options.dtype]
@@ -236,7 +236,7 @@ class ComposingTask(Task):
                 setattr(options, k, getattr(src, k))
         resolve_engine(options)
         if options.transform:
-            from harness import transforms
+            import harness.transforms as transforms
             options.transform = transforms.canonical(options.transform)
 
     @classmethod

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness import registry
+import harness.registry as registry
 from harness.api import HarnessError, Searcher, Task
 from harness.config import RunConfig, check_config, resolve_options
 from harness.engines import check_device

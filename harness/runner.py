@@ -22,7 +22,7 @@ import traceback
 import numpy as np
 import torch
 
-from harness import registry
+import harness.registry as registry
 from harness.api import HarnessError, Task
 from harness.config import RunConfig
 from harness.evaluators import Evaluator, LocalEvaluator
@@ -227,7 +227,7 @@ def _references(task, p, record) -> dict:
     (``harness/refcache.py``); tasks that compose no checkpoints are not cached (nothing to key)."""
     if not record.family:
         return task.references()
-    from harness import refcache
+    import harness.refcache as refcache
     from harness.sources.cache import cache_root
     c = p.config
     material = {"task": c.task, "options": c.task_options, "space": c.space, "seed": c.seed,

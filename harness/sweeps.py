@@ -35,7 +35,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from harness import registry
+import harness.registry as registry
 from harness.api import HarnessError
 from harness.config import RunConfig, coerce, parse_pairs
 from harness.leaderboards import leaderboard

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness import registry
+import harness.registry as registry
 from harness.api import HarnessError, Transform, option
 from harness.config import resolve_options
 

@@ -35,8 +35,7 @@ HISTORY = re.compile(r"\bsession \d|\bissue ?#\d|\(#\d+\)|#\d+'s\b|DESIGN\.md|(?
 def _sources():
     for folder in ("harness", "searchers", "tasks", "scripts", "benchmarks", "docs", "tests", "examples"):
         for path in sorted((ROOT / folder).rglob("*")):
-            if path.suffix in (".py", ".md", ".toml") and "_prompt_lists" not in path.name \
-                    and "build" not in path.parts and path.name != "test_docs.py":
+            if path.suffix in (".py", ".md", ".toml") and "build" not in path.parts and path.name != "test_docs.py":
                 yield path
     yield ROOT / "README.md"
 

@@ -211,7 +211,7 @@ class ModelSource:
         are read from the reference cache (``harness/refcache.py``); ``meta["references_cached"]``
         says which."""
         if cache_dir is not None:
-            from harness import refcache
+            import harness.refcache as refcache
             material = {"base": content_hash(self.base), "device": self.device.type if self.device else "cpu",
                         "task_vectors": content_hash({f"{ds}/{k}": v for ds in sorted(self.task_vectors)
                                                       for k, v in self.task_vectors[ds].items()}),

@@ -85,7 +85,7 @@ def zoo_class(name: "str | type[ZooSource]") -> type[ZooSource]:
     """The cached source plugin registered as ``name``."""
     if isinstance(name, type):
         return name
-    from harness import registry
+    import harness.registry as registry
     cached = [n for n in registry.names("source") if getattr(registry.load("source", n), "cached", False)]
     if name not in cached:
         raise HarnessError(f"unknown zoo '{name}'; valid zoos: {', '.join(cached)}")

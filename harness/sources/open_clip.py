@@ -61,7 +61,7 @@ def _heads(model, tokenizer, classes, templates, cache_dir, text_hash) -> tuple[
     cache when these weights, class names, templates and code made them before."""
     if cache_dir is None:
         return zero_shot_heads(model, tokenizer, classes, templates), False
-    from harness import refcache
+    import harness.refcache as refcache
     material = {"text": text_hash, "classes": list(classes), "templates": list(templates),
                 "code": refcache.code_version()}
     value, hit = refcache.cached(cache_dir, "heads", material,
