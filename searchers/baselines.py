@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from harness.api import option
 from atlas_harness_searchers.task_arithmetic import TaskArithmeticSearcher
 
@@ -54,3 +56,70 @@ class IsoSearcher(TaskArithmeticSearcher):
     description = "Iso-C baseline: α grid over linspace(0, 2, 21) on the flat-spectrum sum of the task vectors"
     transform = "iso"
     Options = WideGrid
+
+
+class IsoCtsSearcher(TaskArithmeticSearcher):
+    """Iso-CTS (Marczak et al. 2025): θ0 + α · iso_cts(τ_1..τ_T), α on ``linspace(0, 2, 21)``.
+    FusionBench's variant is ``-t transform=iso-cts:conv=other`` with ``-s lo=1 -s hi=1 -s points=1``."""
+
+    name = "iso-cts"
+    description = "Iso-CTS baseline: α grid over linspace(0, 2, 21) on the common + task-specific flat-spectrum merge"
+    transform = "iso-cts"
+    Options = WideGrid
+
+
+class TsvmSearcher(TaskArithmeticSearcher):
+    """TSV-M (Gargiulo et al. 2025): θ0 + α · Σ tsvm(τ_i), α on ``linspace(0, 2, 21)`` (the paper
+    and FusionBench use α = 1). FusionBench's variant is ``-t transform=tsvm:conv=other``."""
+
+    name = "tsvm"
+    description = "TSV-M baseline: α grid over linspace(0, 2, 21) on decorrelated task singular vectors"
+    transform = "tsvm"
+    Options = WideGrid
+
+
+class ConsensusSearcher(TaskArithmeticSearcher):
+    """Consensus task arithmetic (Wang et al. 2024): θ0 + α · Σ consensus(τ_i), α on the
+    task-arithmetic grid ``linspace(0, 1, 21)`` (the masked sum keeps task arithmetic's scale)."""
+
+    name = "consensus"
+    description = "consensus merging baseline: task arithmetic over linspace(0, 1, 21) on TALL-consensus-masked vectors"
+    transform = "consensus"
+
+
+class WudiSearcher(TaskArithmeticSearcher):
+    """WUDI (Cheng et al. 2025): θ0 + α · wudi(τ_1..τ_T), α on ``linspace(0, 2, 21)`` (the
+    paper and FusionBench use α = 1)."""
+
+    name = "wudi"
+    description = "WUDI baseline: α grid over linspace(0, 2, 21) on the data-free WUDI merge"
+    transform = "wudi"
+    Options = WideGrid
+
+
+class CartSearcher(TaskArithmeticSearcher):
+    """CART (Choi et al. 2024): θ0 + mean(τ) + λ Σ_t LowRank(τ_t − mean(τ)), λ on
+    ``linspace(0, 2, 21)`` chosen on the search split: the grid scales the low-rank centred
+    vectors while the coefficients of the ``average`` vector the transform puts first stay at 1.
+    Over vectors without an ``average`` (no transform) it is the plain α grid."""
+
+    name = "cart"
+    description = "CART baseline: the task vectors' average plus λ · low-rank centred vectors, λ over linspace(0, 2, 21)"
+    transform = "cart"
+    Options = WideGrid
+
+    def __init__(self, space, budget, batch_size, seed, options):
+        super().__init__(space, budget, batch_size, seed, options)
+        labels = list(getattr(space, "labels", None) or [])
+        self.average = np.array([str(lab).split("/")[0].lstrip("_") == "average" for lab in labels], dtype=bool)
+
+    def _x(self, alpha):
+        x = np.full(self.space.dim, float(alpha))
+        if self.average.shape == x.shape:
+            x[self.average] = 1.0
+        return self.space.clip(x)
+
+    def _tell(self, candidates, evaluations):
+        lam = self.best_x[~self.average][0] if self.average.shape == self.best_x.shape and (~self.average).any() \
+            else self.best_x[0]
+        self.info = {"lambda": float(lam) if np.isfinite(self.best_loss) else None}

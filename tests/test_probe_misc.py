@@ -7,7 +7,7 @@ import torch
 
 from harness.api import HarnessError
 from harness.config import RunConfig
-from harness.transforms import flat_spectrum
+from harness.transforms.common import flat_spectrum
 
 
 @pytest.mark.parametrize("values", [torch.full((4, 3), 3e38), torch.full((4, 3), float("inf"))])
