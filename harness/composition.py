@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from harness.api import HarnessError
 
-SPACES = ("per_task", "per_layer", "per_block", "per_partition:K")
+SPACES = ("per_task", "per_layer", "per_block", "per_partition:K", "lines")
 
 # Container names whose next component is a layer index (timm/EfficientNet, efficientnet_pytorch,
 # open_clip's transformer, torchvision/HF encoders).
@@ -59,9 +59,9 @@ def parse_space(spec: str) -> tuple[str, int]:
     """Parse a space spec into ``(kind, K)``; K is 1 except for ``per_partition:K``.
 
     Args:
-        spec: one of ``per_task``, ``per_layer``, ``per_block``, ``per_partition:K`` (K ≥ 2).
+        spec: one of ``per_task``, ``per_layer``, ``per_block``, ``per_partition:K`` (K ≥ 2), ``lines``.
     """
-    if spec in ("per_task", "per_layer", "per_block"):
+    if spec in ("per_task", "per_layer", "per_block", "lines"):
         return spec, 1
     m = re.fullmatch(r"per_partition:(\d+)", str(spec).strip())
     if m and int(m.group(1)) >= 2:
@@ -84,6 +84,27 @@ def layer_of(block_name: str) -> str:
     return parts[0]
 
 
+def depth_of(blocks: Sequence[str]) -> list[float]:
+    """Each block's depth in [0, 1] for the ``lines`` space: its layer index (the integer after
+    a container such as ``resblocks``, as in :func:`layer_of`) scaled so the first indexed layer
+    is 0 and the last is 1. Blocks before the first indexed layer (stem, embeddings) take depth 0,
+    blocks after one (final norm, projection, head) the depth of the layer before them. Without
+    any indexed layer, the layers in order of first appearance are spread evenly."""
+    index = []
+    for b in blocks:
+        parts = b.split(".")
+        index.append(next((int(n) for c, n in zip(parts, parts[1:]) if c in _LAYER_CONTAINERS and n.isdigit()), None))
+    known = [i for i in index if i is not None]
+    if not known:
+        groups = list(dict.fromkeys(layer_of(b) for b in blocks))
+        index, known = [groups.index(layer_of(b)) for b in blocks], list(range(len(groups)))
+    lo, hi, last, out = min(known), max(known), None, []
+    for i in index:
+        last = i if i is not None else (last if last is not None else lo)
+        out.append(0.0 if hi == lo else (last - lo) / (hi - lo))
+    return out
+
+
 class Composition:
     """θ_0 plus T task vectors, and the map from a flat coefficient vector to merged parameters.
 
@@ -91,9 +112,11 @@ class Composition:
         base: pre-trained state dict; its floating entries are the blocks, in the dict's order.
         task_vectors: one dict per task with exactly the base's floating keys and shapes.
         task_names: one unique name per task vector (used in coordinate labels).
-        space: ``per_task`` (T), ``per_layer`` (T×G), ``per_block`` (T×B, the paper) or
+        space: ``per_task`` (T), ``per_layer`` (T×G), ``per_block`` (T×B, the paper),
             ``per_partition:K`` (T×B×K; every block's elements, 1-D blocks included, are split into K
-            random partitions fixed by ``seed``).
+            random partitions fixed by ``seed``) or ``lines`` (2: LiNeS, Wang et al. 2025, every
+            task vector scaled by λ_b = first·(1 − d_b) + last·d_b at depth d_b, see :func:`depth_of`;
+            the all-ones vector is task arithmetic at α = 1 as in every other space).
         dtype: storage of the task vectors (fp16 halves memory, as in the paper); the merge computes
             in fp32, or in fp64 when ``dtype`` is fp64 (useful for gradient checks).
         seed: seeds the random partition assignment.
@@ -159,6 +182,10 @@ class Composition:
         elif kind == "per_block":
             self.dim = self.T * self.B
             self.labels = [f"{t}/{b}" for t in task_names for b in self.blocks]
+        elif kind == "lines":
+            self._depth = torch.tensor(depth_of(self.blocks), dtype=torch.float64)
+            self.dim = 2
+            self.labels = ["first", "last"]
         else:
             gen = torch.Generator().manual_seed(int(seed))
             # uint8 keeps the assignment at one byte per parameter; it is widened only per block in merge.
@@ -190,6 +217,9 @@ class Composition:
             return x.view(self.T, len(self.groups))[:, self._group_index.to(x.device)]
         if self.kind == "per_block":
             return x.view(self.T, self.B)
+        if self.kind == "lines":
+            d = self._depth.to(device=x.device, dtype=x.dtype)
+            return (x[0] * (1 - d) + x[1] * d).expand(self.T, self.B)
         return x.view(self.T, self.B, self.K)
 
     def merge(self, x: Tensor | np.ndarray) -> dict[str, Tensor]:
@@ -252,6 +282,8 @@ class Composition:
         """The ``x`` giving λ = 1 on every block of task ``i`` and 0 elsewhere (θ_0 + τ_i)."""
         if not 0 <= i < self.T:
             raise HarnessError(f"task index {i} out of range: there are {self.T} task vectors")
+        if self.kind == "lines" and self.T > 1:
+            raise HarnessError("the lines space scales every task vector alike: it cannot hold one task vector alone")
         x = np.zeros((self.T, self.dim // self.T))
         x[i] = 1.0
         return x.reshape(-1)
