@@ -84,6 +84,9 @@ def page(sweep_file: str | Path, out_dir: str | Path = DOCS, results_dir: str | 
                 "`evals`, `wall s`, `peak MB`: mean cost per run, as recorded (on a shared machine "
                 "wall times vary 2–7× with load; compare them within one page, not across machines).\n",
                 markdown(shown) + "\n"]
+        plain = pd.concat([leaderboard(spec["results_dir"], task=t, records=records) for t in spec["tasks"]],
+                          ignore_index=True)
+        out += by_transform(plain)
         frames = curves(spec["results_dir"], records=records, labels=labels)
         if frames:
             plt = _plt()
@@ -118,6 +121,50 @@ def page(sweep_file: str | Path, out_dir: str | Path = DOCS, results_dir: str | 
     path = out_dir / f"{name}.md"
     path.write_text("\n".join(out))
     return path
+
+
+def by_transform(board) -> list[str]:
+    """When the runs cover several task-vector transforms: a table with one row per transform
+    (``raw`` for none) and one column per way of using it — its own baseline (the α grid of the
+    searcher bound to it, or task arithmetic over raw vectors) and every other searcher × space —
+    each cell ``mean ± std (wall s)``; then, per column, the transform that scores best and its
+    gain over the raw vectors. Empty when there is one transform or none."""
+    import harness.registry as registry
+    if board.empty or board["transform"].nunique() < 2:
+        return []
+    cells, order = {}, []
+    for _, r in board.iterrows():
+        name, space = r["searcher"], str(r["setting"]).split(",")[0]
+        if name == "zero-shot":
+            continue
+        bound = getattr(registry.load("searcher", name), "transform", "")
+        grid = (bound and bound == str(r["transform"]).split(":")[0]) or name == "task-arithmetic"
+        column = "own baseline (α grid)" if grid else f"{name} {space}"
+        row = "raw" if r["transform"] in ("—", "", None) else str(r["transform"])
+        order += [c for c in (column,) if c not in order]
+        cells.setdefault(row, {})[column] = (float(r["mean"]), float(r["std"]), float(r["wall_time_s"]), int(r["n"]))
+    order.sort(key=lambda c: c != "own baseline (α grid)")
+
+    def fmt(c):
+        if c is None:
+            return "—"
+        spread = f"{c[1]:.4f}" if c[3] > 1 and c[1] == c[1] else f"— (n={c[3]})"
+        return f"{c[0]:.4f} ± {spread} ({c[2]:.0f} s)"
+    lines = ["## By transform\n",
+             "Each transform's rows side by side: `mean ± std over seeds (mean wall seconds per run)`.\n",
+             "| transform | " + " | ".join(order) + " |", "|---" * (len(order) + 1) + "|"]
+    for row, got in cells.items():
+        lines.append(f"| {row} | " + " | ".join(fmt(got.get(c)) for c in order) + " |")
+    lines.append("")
+    for column in order:
+        have = {row: got[column] for row, got in cells.items() if column in got}
+        if len(have) < 2:
+            continue
+        best = max(have, key=lambda k: have[k][0])
+        raw = have.get("raw")
+        gain = "" if raw is None or best == "raw" else f", {100 * (have[best][0] - raw[0]):+.2f} points over the raw vectors"
+        lines.append(f"- {column}: best over **{best}**, {have[best][0]:.4f}{gain}.")
+    return lines + [""]
 
 
 def index(out_dir: str | Path = DOCS, benchmarks: str | Path = ROOT / "benchmarks") -> Path:

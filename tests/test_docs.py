@@ -123,6 +123,24 @@ def test_results_page_is_generated_from_recorded_runs(tmp_path):
     assert "4 of 6" in text and "## Not recorded yet" in text and "quadratic-random-" in text
 
 
+def test_results_page_puts_transforms_side_by_side():
+    """Runs over several transforms get a transform × method table and, per method, the best
+    transform with its gain over the raw vectors."""
+    import pandas as pd
+    rows = [("task-arithmetic", "—", "per_task, 21 evals", 0.76, 0.01, 3), ("iso", "iso", "per_task, 21 evals", 0.90, 0.0, 3),
+            ("gradient", "—", "per_block, 300 evals", 0.91, 0.003, 3), ("gradient", "iso", "per_block, 300 evals", 0.92, 0.002, 3),
+            ("zero-shot", "—", "per_task, 1 evals", 0.75, 0.0, 3), ("nevergrad", "iso", "per_block, 300 evals", 0.915, 0.0, 1)]
+    board = pd.DataFrame([{"searcher": a, "transform": t, "setting": st, "mean": m, "std": sd, "n": n,
+                           "wall_time_s": 10.0} for a, t, st, m, sd, n in rows])
+    text = "\n".join(PAGES["by_transform"](board))
+    assert "| transform | own baseline (α grid) | gradient per_block | nevergrad per_block |" in text
+    assert "| raw | 0.7600 ± 0.0100 (10 s) | 0.9100 ± 0.0030 (10 s) | — |" in text
+    assert "| iso | 0.9000 ± 0.0000 (10 s) | 0.9200 ± 0.0020 (10 s) | 0.9150 ± — (n=1) (10 s) |" in text
+    assert "- own baseline (α grid): best over **iso**, 0.9000, +14.00 points over the raw vectors." in text
+    assert "- gradient per_block: best over **iso**, 0.9200, +1.00 points over the raw vectors." in text
+    assert PAGES["by_transform"](board[board["transform"] == "—"]) == []
+
+
 def test_docs_site_builds_strictly(tmp_path):
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent))
     assert mkdocs, "mkdocs is installed by scripts/setup.sh (the docs extra)"
