@@ -24,7 +24,10 @@ from torch import Tensor, nn
 
 from harness.api import HarnessError
 
-SPACES = ("per_task", "per_layer", "per_block", "per_partition:K", "lines")
+SPACES = ("per_task", "per_layer", "per_block", "per_partition:K", "lines", "norms")
+# A normalisation layer's name (the component before ``weight``/``bias``): open_clip's ln_1/ln_pre,
+# Hugging Face's layer_norm1/pre_layrnorm/post_layernorm, EfficientNet's _bn0, torchvision's bn1/norm.
+_NORM_LAYER = re.compile(r"^_?(ln|bn)(_?\w*)?$|norm|layrnorm", re.IGNORECASE)
 
 # Container names whose next component is a layer index (timm/EfficientNet, efficientnet_pytorch,
 # open_clip's transformer, torchvision/HF encoders).
@@ -59,9 +62,10 @@ def parse_space(spec: str) -> tuple[str, int]:
     """Parse a space spec into ``(kind, K)``; K is 1 except for ``per_partition:K``.
 
     Args:
-        spec: one of ``per_task``, ``per_layer``, ``per_block``, ``per_partition:K`` (K ≥ 2), ``lines``.
+        spec: one of ``per_task``, ``per_layer``, ``per_block``, ``per_partition:K`` (K ≥ 2), ``lines``,
+            ``norms``.
     """
-    if spec in ("per_task", "per_layer", "per_block", "lines"):
+    if spec in ("per_task", "per_layer", "per_block", "lines", "norms"):
         return spec, 1
     m = re.fullmatch(r"per_partition:(\d+)", str(spec).strip())
     if m and int(m.group(1)) >= 2:
@@ -82,6 +86,13 @@ def layer_of(block_name: str) -> str:
         if name in _LAYER_CONTAINERS and nxt.isdigit():
             return f"{name}.{nxt}"
     return parts[0]
+
+
+def is_norm_block(name: str, shape: Sequence[int]) -> bool:
+    """Whether a block is a normalisation layer's affine weight or bias (1-D, its layer named
+    like ``ln_1``, ``layer_norm1``, ``_bn0`` or ``norm``): what the ``norms`` space tunes."""
+    parts = name.split(".")
+    return len(shape) == 1 and len(parts) >= 2 and parts[-1] in ("weight", "bias") and bool(_NORM_LAYER.search(parts[-2]))
 
 
 def depth_of(blocks: Sequence[str]) -> list[float]:
@@ -116,7 +127,10 @@ class Composition:
             ``per_partition:K`` (T×B×K; every block's elements, 1-D blocks included, are split into K
             random partitions fixed by ``seed``) or ``lines`` (2: LiNeS, Wang et al. 2025, every
             task vector scaled by λ_b = first·(1 − d_b) + last·d_b at depth d_b, see :func:`depth_of`;
-            the all-ones vector is task arithmetic at α = 1 as in every other space).
+            the all-ones vector is task arithmetic at α = 1 as in every other space) or ``norms``
+            (one additive change per entry of every normalisation layer's weight and bias, see
+            :func:`is_norm_block`, and no task vector: norm-layer tuning, the baseline that test-time
+            adaptation methods such as SAR build on).
         dtype: storage of the task vectors (fp16 halves memory, as in the paper); the merge computes
             in fp32, or in fp64 when ``dtype`` is fp64 (useful for gradient checks).
         seed: seeds the random partition assignment.
@@ -182,6 +196,15 @@ class Composition:
         elif kind == "per_block":
             self.dim = self.T * self.B
             self.labels = [f"{t}/{b}" for t in task_names for b in self.blocks]
+        elif kind == "norms":
+            self.free = [b for b, name in enumerate(self.blocks) if is_norm_block(name, self.base[name].shape)]
+            if not self.free:
+                raise HarnessError(f"the norms space tunes normalisation layers, but none of the {self.B} composed blocks "
+                                   f"is one (e.g. {self.blocks[0]!r}); use another --space")
+            sizes = [self.base[self.blocks[b]].numel() for b in self.free]
+            self._offsets = np.cumsum([0] + sizes).tolist()
+            self.dim = int(self._offsets[-1])
+            self.labels = [f"{self.blocks[b]}[{j}]" for b, n in zip(self.free, sizes) for j in range(n)]
         elif kind == "lines":
             self._depth = torch.tensor(depth_of(self.blocks), dtype=torch.float64)
             self.dim = 2
@@ -217,6 +240,8 @@ class Composition:
             return x.view(self.T, len(self.groups))[:, self._group_index.to(x.device)]
         if self.kind == "per_block":
             return x.view(self.T, self.B)
+        if self.kind == "norms":  # no task vector takes part
+            return torch.zeros(self.T, self.B, device=x.device, dtype=x.dtype)
         if self.kind == "lines":
             d = self._depth.to(device=x.device, dtype=x.dtype)
             return (x[0] * (1 - d) + x[1] * d).expand(self.T, self.B)
@@ -231,6 +256,13 @@ class Composition:
         Returns:
             ``{block name: merged tensor}`` in fp32 (fp64 for an fp64 composition).
         """
+        if self.kind == "norms":
+            x = self._as_tensor(x)
+            merged = dict(self.base)
+            for i, b in enumerate(self.free):
+                name = self.blocks[b]
+                merged[name] = self.base[name] + x[self._offsets[i]:self._offsets[i + 1]].view(self.base[name].shape)
+            return merged
         lam = self.coefficients(x)
         merged = {}
         for b, name in enumerate(self.blocks):
@@ -276,12 +308,16 @@ class Composition:
 
     def isotropic(self, alpha: float) -> np.ndarray:
         """The ``x`` giving λ = α for every (task, block): task arithmetic θ_0 + α Σ_i τ_i."""
+        if self.kind == "norms":
+            raise HarnessError("the norms space tunes normalisation layers: it holds no task vector to scale")
         return np.full(self.dim, float(alpha), dtype=np.float64)
 
     def one_hot(self, i: int) -> np.ndarray:
         """The ``x`` giving λ = 1 on every block of task ``i`` and 0 elsewhere (θ_0 + τ_i)."""
         if not 0 <= i < self.T:
             raise HarnessError(f"task index {i} out of range: there are {self.T} task vectors")
+        if self.kind == "norms":
+            raise HarnessError("the norms space tunes normalisation layers: it holds no task vector")
         if self.kind == "lines" and self.T > 1:
             raise HarnessError("the lines space scales every task vector alike: it cannot hold one task vector alone")
         x = np.zeros((self.T, self.dim // self.T))

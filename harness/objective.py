@@ -239,8 +239,14 @@ class ComposingTask(Task):
             import harness.transforms as transforms
             options.transform = transforms.canonical(options.transform)
 
+    # Whether --space norms (norm-layer tuning, no task vector) is a baseline of this task.
+    tunes_norms = False
+
     @classmethod
     def check_space(cls, options, space: str) -> None:
+        if space == "norms" and not cls.tunes_norms:
+            raise HarnessError(f"--space norms (norm-layer tuning) is a test-time adaptation baseline: use it with "
+                               f"--task tta, not {cls.name}")
         if options.select and not space.startswith(("per_block", "per_partition")):
             raise HarnessError(f"task option select (informative block selection) needs --space per_block or "
                                f"per_partition:K, not {space}")

@@ -100,6 +100,20 @@ def _entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(1)
 
 
+def reliable(logits: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+    """Per-sample prediction entropies and SAR's reliable-sample mask: a sample counts when its
+    entropy is below ``margin`` · ln(classes) (SAR: 0.4); ``margin`` 0 keeps every sample.
+
+    Example:
+        >>> reliable(torch.tensor([[9.0, 0, 0], [0.0, 0, 0]]), 0.4)[1]
+        tensor([ True, False])
+    """
+    e = _entropy(logits)
+    if not margin:
+        return e, torch.ones_like(e, dtype=torch.bool)
+    return e, e.detach() < margin * float(np.log(logits.shape[1]))
+
+
 # --------------------------------------------------------------------------- the task
 
 class TTATask(ComposingTask):
@@ -118,7 +132,9 @@ class TTATask(ComposingTask):
       The loss is the cross-entropy of the strong view against the (detached) pseudo-labels, masked
       terms divided by the batch size as in FixMatch. Trusted samples carry ``trusted_share`` (¼)
       of every batch's weight, the others the rest.
-    - ``entropy``: mean prediction entropy on the unaugmented images (Tent's objective).
+    - ``entropy``: mean prediction entropy on the unaugmented images (Tent's objective); with
+      ``reliable`` = m > 0, the mean over the samples whose entropy is below m · ln(classes) only
+      (SAR's reliable-sample filter, m = 0.4), recomputed at every point scored.
     - ``im`` (the default): information maximisation (SHOT's objective) on the unaugmented images:
       mean prediction entropy minus the entropy of the mean prediction, so that predictions get
       confident *and* stay spread over the classes instead of collapsing onto a few. The second
@@ -155,6 +171,7 @@ class TTATask(ComposingTask):
     headline = "acc"
     higher_is_better = True
     data = "unlabelled test"
+    tunes_norms = True
 
     @dataclass
     class Options(ComposeOptions):
@@ -178,6 +195,8 @@ class TTATask(ComposingTask):
         trusted_share: float = option(0.25, "ufm: the share of every batch's weight the trusted samples carry",
                                       ge=0, le=1)
         temperature: float = option(0.1, "simclr: temperature of the NT-Xent loss", gt=0)
+        reliable: float = option(0.0, "entropy: average only over samples whose entropy is below this × ln(classes) "
+                                      "(SAR's reliable-sample filter: 0.4; 0: every sample)", ge=0)
         flip: bool = option(True, "allow horizontal flips in the augmented views (off where mirroring changes "
                                   "the class)")
 
@@ -300,9 +319,15 @@ class TTATask(ComposingTask):
                 elif o.objective == "entropy":
                     batch = self._batch(c)
                     idx = batch[shard_slice(len(batch), shard)]
-                    # Each sample weighs 1 / batch size: a shard's weight is its share of the batch.
-                    num = _entropy(self._logits(params, self.clean[idx])).sum() / len(batch) if len(idx) else 0
-                    wsum, metrics = len(idx) / len(batch), {}
+                    if o.reliable:  # the mean over reliable samples: each weighs 1, a shard its count
+                        e, keep = reliable(self._logits(params, self.clean[idx]), o.reliable) if len(idx) else (None, None)
+                        num = (e * keep).sum() if len(idx) else 0
+                        wsum = float(keep.sum()) if len(idx) else 0.0
+                        # Recorded as the reliable fraction of the samples scored (metrics are divided by wsum).
+                        metrics = {"reliable": wsum * wsum / len(idx)} if len(idx) else {}
+                    else:  # each sample weighs 1 / batch size: a shard's weight is its share of the batch
+                        num = _entropy(self._logits(params, self.clean[idx])).sum() / len(batch) if len(idx) else 0
+                        wsum, metrics = len(idx) / len(batch), {}
                 else:
                     groups = self.groups if c.batch is None else [self._batch(c)]
                     total = sum(len(g) for g in groups)
