@@ -1,4 +1,4 @@
-"""Task-vector transforms (harness/transforms.py) against hand-computed examples, and the baseline
+"""Task-vector transforms (harness/transforms/: ties, dare, iso) against hand-computed examples, and the baseline
 searchers bound to them end to end."""
 from __future__ import annotations
 
