@@ -1,4 +1,4 @@
-"""Command line: ``python -m harness {run,list,leaderboard,zoo,sweep,bench}``.
+"""Command line: ``python -m harness {run,list,leaderboard,zoo,sweep,bench,check-checkpoints,...}``.
 
 Every user error is one line on stderr and exit code 2; nothing already recorded is touched.
 """
@@ -80,18 +80,25 @@ def _pairs(values, flag):
     return parse_pairs(values, flag) if values else None
 
 
-def cmd_run(args) -> int:
+def _run_config(args):
+    """The run config of ``run``'s flags (and of ``check-checkpoints``, which takes its source flags)."""
     from harness.config import build_config
-    from harness.runner import run
-    flags = {k: v for k, v in vars(args).items() if k != "command"}
-    flags["searcher_options"] = _pairs(args.searcher_options, "-s")
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "trust_checkpoints")}
+    flags["searcher_options"] = _pairs(getattr(args, "searcher_options", None), "-s")
     flags["task_options"] = _pairs(args.task_options, "-t")
     if args.data_root is not None:
         flags["task_options"] = {**(flags["task_options"] or {}), "data_root": args.data_root}
-    cfg = build_config(flags)
+    return build_config(flags)
+
+
+def cmd_run(args) -> int:
+    import harness.sources.task_check as task_check
+    from harness.runner import run
+    cfg = _run_config(args)
     if hint := gradient_hint(cfg):
         print(hint, file=sys.stderr)
-    record = run(cfg, log=lambda m: print(m, file=sys.stderr))
+    with task_check.trusting(args.trust_checkpoints):
+        record = run(cfg, log=lambda m: print(m, file=sys.stderr))
     print_run(record)
     return 0 if record.get("status") == "complete" else 1
 
@@ -215,9 +222,34 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    import harness.sources.task_check as task_check
     from harness.sweeps import load_sweep, run_sweep
-    run_sweep(load_sweep(args), log=lambda m: print(m, file=sys.stderr), show=True)
+    with task_check.trusting(args.trust_checkpoints):
+        run_sweep(load_sweep(args), log=lambda m: print(m, file=sys.stderr), show=True)
     return 0
+
+
+def cmd_check_checkpoints(args) -> int:
+    """Build the task's model source as ``run`` would, print the checkpoint check's table
+    (:mod:`harness.sources.task_check`) and exit 1 when a checkpoint fails it (a run would
+    refuse), 0 otherwise (warnings included). A built-in zoo is checked on request too."""
+    import harness.sources.task_check as task_check
+    from harness.objective import check_finite, resolve_source, source_name
+    from harness.problem import plan
+    p = plan(_run_config(args))
+    if not p.task_cls.composes or not hasattr(p.task_options, "source"):
+        raise HarnessError(f"task '{p.config.task}' builds no model source: there are no checkpoints to check")
+    cls, opts = resolve_source(p.task_options)
+    source = cls.load(opts, cache_dir=p.config.cache_dir, progress=not p.config.quiet)
+    check_finite(source, source_name(p.task_options))
+    table = task_check.table_of(source)
+    if table is None:
+        if not task_check.checked_datasets(source):
+            raise HarnessError(f"source '{cls.name}' has no fine-tuned checkpoint with a validation split to check")
+        table = task_check.accuracy_table(source)
+    verdicts = task_check.judge(table)
+    print(task_check.format_table(table, verdicts))
+    return 1 if any(v.status == "fail" for v in verdicts) else 0
 
 
 def cmd_data(args) -> int:
@@ -269,7 +301,7 @@ def cmd_zoo(args) -> int:
     return 0
 
 
-COMMANDS = {"check-plugin": cmd_check_plugin, "presets": cmd_presets, "convert": cmd_convert, "finetune": cmd_finetune, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench,
+COMMANDS = {"check-checkpoints": cmd_check_checkpoints, "check-plugin": cmd_check_plugin, "presets": cmd_presets, "convert": cmd_convert, "finetune": cmd_finetune, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "zoo": cmd_zoo, "bench": cmd_bench,
             "sweep": cmd_sweep, "plot": cmd_plot, "data": cmd_data}
 
 

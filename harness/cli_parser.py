@@ -9,6 +9,8 @@ import argparse
 
 from harness.api import HarnessError
 
+TRUST_HELP = ("run even when a fine-tuned checkpoint does not beat the pre-trained model on its own data set's "
+              "validation split (the checkpoint check of your own checkpoints; each failure becomes a warning line)")
 CACHE_HELP = "zoo cache (default $ATLAS_HARNESS_CACHE, else $XDG_CACHE_HOME/atlas-harness or ~/.cache/atlas-harness)"
 
 
@@ -27,7 +29,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, help="evaluations (gradient: steps); default: the searcher's")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="candidates asked per round; default: the searcher's")
     p.add_argument("--seed", type=int, help="seed of the search and of the task's data subsets (default 0)")
-    p.add_argument("--space", help="per_task | per_layer | per_block | per_partition:K (default: the searcher's)")
+    p.add_argument("--space", help="per_task | per_layer | per_block | per_partition:K | lines (LiNeS: first and last layer's "
+                                       "scale) | norms (norm-layer tuning, tta) (default: the searcher's)")
     p.add_argument("-s", dest="searcher_options", action="append", metavar="KEY=VALUE", help="searcher option (repeatable)")
     p.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE", help="task option (repeatable)")
     p.add_argument("--data-root", dest="data_root", metavar="DIR",
@@ -46,6 +49,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     p.add_argument("--rerun", action="store_true", default=None, help="run again even if this run is already complete")
     p.add_argument("--resume", metavar="RUN_ID", help="resume this run id (the same command resumes by itself)")
+    p.add_argument("--trust-checkpoints", dest="trust_checkpoints", action="store_true", help=TRUST_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--out", required=True, help="folder for the converted files and manifest.json")
     cv.add_argument("--replace", action="store_true",
                     help="replace a non-empty --out (only once the new conversion is complete)")
+    cc = sub.add_parser("check-checkpoints", help="does each fine-tuned checkpoint beat the pre-trained model on its own "
+                        "data set? prints the validation accuracy table; exit 1 when one does not")
+    cc.add_argument("--config", help="TOML file with the same keys as run's flags (only the task and its options matter)")
+    cc.add_argument("--preset", help="a published method's settings, as for run (only the task and its options matter)")
+    cc.add_argument("--task", help="task plugin whose model source is checked (default: addition)")
+    cc.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE",
+                    help="task option (repeatable), as for run: checkpoints, pretrained, model, source, ...")
+    cc.add_argument("--data-root", dest="data_root", metavar="DIR", help="image folders or benchmark data sets, as for run "
+                    "(same as -t data_root=DIR)")
+    cc.add_argument("--cache-dir", dest="cache_dir", help=CACHE_HELP)
+    cc.add_argument("--quiet", action="store_true", default=None, help="no progress output while the source is built")
     ck = sub.add_parser("check-plugin", help="run the conformance suite on an installed plugin")
     ck.add_argument("name", help="plugin name (or module:Class)")
     ck.add_argument("--kind", choices=["searcher", "task", "source", "engine", "transform"], help="when the name is ambiguous")
@@ -93,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--workers", type=int, default=0, help="Ray workers per run (0: in this process)")
     sw.add_argument("--device", help="torch device of every run: cpu (default), cuda or cuda:N")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    sw.add_argument("--trust-checkpoints", dest="trust_checkpoints", action="store_true", help=TRUST_HELP)
     pl = sub.add_parser("plot", help="heat map of one run's coefficients")
     pl.add_argument("run_id", help="the run to plot (a folder name under RESULTS_DIR/runs)")
     pl.add_argument("--results-dir", dest="results_dir", default="results", help="where the run was recorded")

@@ -11,6 +11,7 @@ holds, before the searcher and the evaluator are closed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 import harness.registry as registry
+import harness.sources.task_check as task_check
 from harness.api import HarnessError, Task
 from harness.config import RunConfig
 from harness.evaluators import Evaluator, LocalEvaluator
@@ -60,7 +62,9 @@ def run(cfg: RunConfig, log=print) -> dict:
     store = RunStore(c.results_dir, c.resume or c.run_id())
     if c.resume:
         _check_resume(store, c)
+    before = _snapshot(store)
     store.lock()  # one process per run folder; released when this one ends or dies
+    refused = False
     try:
         old = store.record()
         if old and old.get("status") == "complete" and not c.rerun:
@@ -71,8 +75,13 @@ def run(cfg: RunConfig, log=print) -> dict:
         store.open()
         with stop_signals_exit():
             return _execute(p, store, log)
+    except task_check.CheckpointMismatch:
+        refused = True
+        raise
     finally:
         store.close()
+        if refused:
+            _restore(store, before)
 
 
 def _check_resume(store: RunStore, c: RunConfig) -> None:
@@ -107,6 +116,7 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         task, setup_info = build_task(p)
         record.update(**setup_info)
         _record_setup(record, p, task)
+        _check_checkpoints(record, task, log)
         searcher = make_searcher(p, task.space())
         evaluator = make_evaluator(p, task)
         record.evaluator = evaluator.describe()
@@ -155,6 +165,45 @@ def _record_setup(record: RunRecord, p: Plan, task: Task) -> None:
     record.family = extra.get("family")
     record.data_touched = p.task_cls.data_for(p.task_options) if p.searcher_cls.uses_scores else "none"
     record.update(**task.setup_facts())
+
+
+def _check_checkpoints(record: RunRecord, task: Task, log) -> None:
+    """Judge the checkpoint check a source built from the user's checkpoints carries
+    (:mod:`harness.sources.task_check`): a checkpoint that does not beat the pre-trained model on
+    its own data set stops the run here, before any search, unless the checkpoints are trusted;
+    warnings are logged. What was decided goes into the record."""
+    table = task_check.table_of(getattr(task, "source", None))
+    if table is not None:
+        record.update(checkpoint_check=task_check.enforce(task_check.judge(table), log))
+
+
+# The files of a run folder a refused run puts back as they were (it writes only these).
+_RUN_FILES = ("config.json", "record.json", "trace.jsonl", "coefficients.safetensors")
+
+
+def _snapshot(store: RunStore) -> dict | None:
+    """The run folder's files before this process touches it (None: there is no folder yet)."""
+    if not store.dir.exists():
+        return None
+    return {name: (store.dir / name).read_bytes() for name in _RUN_FILES if (store.dir / name).is_file()}
+
+
+def _restore(store: RunStore, before: dict | None) -> None:
+    """Leave nothing recorded by a run the checkpoint check refused: remove the run folder it
+    created (and the ``runs`` folder when that is left empty), or put back the files of one that
+    was there before (``--rerun`` and a resume write them before the check runs)."""
+    import shutil
+    if before is None:
+        shutil.rmtree(store.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            store.dir.parent.rmdir()  # only when empty
+        return
+    for name in _RUN_FILES:
+        path = store.dir / name
+        if name in before:
+            path.write_bytes(before[name])
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _search_loop(p: Plan, store: RunStore, record: RunRecord, searcher, evaluator: Evaluator, prior, t0: float) -> Progress:

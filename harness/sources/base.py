@@ -205,21 +205,31 @@ class ModelSource:
             else:
                 self.images[ds][split] = np.ascontiguousarray(images)
 
-    def evaluate_references(self, cache_dir: str | None = None) -> None:
+    def evaluate_references(self, cache_dir: str | None = None, extra=None) -> None:
         """Record zero-shot and fine-tuned test accuracy per data set in ``meta``. With a
         ``cache_dir``, figures computed before from the same weights, heads, test data and code
         are read from the reference cache (``harness/refcache.py``); ``meta["references_cached"]``
-        says which."""
+        says which. ``extra`` is ``(name, version, compute)``: further figures of the same content
+        (the checkpoint check, :mod:`harness.sources.task_check`), ``compute(self)``, kept in the
+        same cache entry (``version`` is part of its key) and stored in ``meta[name]``."""
+        def compute():
+            zs, ft = self._reference_accuracies()
+            return (zs, ft) if extra is None else (zs, ft, extra[2](self))
         if cache_dir is not None:
             import harness.refcache as refcache
             material = {"base": content_hash(self.base), "device": self.device.type if self.device else "cpu",
                         "task_vectors": content_hash({f"{ds}/{k}": v for ds in sorted(self.task_vectors)
                                                       for k, v in self.task_vectors[ds].items()}),
                         "data": data_hash(self), "code": refcache.code_version()}
-            (zs, ft), hit = refcache.cached(cache_dir, "source", material, self._reference_accuracies)
-            self.meta.update(zero_shot_acc=zs, finetuned_acc=ft, references_cached=hit)
-            return
-        self.meta["zero_shot_acc"], self.meta["finetuned_acc"] = self._reference_accuracies()
+            if extra is not None:
+                material[extra[0]] = extra[1]
+            value, hit = refcache.cached(cache_dir, "source", material, compute)
+            self.meta["references_cached"] = hit
+        else:
+            value = compute()
+        self.meta["zero_shot_acc"], self.meta["finetuned_acc"] = value[0], value[1]
+        if extra is not None:
+            self.meta[extra[0]] = value[2]
 
     def _reference_accuracies(self) -> tuple[dict, dict]:
         zs, ft = {}, {}

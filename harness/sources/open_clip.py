@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+import harness.sources.task_check as task_check
 from harness.api import HarnessError, Source, option
 from harness.data import OFFLINE, load
 from harness.data.benchmark import CONVENTIONS, VAL_RULES
@@ -263,7 +264,9 @@ def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Seque
         source.meta["data"] = bench_info
     for ds, splits in plan_residency(data, max_resident_mb, set(bench_info)).items():
         source.add_data(ds, splits)
-    source.evaluate_references(reference_cache)
+    # The checkpoint check's table rides in the same cache entry as the references: it is figures
+    # of the same content, and a run judges it before its search (harness.runner).
+    source.evaluate_references(reference_cache, extra=task_check.EXTRA if task_vectors else None)
     source.meta.update(source_stats(source), max_resident_mb=max_resident_mb, image_transform=read.description,
                        model=model_name, pretrained=pretrained,
                        checkpoints=checkpoints,
