@@ -211,3 +211,15 @@ def test_zoos_carry_no_check_and_subsets_are_fixed():
     assert (a == b).all() and len(a) == task_check.SUBSET and (np.diff(a) > 0).all()
     assert not (a == task_check.subset_indices(500, "eurosat")).all()
     assert len(task_check.subset_indices(10, "dtd")) == 10
+
+
+def test_python_api_refuses_and_trusts_like_the_cli(pool, tmp_path):
+    import harness
+    opts = {"pretrained": str(pool["model"]), "checkpoints": f"light={pool['ft']['shade']},shade={pool['ft']['light']}",
+            "data_root": str(pool["data"])}
+    kw = {"budget": 2, "task_options": opts, "cache_dir": str(pool["cache"])}
+    with pytest.raises(harness.HarnessError, match="does not beat the pre-trained model"):
+        harness.run("addition", "nevergrad", results_dir=tmp_path / "refused", **kw)
+    assert not list((tmp_path / "refused").glob("runs/*/record.json"))
+    r = harness.run("addition", "nevergrad", results_dir=tmp_path / "trusted", trust_checkpoints=True, **kw)
+    assert r.status == "complete" and r.record["checkpoint_check"]["trusted"] is True
