@@ -304,6 +304,14 @@ class ComposingTask(Task):
         and the estimate has less variance than drawing with replacement."""
         return torch.randperm(n, generator=generator)[:min(k, n)]
 
+    @staticmethod
+    def penalty(l1: float = 0.0, l2: float = 0.0):
+        """The coefficient penalty ``l1 × mean|λ| + l2 × mean λ²`` over the flat coefficient vector
+        (a function of the coefficient tensor, added to a search loss), or None when both are 0."""
+        if not (l1 or l2):
+            return None
+        return lambda xt: l1 * xt.abs().mean() + l2 * xt.square().mean()
+
     def params(self, x, grad: bool):
         """Merged parameters for ``x`` on the engine's device (see :meth:`Engine.params`)."""
         return self.engine.params(x, grad)

@@ -40,6 +40,10 @@ class AdditionTask(ComposingTask):
                                      default_factory=list)
         search_n: int = option(64, "search-set images per data set, a fixed seeded subset of the searched split (0: all of it)")
         batch_size: int = option(32, "images per data set in a gradient step's random mini-batch")
+        l1: float = option(0.0, "weight of an L1 penalty l1 × mean|λ| on the coefficients, added to the search loss "
+                                "(0: none)", ge=0)
+        l2: float = option(0.0, "weight of an L2 penalty l2 × mean λ² on the coefficients, added to the search loss "
+                                "(0: none)", ge=0)
         objective: str = option("ce", "ce: cross-entropy on labelled validation (aTLAS); entropy: prediction "
                                       "entropy on unlabelled test (AdaMerging)", choices=("ce", "entropy"))
 
@@ -89,6 +93,7 @@ class AdditionTask(ComposingTask):
         with torch.set_grad_enabled(c.grad):
             params, xt = self.params(c.x, c.grad)
             wsum = float(sum(w.sum() for w in ws))
+            reg = self.penalty(self.options.l1, self.options.l2)
             if not any(len(x) for x in xs):
                 return package(xt.sum() * 0, 0.0, xt, c.grad, {})
             z = self.source.features(params, torch.cat([x for x in xs if len(x)]))
@@ -98,16 +103,17 @@ class AdditionTask(ComposingTask):
                 i += len(x)
                 logp = logits.log_softmax(1)
                 total = total + (w * -(logp.exp() * logp).sum(1)).sum()
-            return package(total / wsum, wsum, xt, c.grad, {})
+            return package(total / wsum + (reg(xt) if reg else 0), wsum, xt, c.grad, {})
 
     def evaluate(self, candidates: list[Candidate], shard=None):
         if self.options.objective == "entropy":
             return [self._entropy(c, self.search if c.batch is None else self._minibatch(c.batch), shard)
                     for c in candidates]
+        reg = self.penalty(self.options.l1, self.options.l2)
         full = [i for i, c in enumerate(candidates) if c.batch is None and not c.grad]
-        out = dict(zip(full, self.engine.score([candidates[i] for i in full], self.search, shard)))
+        out = dict(zip(full, self.engine.score([candidates[i] for i in full], self.search, shard, reg)))
         return [out[i] if i in out else self.engine.weighted_ce(c, self._minibatch(c.batch) if c.batch is not None
-                                                         else self.search, shard)
+                                                         else self.search, shard, reg)
                 for i, c in enumerate(candidates)]
 
     def final(self, x):

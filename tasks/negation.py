@@ -58,6 +58,10 @@ class NegationTask(ComposingTask):
                                  "(cap 1: a uniform guess)")
         floor: float = option(0.95, "constraint: test control accuracy ≥ floor × its zero-shot accuracy "
                                     "(a run that breaks it is not ranked)", gt=0, le=1)
+        l1: float = option(0.0, "weight of an L1 penalty l1 × mean|λ| on the coefficients, added to the search loss "
+                                "(0: none)", ge=0)
+        l2: float = option(0.0, "weight of an L2 penalty l2 × mean λ² on the coefficients, added to the search loss "
+                                "(0: none)", ge=0)
         penalty: float = option(100.0, "search-loss penalty per unit of control accuracy below "
                                        "(floor + margin) × zero-shot")
 
@@ -106,7 +110,7 @@ class NegationTask(ComposingTask):
         return WeightedSet(pieces)
 
     def evaluate(self, candidates: list[Candidate], shard=None):
-        out = []
+        out, reg = [], self.penalty(self.options.l1, self.options.l2)
         for c in candidates:
             data = self.search if c.batch is None else self._minibatch(c.batch)
             names, xs, ys, ws = data.part(shard)
@@ -116,6 +120,8 @@ class NegationTask(ComposingTask):
                 (wt, wc) = ws
                 wsum = scalar(wt.sum() + wc.sum())
                 loss = ((-lt.clamp(max=self.tcap) * wt).sum() + (lc * wc).sum()) / max(wsum, 1e-12)
+                if reg is not None:
+                    loss = loss + reg(xt)
                 # Accuracies as weighted sums ÷ the shard's weight, rescaled by each data set's total
                 # weight (0.5): shard metrics then reduce exactly to whole-set accuracies.
                 metrics = {"target_acc": scalar((kt.float() * wt).sum()) / max(wsum, 1e-12) / 0.5,

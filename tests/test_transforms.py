@@ -121,7 +121,7 @@ def test_iso_hand_computed_and_flat_spectrum():
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("bogus", "unknown transform 'bogus'; valid transforms: cart, consensus, dare, iso, iso-cts, ties, tsvm, wudi"),
+    ("bogus", "unknown transform 'bogus'; valid transforms: cart, consensus, dare, iso, iso-cts, matrices, ties, tsvm, wudi"),
     ("ties:k=0", "transform option k must be > 0, <= 1, got 0.0"),
     ("ties:scope=row", "transform option scope='row' is not one of global, tensor"),
     ("ties:q=1", "unknown transform 'ties' option 'q'"),

@@ -140,3 +140,13 @@ def test_cart_searcher_holds_the_average_at_one():
     s = cls(space, 21, 21, 0, cls.Options())
     xs = [c.x for c in s.ask(21)]
     assert all(x[0] == 1.0 for x in xs) and np.allclose([x[1] for x in xs], np.linspace(0, 2, 21))
+
+
+def test_matrices_keeps_the_weight_matrices_only():
+    tvs = [{"w": torch.ones(2, 3), "b": torch.ones(2), "k": torch.ones(2, 1, 2, 2)},
+           {"w": 2 * torch.ones(2, 3), "b": 2 * torch.ones(2), "k": 2 * torch.ones(2, 1, 2, 2)}]
+    out, names, info = _apply("matrices", tvs, ["x", "y"])
+    assert names == ["x", "y"] and info == {"kept_blocks": 2, "zeroed_blocks": 1}
+    assert torch.equal(out[1]["w"], tvs[1]["w"]) and torch.equal(out[1]["k"], tvs[1]["k"]) and not out[1]["b"].any()
+    out, _, info = _apply("matrices:conv=other", tvs, ["x", "y"])
+    assert info["kept_blocks"] == 1 and not out[0]["k"].any()
