@@ -33,6 +33,10 @@ NEUTRAL: dict[str, dict[str, Any]] = {"task_options": {
     # Benchmark-data options at their defaults (runs recorded before they existed keep their ids).
     "extra_data": [], "suite": "", "data_convention": "", "val_rule": "", "prompts": "", "bench_subset": 0,
     "sharpen_mode": "temperature"}}
+# Options one task gained after runs of it were recorded, at the values that leave it unchanged:
+# left out of that task's identity only (``few_shot`` has had ``l1`` from the start).
+NEUTRAL_FOR_TASK: dict[str, dict[str, Any]] = {
+    "addition": {"l1": 0.0, "l2": 0.0}, "negation": {"l1": 0.0, "l2": 0.0}, "tta": {"reliable": 0.0}}
 
 
 @dataclass
@@ -73,6 +77,7 @@ class RunConfig:
         Options of :data:`NEUTRAL` at their neutral value are left out of it."""
         ident = {k: v for k, v in self.identity().items() if k != "seed"}
         for group, neutral in NEUTRAL.items():
+            neutral = {**neutral, **(NEUTRAL_FOR_TASK.get(self.task, {}) if group == "task_options" else {})}
             ident[group] = {k: v for k, v in ident[group].items() if not (k in neutral and v == neutral[k])}
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
 

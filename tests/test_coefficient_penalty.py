@@ -27,3 +27,14 @@ def test_penalty_adds_exactly_its_value_and_gradient(name, cache_dir):
         assert b.loss == pytest.approx(a.loss + extra, abs=1e-5)
     g_plain, g_pen = plain.evaluate([cands[1]])[0].grad, pen.evaluate([cands[1]])[0].grad
     assert np.allclose(g_pen - g_plain, (0.5 * np.sign(x) + 2.0 * 2 * x) / len(x), atol=1e-5)
+
+
+def test_a_neutral_penalty_leaves_the_run_identity_alone():
+    """Runs recorded before the penalty existed keep their ids; a penalty makes another run."""
+    from harness.config import build_config
+    def run_id(task, **opts):
+        return plan(build_config({"task": task, "searcher": "nevergrad", "task_options": opts})).config.run_id()
+    for task in ("addition", "negation"):
+        assert run_id(task) == run_id(task, l1=0.0, l2=0.0) != run_id(task, l1=0.1)
+    assert run_id("tta") == run_id("tta", reliable=0.0)
+    assert run_id("tta", objective="entropy") != run_id("tta", objective="entropy", reliable=0.4)
