@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.api import HarnessError
+from harness.api import HarnessError, option
 
 
 def stack(tvs: list[dict[str, Tensor]], key: str) -> Tensor:
@@ -26,6 +26,23 @@ def trim_threshold(tensors: list[Tensor], k: float) -> Tensor:
 def task_seed(seed: int, i: int) -> int:
     """A generator seed for task vector ``i`` of a run with ``seed`` (independent streams)."""
     return int(np.random.SeedSequence([int(seed) % 2**32, 0xDA4E, i]).generate_state(1)[0])
+
+
+def other_option():
+    """The ``other`` option of the spectral merges: how blocks that are not matrices combine."""
+    return option("mean", "how blocks that are not matrices combine: mean (the paper) or sum", choices=("mean", "sum"))
+
+
+def conv_option(verb: str):
+    """The ``conv`` option of the spectral merges: whether kernels are ``verb`` as matrices."""
+    return option("matrix", f"weights of more than 2 dimensions: {verb} as (out, rest) matrices, or combined like "
+                            "the other blocks (FusionBench)", choices=("matrix", "other"))
+
+
+def combine(t: Tensor, other: str) -> Tensor:
+    """A block that is not a matrix, stacked over the T task vectors, merged by its ``other`` rule:
+    the mean (``mean``) or the sum (``sum``)."""
+    return t.sum(0) / len(t) if other == "mean" else t.sum(0)
 
 
 def is_matrix(t: Tensor, conv: str = "matrix") -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.api import Transform, option
-from harness.transforms.common import flat_spectrum, stack
+from harness.transforms.common import flat_spectrum, is_matrix, stack
 
 
 class IsoC(Transform):
@@ -29,7 +29,7 @@ class IsoC(Transform):
         out, matrices = {}, 0
         for k in task_vectors[0]:
             total = stack(task_vectors, k).sum(0)
-            if total.dim() == 2 or (total.dim() > 2 and o.conv == "matrix"):
+            if is_matrix(total, o.conv):
                 out[k] = flat_spectrum(total)
                 matrices += 1
             else:

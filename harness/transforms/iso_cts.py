@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from harness.api import Transform, option
-from harness.transforms.common import as_matrix, finite, is_matrix, orthogonal_factor, stack, svd
+from harness.transforms.common import (as_matrix, combine, conv_option, finite, is_matrix, orthogonal_factor,
+                                       other_option, stack, svd)
 
 
 class IsoCts(Transform):
@@ -29,10 +30,8 @@ class IsoCts(Transform):
     class Options:
         common: float = option(0.8, "fraction of each matrix's rank given to the common subspace of the summed "
                                     "task vectors (the paper's 0.8)", ge=0, le=1)
-        other: str = option("mean", "how blocks that are not matrices combine: mean (the paper) or sum",
-                            choices=("mean", "sum"))
-        conv: str = option("matrix", "weights of more than 2 dimensions: decomposed as (out, rest) matrices, or "
-                                     "combined like the other blocks (FusionBench)", choices=("matrix", "other"))
+        other: str = other_option()
+        conv: str = conv_option("decomposed")
 
     def apply(self, task_vectors, names, seed):
         o, T = self.options, len(task_vectors)
@@ -40,7 +39,7 @@ class IsoCts(Transform):
         for key in task_vectors[0]:
             t = stack(task_vectors, key)
             if not is_matrix(t[0], o.conv):
-                out[key] = t.sum(0) / T if o.other == "mean" else t.sum(0)
+                out[key] = combine(t, o.other)
                 continue
             mats = [as_matrix(x) for x in t]
             rank = min(mats[0].shape)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.api import Transform, option
-from harness.transforms.common import stack
+from harness.transforms.common import is_matrix, stack
 
 
 class Matrices(Transform):
@@ -25,7 +25,7 @@ class Matrices(Transform):
                                      "other blocks", choices=("matrix", "other"))
 
     def apply(self, task_vectors, names, seed):
-        keep = {k: v.dim() == 2 or (v.dim() > 2 and self.options.conv == "matrix") for k, v in task_vectors[0].items()}
+        keep = {k: is_matrix(v, self.options.conv) for k, v in task_vectors[0].items()}
         out = [{} for _ in task_vectors]
         for key in task_vectors[0]:
             t = stack(task_vectors, key)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from harness.api import Transform, option
-from harness.transforms.common import as_matrix, finite, is_matrix, orthogonal_factor, stack, svd
+from harness.transforms.common import (as_matrix, conv_option, finite, is_matrix, orthogonal_factor, other_option,
+                                       stack, svd)
 
 
 class Tsvm(Transform):
@@ -29,10 +30,8 @@ class Tsvm(Transform):
     @dataclass
     class Options:
         fraction: float = option(0.0, "fraction of each matrix's rank kept per task (0: 1/T, the paper's)", ge=0, le=1)
-        other: str = option("mean", "how blocks that are not matrices combine: mean (the paper) or sum",
-                            choices=("mean", "sum"))
-        conv: str = option("matrix", "weights of more than 2 dimensions: decomposed as (out, rest) matrices, or "
-                                     "combined like the other blocks (FusionBench)", choices=("matrix", "other"))
+        other: str = other_option()
+        conv: str = conv_option("decomposed")
 
     def apply(self, task_vectors, names, seed):
         o, T = self.options, len(task_vectors)

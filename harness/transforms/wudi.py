@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.api import Transform, option
-from harness.transforms.common import as_matrix, finite, is_matrix, stack
+from harness.transforms.common import as_matrix, combine, conv_option, finite, is_matrix, other_option, stack
 
 
 class Wudi(Transform):
@@ -24,18 +24,16 @@ class Wudi(Transform):
     class Options:
         steps: int = option(300, "Adam steps per weight matrix", ge=1)
         lr: float = option(1e-5, "Adam learning rate", gt=0)
-        other: str = option("mean", "how blocks that are not matrices combine: mean (the paper) or sum",
-                            choices=("mean", "sum"))
-        conv: str = option("matrix", "weights of more than 2 dimensions: optimised as (out, rest) matrices, or "
-                                     "combined like the other blocks (FusionBench)", choices=("matrix", "other"))
+        other: str = other_option()
+        conv: str = conv_option("optimised")
 
     def apply(self, task_vectors, names, seed):
-        o, T = self.options, len(task_vectors)
+        o = self.options
         out, matrices, losses = {}, 0, []
         for key in task_vectors[0]:
             t = stack(task_vectors, key)
             if not is_matrix(t[0], o.conv):
-                out[key] = t.sum(0) / T if o.other == "mean" else t.sum(0)
+                out[key] = combine(t, o.other)
                 continue
             tvs = torch.stack([as_matrix(x) for x in t])
             merged, loss = descend(tvs, o.steps, o.lr)
