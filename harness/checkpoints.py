@@ -174,10 +174,24 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def save_state_dict(sd: dict[str, Tensor], path: str | os.PathLike) -> None:
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file's header ({} for another format or none)."""
+    path = str(path)
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return {}
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # an unreadable file is reported where its tensors are read
+        return {}
+
+
+def save_state_dict(sd: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write ``sd`` as safetensors (contiguous CPU tensors; shared storage is copied, which
-    safetensors requires). Parent directories are created. The file is written under a temporary
-    name beside ``path`` and renamed onto it when complete, so ``path`` is never half-written.
+    safetensors requires), with string ``metadata`` in its header. Parent directories are created.
+    The file is written under a temporary name beside ``path`` and renamed onto it when complete,
+    so ``path`` is never half-written.
 
     Raises:
         WriteFailed: the folder is read-only, the disk is full, ... (nothing is left at ``path``'s
@@ -199,7 +213,7 @@ def save_state_dict(sd: dict[str, Tensor], path: str | os.PathLike) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = str(path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
-        save_file(out, tmp)
+        save_file(out, tmp, metadata=metadata)
         os.replace(tmp, path)
         tmp = None
     except OSError as e:

@@ -40,14 +40,18 @@ def cmd_finetune(args) -> int:
     source = from_checkpoints(args.model, args.pretrained or None, None, datasets, args.data_root,
                               seed=args.seed, max_n=args.max_n)
     out.mkdir(parents=True, exist_ok=True)
+    model, metadata = source, None
+    if args.mode == "linear":  # the tangent space at θ0: the same files, marked, for -t linearize=true
+        from harness.sources.linear import LINEAR_METADATA, linearized
+        model, metadata = linearized(source, references=False), dict(LINEAR_METADATA)
     for ds in datasets:
-        tv = finetune(source, ds, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        tv = finetune(model, ds, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         source.task_vectors[ds] = tv
         path = out / f"{ds}.safetensors"
-        save_state_dict({f"visual.{k}": source.base[k] + v for k, v in tv.items()}, path)
-        zs, ft = source.accuracy(source.base, ds, "test"), source.accuracy(source.finetuned(ds), ds, "test")
-        print(f"{ds}: test accuracy {zs:.4f} -> {ft:.4f}; wrote {path}")
-    print(f"use them with: -t checkpoints={out}")
+        save_state_dict({f"visual.{k}": source.base[k] + v for k, v in tv.items()}, path, metadata=metadata)
+        zs, ft = model.accuracy(source.base, ds, "test"), model.accuracy(source.finetuned(ds), ds, "test")
+        print(f"{ds}: test accuracy {zs:.4f} -> {ft:.4f}{' (linearised)' if metadata else ''}; wrote {path}")
+    print(f"use them with: -t checkpoints={out}" + (" -t linearize=true" if metadata else ""))
     return 0
 
 

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of AdamW, one-cycle (default 1e-5)")
     ft.add_argument("--seed", type=int, default=0, help="seed of the data order and the validation split")
     ft.add_argument("--max-n", dest="max_n", type=int, default=4000, help="images per built-in data set")
+    ft.add_argument("--mode", choices=["standard", "linear"], default="standard",
+                    help="standard: fine-tune the weights; linear: fine-tune the linearised model in the tangent space "
+                         "at the pre-trained weights (compose with -t linearize=true)")
     data = sub.add_parser("data", help="the field's benchmark data: list suites, check a data root")
     data.add_argument("action", choices=["check", "suites"], help="check: what --data-root holds of a suite; suites: list them")
     data.add_argument("--suite", help="ta8, ta8-atlas, tall14, tall20 or atlas22")

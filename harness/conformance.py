@@ -198,11 +198,12 @@ def check_source(name: str, source_options: str = "", task_options: dict | None 
 
 def check_engine(name: str, task_options: dict, cache_dir: str | None = None) -> list[Check]:
     """An engine plugin gives the losses, accuracies and gradients of one plain merge + forward per
-    candidate, for batches and shards."""
+    candidate, for batches and shards (of the linearised model, for engines of linearised models)."""
     AdditionTask = registry.load("task", "addition")
+    lin = {"linearize": True} if getattr(registry.load("engine", name), "needs_linearized", False) else {}
     made = []
     for engine, extra in ((name, {}), ("local", {"population": "off"})):
-        t = AdditionTask(resolve_options(AdditionTask, {**task_options, "engine": engine, **extra}, "task"),
+        t = AdditionTask(resolve_options(AdditionTask, {**task_options, "engine": engine, **extra, **lin}, "task"),
                          space="per_block", seed=0, cache_dir=cache_dir)
         t.setup("cpu")
         made.append(t)

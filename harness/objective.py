@@ -16,6 +16,7 @@ searchers.
 from __future__ import annotations
 
 import os
+import sys
 import typing
 from dataclasses import dataclass
 
@@ -87,6 +88,8 @@ class ComposeOptions:
                                      "on CUDA) or N")
     transform: str = option("", "rewrite the task vectors before composing: NAME[:key=value,...] with NAME ties, "
                                 "dare or iso (empty: none)")
+    linearize: bool = option(False, "score the first-order Taylor expansion of the model at the pre-trained weights, "
+                                    "f(x;θ0) + J·Δθ (linearised task vectors; references are the linearised fine-tuned models)")
 
 
 def source_name(options) -> str:
@@ -160,6 +163,13 @@ class ComposingTask(Task):
         cls, opts = resolve_source(self.options)
         self.source = cls.load(opts, cache_dir=self.cache_dir, progress=True)
         check_finite(self.source, source_name(self.options))
+        tangent = self.source.meta.get("fine_tuning") == "linear"
+        if self.options.linearize:
+            from harness.sources.linear import linearized
+            self.source = linearized(self.source, self.cache_dir)
+        elif tangent:
+            print(f"warning: the task vectors of {self.source_name} were fine-tuned in the tangent space; they are "
+                  f"meant for a linearised model (-t linearize=true)", file=sys.stderr)
         return self.source
 
     def provenance(self) -> dict:
@@ -234,7 +244,10 @@ class ComposingTask(Task):
         for k in SOURCE_FIELDS:  # normalised by the source (absolute paths, NAME=PATH pairs)
             if getattr(options, k, None) and hasattr(src, k):
                 setattr(options, k, getattr(src, k))
-        resolve_engine(options)
+        engine, _ = resolve_engine(options)
+        if getattr(engine, "needs_linearized", False) and not options.linearize:
+            raise HarnessError(f"engine {engine.name} scores linearised models only: add -t linearize=true "
+                               f"(or use -t engine=local)")
         if options.transform:
             import harness.transforms as transforms
             options.transform = transforms.canonical(options.transform)

@@ -258,8 +258,9 @@ class LocalEngine(Engine):
         if first is not None and not cands[0].grad and regularizer is None:
             # The check already scored the first candidate: reuse it rather than score it again.
             return [first] + self.score(cands[1:], data, shard, regularizer)
+        # A linearised forward (a JVP) has no population pass: candidates go one after another.
         plain = (len(cands) < 2 or self.options.population == "off" or regularizer is not None
-                 or any(c.grad for c in cands))
+                 or any(c.grad for c in cands) or self.source.linearized)
         if plain or self._vmap_faster is False:
             return [self.weighted_ce(c, data, shard, regularizer) for c in cands]
         if self._vmap_faster:

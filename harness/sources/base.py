@@ -77,6 +77,9 @@ class ModelSource:
     meta: dict = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    # True for a linearised tail forward (:class:`harness.sources.linear.LinearizedSource`).
+    linearized = False
+
     @property
     def datasets(self) -> list[str]:
         """The data sets of this source, in build order."""
@@ -221,6 +224,7 @@ class ModelSource:
                         "task_vectors": content_hash({f"{ds}/{k}": v for ds in sorted(self.task_vectors)
                                                       for k, v in self.task_vectors[ds].items()}),
                         "data": data_hash(self), "code": refcache.code_version()}
+            material.update(self.reference_material())
             if extra is not None:
                 material[extra[0]] = extra[1]
             value, hit = refcache.cached(cache_dir, "source", material, compute)
@@ -230,6 +234,11 @@ class ModelSource:
         self.meta["zero_shot_acc"], self.meta["finetuned_acc"] = value[0], value[1]
         if extra is not None:
             self.meta[extra[0]] = value[2]
+
+    def reference_material(self) -> dict:
+        """What else, besides weights, data and code, decides this source's reference accuracies
+        (part of their cache key): nothing for a plain forward."""
+        return {}
 
     def _reference_accuracies(self) -> tuple[dict, dict]:
         zs, ft = {}, {}

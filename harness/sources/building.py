@@ -83,10 +83,17 @@ def add_data(source: ModelSource, data: dict, stages: Stages, progress: bool, st
 
 
 def finetune_all(source: ModelSource, cfg, stages: Stages, progress: bool) -> None:
+    """Every data set's task vector, fine-tuned on its train split; in the tangent space at θ0 (the
+    linearised model, :mod:`harness.sources.linear`) when ``cfg.ft_mode`` is ``linear``."""
+    model = source
+    if getattr(cfg, "ft_mode", "standard") == "linear":
+        from harness.sources.linear import linearized
+        model = linearized(source, references=False)
+        source.meta["fine_tuning"] = "linear"
     with progress_bar(len(source.datasets) * cfg.ft_steps, f"{source.name}: fine-tuning", progress) as bar:
         for ds in source.datasets:
             with stages(f"fine-tune {ds}"):
                 source.task_vectors[ds] = finetune(
-                    source, ds, steps=cfg.ft_steps, batch_size=cfg.ft_batch_size, lr=cfg.ft_lr,
+                    model, ds, steps=cfg.ft_steps, batch_size=cfg.ft_batch_size, lr=cfg.ft_lr,
                     seed=stage_seed(cfg.seed, 2, ds), weight_decay=cfg.ft_weight_decay,
                     progress=lambda step, loss: (bar.update(1), bar.set_postfix(ds=ds, loss=f"{loss:.3f}")))

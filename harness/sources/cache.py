@@ -53,6 +53,9 @@ class ZooSource(Source):
 
     cached: ClassVar[bool] = True
     packages: ClassVar[tuple[str, ...]] = ()
+    # Config fields added after zoos were cached, at the values that build the same zoo: left out of
+    # the cache key there, so those zoos keep their entries.
+    neutral_config: ClassVar[dict] = {"ft_mode": "standard"}
 
     @classmethod
     def empty(cls, cfg, root: Path) -> ModelSource:
@@ -128,7 +131,9 @@ def _versions(cls: type[ZooSource]) -> dict[str, str]:
 
 
 def _key(cls: type[ZooSource], cfg, datasets: list[str]) -> str:
-    ident = {"format": FORMAT, "zoo": cls.name, "config": dataclasses.asdict(cfg), "datasets": datasets,
+    config = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if not (k in cls.neutral_config and v == cls.neutral_config[k])}
+    ident = {"format": FORMAT, "zoo": cls.name, "config": config, "datasets": datasets,
              "versions": _versions(cls)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
 

@@ -24,6 +24,7 @@ from harness.data.prompts import VARIANTS
 from harness.sources.base import ModelSource, freeze, source_stats, tail_parameters
 from harness.sources.checkpoint_files import checkpoint_list, suite_checkpoints
 from harness.sources.clip import TEMPLATES, clip_preprocessing, zero_shot_heads
+from harness.sources.linear import tangent_checkpoint
 
 
 class _Reader:
@@ -270,6 +271,7 @@ def from_checkpoints(model_name: str, pretrained: str | None, checkpoints: Seque
     source.meta.update(source_stats(source), max_resident_mb=max_resident_mb, image_transform=read.description,
                        model=model_name, pretrained=pretrained,
                        checkpoints=checkpoints,
+                       **({"fine_tuning": "linear"} if any(tangent_checkpoint(c) for c in checkpoints or ()) else {}),
                        templates=list(templates) if not bench_info else used_templates,
                        build_seconds=round(time.perf_counter() - t0, 2))
     return source
