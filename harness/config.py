@@ -36,7 +36,9 @@ NEUTRAL: dict[str, dict[str, Any]] = {"task_options": {
 # Options one task gained after runs of it were recorded, at the values that leave it unchanged:
 # left out of that task's identity only (``few_shot`` has had ``l1`` from the start).
 NEUTRAL_FOR_TASK: dict[str, dict[str, Any]] = {
-    "addition": {"l1": 0.0, "l2": 0.0}, "negation": {"l1": 0.0, "l2": 0.0}, "tta": {"reliable": 0.0}}
+    "addition": {"l1": 0.0, "l2": 0.0}, "negation": {"l1": 0.0, "l2": 0.0}, "tta": {"reliable": 0.0},
+    "few_shot": {"adapter": "none", "adapter_mode": "sequential", "adapter_steps": 300, "adapter_lr": 1e-3,
+                 "adapter_scale": 0.01, "tip_alpha": 1.0, "tip_beta": 5.5}}
 
 
 @dataclass

@@ -7,10 +7,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness.api import Candidate, option
+import torch.nn.functional as F
+
+from harness.api import Candidate, HarnessError, Space, option
+from harness.engines import package
 from harness.objective import ComposeOptions, ComposingTask, WeightedSet
-from harness.sources.base import few_shot_indices
+from harness.sources.base import few_shot_indices, scalar
 from harness.data.augment import augment
+
+from . import adapters
 
 
 class FewShotTask(ComposingTask):
@@ -28,6 +33,17 @@ class FewShotTask(ComposingTask):
     log s), so the search cannot lower the loss merely by calming an over-confident head: at the
     start, the scale is already the best one. Accuracy is unchanged by a positive scale. The
     temperature 1/s is recorded in ``task_info``.
+
+    ``adapter`` puts a few-shot adapter (:mod:`atlas_harness_tasks.adapters`: ``tip``, ``tip-f``,
+    ``lpp``) on top of the composed model, built from the same shots (and views). ``sequential``:
+    the search learns the coefficients as without it; the adapter is then built (and, for
+    ``tip-f`` and ``lpp``, trained for ``adapter_steps`` full-batch AdamW steps at ``adapter_lr``)
+    on the shots' features under the coefficients found, and ``acc`` is the adapted model's
+    (``composed_acc`` is the composition's alone). ``joint``: the adapter's parameters are extra
+    coordinates of the search space, ``init + adapter_scale · x`` (so a searcher's learning rate
+    lr moves them at adapter_scale × lr), learned with the coefficients from one loss (gradient
+    searchers); ``init`` is built from the start point's features. The zero-shot searcher with an
+    adapter is the adapter alone (Tip-Adapter, LP++ on the pre-trained model).
     """
 
     name = "few_shot"
@@ -46,6 +62,23 @@ class FewShotTask(ComposingTask):
         batch_size: int = option(64, "shots in a gradient step's random mini-batch (all of them when fewer)", ge=1)
         calibrate: bool = option(False, "first fit one temperature to the shots at the start point, so the search "
                                         "cannot lower the loss merely by rescaling the head's logits")
+        adapter: str = option("none", "few-shot adapter on top of the composed model: tip (Tip-Adapter), tip-f "
+                                      "(Tip-Adapter-F), lpp (LP++) or none", choices=adapters.ADAPTERS)
+        adapter_mode: str = option("sequential", "sequential: train the adapter after the coefficient search; joint: "
+                                                 "learn it with the coefficients as extra coordinates",
+                                   choices=("sequential", "joint"))
+        adapter_steps: int = option(300, "full-batch AdamW steps training the adapter in sequential mode", ge=0)
+        adapter_lr: float = option(1e-3, "learning rate of the sequential adapter training", gt=0)
+        adapter_scale: float = option(0.01, "joint mode: the adapter's parameters are init + adapter_scale × x", gt=0)
+        tip_alpha: float = option(1.0, "Tip-Adapter's residual ratio α (weight of the cache logits)", ge=0)
+        tip_beta: float = option(5.5, "Tip-Adapter's sharpness β of the cache affinities", gt=0)
+
+    @classmethod
+    def validate(cls, options):
+        super().validate(options)
+        if options.adapter_mode == "joint" and options.adapter not in ("tip-f", "lpp"):
+            raise HarnessError(f"adapter_mode=joint learns the adapter with the coefficients: use adapter=tip-f or lpp "
+                               f"({options.adapter!r} has no parameters to learn)")
 
     def prepare(self):
         src, o = self.load_source(), self.options
@@ -69,6 +102,73 @@ class FewShotTask(ComposingTask):
             src.heads = {**src.heads, o.target: (w * scale, None if b is None else b * scale)}  # a new dict: no sharing
             self.task_info["temperature"] = round(1.0 / scale, 6)
         self.zero_shot_acc = self.accuracy(self.zero, o.target, "test")
+        self.adapter = None
+        if o.adapter != "none":
+            self.adapter = self.make_adapter(self.zero, x, ys)
+            self.task_info["adapter"] = {"name": o.adapter, "mode": o.adapter_mode, "parameters": self.adapter.size}
+
+    def make_adapter(self, coef, x, ys) -> adapters.Adapter:
+        """The adapter built from the shots' features (and head logits) under coefficients ``coef``."""
+        o, src = self.options, self.source
+        with torch.no_grad():
+            z = src.features(self.engine.params(coef, False)[0], x)
+            h = src.head(z, o.target)
+        return adapters.make(o.adapter, z, ys, len(src.classes[o.target]), o.tip_alpha, o.tip_beta, h)
+
+    @property
+    def joint(self) -> bool:
+        return self.adapter is not None and self.options.adapter_mode == "joint"
+
+    def setup(self, device: str = "cpu") -> None:
+        super().setup(device)
+        if self.adapter is not None:
+            for k, v in vars(self.adapter).items():
+                if isinstance(v, torch.Tensor):
+                    setattr(self.adapter, k, v.to(self.engine.device))
+
+    def space(self) -> Space:
+        base = super().space()
+        if not self.joint:
+            return base
+        n = self.adapter.size
+        b = self.options.bound
+        return Space(dim=base.dim + n, lower=-b, upper=b, kind=base.kind,
+                     labels=list(base.labels) + [f"adapter/{self.adapter.name}[{i}]" for i in range(n)])
+
+    def expand(self, x):
+        return super().expand(np.asarray(x)[:self.comp.dim])
+
+    def joint_ce(self, c: Candidate, data: WeightedSet, shard, reg):
+        """The joint objective of ``c``: cross-entropy of the adapted logits under the composition of
+        ``c.x``'s first coordinates and the adapter parameters of the rest (gradient w.r.t. both)."""
+        _, xs, ys, ws = data.part(shard)
+        k, t, src = self.comp.dim, self.options.target, self.source
+        with torch.set_grad_enabled(c.grad):
+            xt = torch.as_tensor(np.asarray(c.x, dtype=np.float32), device=self.engine.device)
+            if c.grad:
+                xt = xt.clone().requires_grad_(True)
+            wsum = scalar(ws[0].sum())
+            if not len(ys[0]):
+                return package(xt.sum() * 0, 0.0, xt, c.grad, {"acc": 0.0})
+            z = src.features(self.comp.merge(xt[:k]), xs[0])
+            logits = self.adapter.logits(z, src.head(z, t), self.adapter.init + self.options.adapter_scale * xt[k:])
+            loss = (F.cross_entropy(logits, ys[0], reduction="none") * ws[0]).sum() / wsum
+            acc = scalar(((logits.argmax(1) == ys[0]).float() * ws[0]).sum()) / wsum
+            if reg is not None:
+                loss = loss + reg(xt[:k])
+            return package(loss, wsum, xt, c.grad, {"acc": acc})
+
+    def adapted_accuracy(self, coef, adapter: adapters.Adapter, p) -> float:
+        """Test accuracy of the target under coefficients ``coef`` with ``adapter`` (parameters ``p``)."""
+        t, src = self.options.target, self.source
+        params = self.engine.params(coef, False)[0]
+        y, correct, i = src.labels[t]["test"], 0, 0
+        with torch.no_grad():
+            for xb in src.batches(t, "test", 512):
+                z = src.features(params, xb)
+                correct += scalar((adapter.logits(z, src.head(z, t), p).argmax(1) == y[i:i + len(xb)]).sum())
+                i += len(xb)
+        return correct / max(len(y), 1)
 
     def _minibatch(self, seed: int) -> WeightedSet:
         x, y = self.search.inputs[0], self.search.labels[0]
@@ -78,23 +178,46 @@ class FewShotTask(ComposingTask):
     def evaluate(self, candidates: list[Candidate], shard=None):
         l1 = self.options.l1
         reg = (lambda xt: l1 * xt.abs().mean()) if l1 else None
+        if self.joint:
+            return [self.joint_ce(c, self.search if c.batch is None else self._minibatch(c.batch), shard, reg)
+                    for c in candidates]
         full = [c for c in candidates if c.batch is None]
         out = iter(self.engine.score(full, self.search, shard, reg))
         return [next(out) if c.batch is None else self.engine.weighted_ce(c, self._minibatch(c.batch), shard, reg)
                 for c in candidates]
 
     def final(self, x):
-        acc = self.accuracy(x, self.options.target, "test")
-        return {"acc": acc, "zero_shot_acc": self.zero_shot_acc, "gain": acc - self.zero_shot_acc}
+        o, k = self.options, self.comp.dim
+        coef = np.asarray(x)[:k]
+        composed = self.accuracy(coef, o.target, "test")
+        if self.adapter is None:
+            return self._metrics(composed)
+        if self.joint:
+            adapter, p = self.adapter, self.adapter.init + o.adapter_scale * torch.as_tensor(
+                np.asarray(x, dtype=np.float32)[k:], device=self.engine.device)
+        else:
+            x_shots, y_shots = self.search.inputs[0], self.search.labels[0]
+            adapter = self.make_adapter(coef, x_shots, y_shots)
+            with torch.no_grad():
+                z = self.source.features(self.engine.params(coef, False)[0], x_shots)
+                h = self.source.head(z, o.target)
+            p = adapters.train(adapter, z, h, y_shots, o.adapter_steps, o.adapter_lr)
+        return self._metrics(self.adapted_accuracy(coef, adapter, p), composed)
+
+    def _metrics(self, acc: float, composed: float | None = None) -> dict:
+        out = {"acc": acc, "zero_shot_acc": self.zero_shot_acc, "gain": acc - self.zero_shot_acc}
+        if self.adapter is not None:
+            out["composed_acc"] = acc if composed is None else composed
+        return out
 
     def references(self):
-        """Zero-shot, and (for scale only: the search never sees it) the target's own fine-tuned tail."""
+        """Zero-shot (the pre-trained model, no adapter), and (for scale only: the search never sees
+        it) the target's own fine-tuned tail."""
         t = self.options.target
         ft = self.source.meta.get("finetuned_acc", {}).get(t)
-        refs = {"zero-shot": self.final(self.zero)}
+        refs = {"zero-shot": self._metrics(self.zero_shot_acc)}
         if ft is not None:
-            refs["fine-tuned on the target (not used)"] = {"acc": ft, "zero_shot_acc": self.zero_shot_acc,
-                                                         "gain": ft - self.zero_shot_acc}
+            refs["fine-tuned on the target (not used)"] = self._metrics(ft)
         return refs
 
 

@@ -1,0 +1,130 @@
+"""Few-shot adapters on top of a (composed) model's features: Tip-Adapter(-F) and LP++.
+
+Both take the tail's features ``z`` of an image and the frozen head's logits ``h`` and return
+adapted logits; both are small modules whose parameters are a flat vector, so the few-shot task can
+train them after a coefficient search (sequential) or as extra coordinates of the search space
+(joint, with gradient searchers).
+
+- **Tip-Adapter** (Zhang et al., ECCV 2022): a cache of the shots' L2-normalised features (keys)
+  and one-hot labels (values); ``logits = h + α · exp(−β (1 − ẑ·K̂ᵀ)) · V``. Training-free as
+  published; **Tip-Adapter-F** learns the keys. α = 1 and β = 5.5 are the paper's starting values
+  (its ImageNet setting); Tip-Adapter-F's keys are trained with AdamW at lr 1e-3.
+- **LP++** (Huang et al., CVPR 2024): a linear probe whose visual prototypes start at the shots'
+  class means of L2-normalised features, blended per class with the text (frozen head) logits:
+  ``logits = s · ẑ·Wᵀ + a ⊙ h``, with ``W`` and ``a`` learned (``a`` starts at 1; ``s`` fixed, see
+  :class:`LPPlusPlus`). The paper's
+  optimiser (block coordinate descent with step sizes from Lipschitz constants) is replaced by
+  full-batch Adam; the model is the paper's.
+
+``h`` is whatever the source's head gives (CLIP: 100 × cosine to the class texts; the effnet zoo:
+a fitted linear head), so α is relative to those logits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from harness.api import HarnessError
+
+ADAPTERS = ("none", "tip", "tip-f", "lpp")
+
+
+class Adapter:
+    """Adapted logits from features and head logits, with parameters as one flat vector.
+
+    ``init`` is the flat starting vector (computed from the shots); :meth:`logits` takes the flat
+    parameters explicitly, so a search can hold them as coordinates (``init + scale · x``) and
+    differentiate through them."""
+
+    name = "none"
+
+    def __init__(self, z: Tensor, y: Tensor, n_classes: int, **options):
+        self.n_classes = n_classes
+        self.init = torch.zeros(0, device=z.device)
+
+    @property
+    def size(self) -> int:
+        return int(self.init.numel())
+
+    def logits(self, z: Tensor, h: Tensor, p: Tensor) -> Tensor:
+        return h
+
+
+class TipAdapter(Adapter):
+    """Tip-Adapter's cache model. ``trainable`` (Tip-Adapter-F): the keys are the parameters;
+    otherwise there are none (training-free)."""
+
+    def __init__(self, z: Tensor, y: Tensor, n_classes: int, alpha: float = 1.0, beta: float = 5.5,
+                 trainable: bool = False):
+        super().__init__(z, y, n_classes)
+        self.name = "tip-f" if trainable else "tip"
+        self.alpha, self.beta, self.trainable = float(alpha), float(beta), trainable
+        self.keys = F.normalize(z.detach().float(), dim=-1)
+        self.values = F.one_hot(y, n_classes).float()
+        self.init = self.keys.reshape(-1).clone() if trainable else torch.zeros(0, device=z.device)
+
+    def logits(self, z: Tensor, h: Tensor, p: Tensor) -> Tensor:
+        keys = p.view_as(self.keys) if self.trainable else self.keys
+        affinity = F.normalize(z.float(), dim=-1) @ keys.T
+        return h + self.alpha * torch.exp(-self.beta * (1 - affinity)) @ self.values
+
+
+class LPPlusPlus(Adapter):
+    """LP++'s linear probe: prototypes ``P`` (C × D, starting at the class means of normalised shot
+    features) and per-class blending weights ``a`` (C, start 1) of the head's logits:
+    ``logits = s · ẑ·Pᵀ + a ⊙ h``. The fixed ``s`` makes the prototype logits as spread as the head's
+    on the shots at the start (LP++ blends cosine-scale text logits; heads here carry their own scale,
+    CLIP's 100 or a fitted head's), so one learning rate suits every source."""
+
+    name = "lpp"
+
+    def __init__(self, z: Tensor, y: Tensor, n_classes: int, h: Tensor | None = None):
+        super().__init__(z, y, n_classes)
+        zn = F.normalize(z.detach().float(), dim=-1)
+        counts = torch.bincount(y, minlength=n_classes).clamp(min=1).to(zn.dtype)
+        protos = torch.zeros(n_classes, zn.shape[1], device=zn.device).index_add_(0, y, zn) / counts[:, None]
+        spread = (zn @ protos.T).std()
+        spread_h = h.detach().float().std() if h is not None and h.numel() > 1 else torch.tensor(0.0)
+        # (A constant head, or a single shot, gives no spread to match: the prototypes keep scale 1.)
+        self.scale = float(spread_h / spread) if spread > 0 and spread_h > 0 else 1.0
+        self.shape = protos.shape
+        self.init = torch.cat([protos.reshape(-1), torch.ones(n_classes, device=zn.device)])
+
+    def logits(self, z: Tensor, h: Tensor, p: Tensor) -> Tensor:
+        n = self.shape[0] * self.shape[1]
+        w, a = p[:n].view(self.shape), p[n:]
+        return self.scale * F.normalize(z.float(), dim=-1) @ w.T + a * h
+
+
+def make(name: str, z: Tensor, y: Tensor, n_classes: int, alpha: float, beta: float, h: Tensor | None = None) -> Adapter:
+    """The adapter ``name`` (one of :data:`ADAPTERS`) built from the shots' features ``z``, labels
+    ``y`` and head logits ``h``."""
+    if name == "none":
+        return Adapter(z, y, n_classes)
+    if name in ("tip", "tip-f"):
+        return TipAdapter(z, y, n_classes, alpha, beta, trainable=name == "tip-f")
+    if name == "lpp":
+        return LPPlusPlus(z, y, n_classes, h)
+    raise HarnessError(f"unknown adapter {name!r}; valid: {', '.join(ADAPTERS)}")
+
+
+def train(adapter: Adapter, z: Tensor, h: Tensor, y: Tensor, steps: int, lr: float, weight_decay: float = 0.0) -> Tensor:
+    """Full-batch AdamW on the adapter's parameters (cross-entropy of its logits on the shots),
+    cosine-annealed over ``steps``; returns the trained flat parameters (``init`` when it has none)."""
+    p = adapter.init.clone()
+    if not adapter.size or steps <= 0:
+        return p
+    p.requires_grad_(True)
+    opt = torch.optim.AdamW([p], lr=lr, weight_decay=weight_decay, eps=1e-4)
+    z, h = z.detach(), h.detach()
+    for t in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
+        loss = F.cross_entropy(adapter.logits(z, h, p), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return p.detach()
