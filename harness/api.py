@@ -257,6 +257,11 @@ class Task(Plugin, ABC):
     def space(self) -> Space:
         """The coefficient space (valid after :meth:`setup`)."""
 
+    def learnable_parameters(self, searched: bool) -> int:
+        """How many parameters a run learns (recorded, and shown in leaderboards): the coordinates of
+        the space when the searcher scores candidates (``searched``), else none."""
+        return int(self.space().dim) if searched else 0
+
     @abstractmethod
     def evaluate(self, candidates: list[Candidate], shard: tuple[int, int] | None = None) -> list[Evaluation]:
         """Score candidates on the search split. ``shard=(i, n)`` scores only the i-th of n

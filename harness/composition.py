@@ -24,9 +24,10 @@ from torch import Tensor, nn
 
 from harness.api import HarnessError
 
-SPACES = ("per_task", "per_layer", "per_block", "per_partition:K", "lines", "norms")
+SPACES = ("per_task", "per_layer", "per_block", "per_partition:K", "lines", "norms", "lora:R[:ALPHA]")
 # A normalisation layer's name (the component before ``weight``/``bias``): open_clip's ln_1/ln_pre,
 # Hugging Face's layer_norm1/pre_layrnorm/post_layernorm, EfficientNet's _bn0, torchvision's bn1/norm.
+_LORA = re.compile(r"lora:(\d+)(?::(\d+(?:\.\d*)?))?")
 _NORM_LAYER = re.compile(r"^_?(ln|bn)(_?\w*)?$|norm|layrnorm", re.IGNORECASE)
 
 # Container names whose next component is a layer index (timm/EfficientNet, efficientnet_pytorch,
@@ -59,19 +60,22 @@ def task_vector(base: dict[str, Tensor], finetuned: dict[str, Tensor]) -> dict[s
 
 
 def parse_space(spec: str) -> tuple[str, int]:
-    """Parse a space spec into ``(kind, K)``; K is 1 except for ``per_partition:K``.
+    """Parse a space spec into ``(kind, K)``; K is 1 except for ``per_partition:K`` and ``lora:R`` (K = R).
 
     Args:
         spec: one of ``per_task``, ``per_layer``, ``per_block``, ``per_partition:K`` (K ≥ 2), ``lines``,
-            ``norms``.
+            ``norms``, ``lora:R[:ALPHA]`` (R ≥ 1; low-rank adaptation, :mod:`harness.lora`).
     """
     if spec in ("per_task", "per_layer", "per_block", "lines", "norms"):
         return spec, 1
     m = re.fullmatch(r"per_partition:(\d+)", str(spec).strip())
     if m and int(m.group(1)) >= 2:
         return "per_partition", int(m.group(1))
+    m = _LORA.fullmatch(str(spec).strip())
+    if m and int(m.group(1)) >= 1 and (m.group(2) is None or float(m.group(2)) > 0):
+        return "lora", int(m.group(1))
     raise HarnessError(f"unknown coefficient space {spec!r}; valid forms: "
-                       f"{', '.join(SPACES)} (K an integer >= 2)")
+                       f"{', '.join(SPACES)} (K an integer >= 2, R an integer >= 1, ALPHA > 0)")
 
 
 def layer_of(block_name: str) -> str:
@@ -196,6 +200,11 @@ class Composition:
         elif kind == "per_block":
             self.dim = self.T * self.B
             self.labels = [f"{t}/{b}" for t in task_names for b in self.blocks]
+        elif kind == "lora":
+            from harness.lora import LoraFactors
+            alpha = _LORA.fullmatch(self.space.strip()).group(2)
+            self.lora = LoraFactors(self.blocks, self.base, K, None if alpha is None else float(alpha), seed)
+            self.dim, self.labels = self.lora.dim, self.lora.labels
         elif kind == "norms":
             self.free = [b for b, name in enumerate(self.blocks) if is_norm_block(name, self.base[name].shape)]
             if not self.free:
@@ -240,7 +249,7 @@ class Composition:
             return x.view(self.T, len(self.groups))[:, self._group_index.to(x.device)]
         if self.kind == "per_block":
             return x.view(self.T, self.B)
-        if self.kind == "norms":  # no task vector takes part
+        if self.kind in ("norms", "lora"):  # no task vector takes part
             return torch.zeros(self.T, self.B, device=x.device, dtype=x.dtype)
         if self.kind == "lines":
             d = self._depth.to(device=x.device, dtype=x.dtype)
@@ -256,6 +265,13 @@ class Composition:
         Returns:
             ``{block name: merged tensor}`` in fp32 (fp64 for an fp64 composition).
         """
+        if self.kind == "lora":
+            x = self._as_tensor(x)
+            merged = dict(self.base)
+            for b, delta in zip(self.lora.index, self.lora.deltas(x)):
+                name = self.blocks[b]
+                merged[name] = self.base[name] + delta.view(self.base[name].shape)
+            return merged
         if self.kind == "norms":
             x = self._as_tensor(x)
             merged = dict(self.base)
@@ -308,16 +324,16 @@ class Composition:
 
     def isotropic(self, alpha: float) -> np.ndarray:
         """The ``x`` giving λ = α for every (task, block): task arithmetic θ_0 + α Σ_i τ_i."""
-        if self.kind == "norms":
-            raise HarnessError("the norms space tunes normalisation layers: it holds no task vector to scale")
+        if self.kind in ("norms", "lora"):
+            raise HarnessError(f"the {self.kind} space holds no task vector to scale")
         return np.full(self.dim, float(alpha), dtype=np.float64)
 
     def one_hot(self, i: int) -> np.ndarray:
         """The ``x`` giving λ = 1 on every block of task ``i`` and 0 elsewhere (θ_0 + τ_i)."""
         if not 0 <= i < self.T:
             raise HarnessError(f"task index {i} out of range: there are {self.T} task vectors")
-        if self.kind == "norms":
-            raise HarnessError("the norms space tunes normalisation layers: it holds no task vector")
+        if self.kind in ("norms", "lora"):
+            raise HarnessError(f"the {self.kind} space holds no task vector")
         if self.kind == "lines" and self.T > 1:
             raise HarnessError("the lines space scales every task vector alike: it cannot hold one task vector alone")
         x = np.zeros((self.T, self.dim // self.T))
@@ -342,6 +358,8 @@ class Composition:
             self.keep = [k.to(device) for k in self.keep]
         if self.partitions is not None:
             self.partitions = [p.to(device) for p in self.partitions]
+        if self.kind == "lora":
+            self.lora.to(device)
         return self
 
 

@@ -18,7 +18,7 @@ from harness.results import atomic_write
 # Config fields that describe a searcher's setting in the leaderboard (the seed is aggregated).
 _SETTING_FIELDS = ("space", "budget", "batch_size")
 
-COLUMNS = ["task", "rank", "searcher", "transform", "setting", "family", "data", "metric", "mean", "std", "n", "n_ok",
+COLUMNS = ["task", "rank", "searcher", "transform", "setting", "family", "data", "params", "metric", "mean", "std", "n", "n_ok",
            "evaluations", "wall_time_s", "peak_rss_mb"]
 
 
@@ -109,6 +109,7 @@ def runs_frame(results_dir: str | Path, task: str | None = None, searcher: str |
             "task": task_label(rec), "searcher": labels.get(rec["key"]) or rec["searcher"], "transform": transform(rec),
             "setting": _setting(rec), "key": rec["key"],
             "family": family(rec), "data": rec.get("data_touched") or "?",
+            "params": rec.get("learnable_parameters"),
             "seed": rec["seed"], "headline": rec["headline"], "higher_is_better": rec["higher_is_better"],
             "value": float(rec["final"][rec["headline"]]),
             "constraint_ok": rec.get("constraint_ok") is not False,
@@ -117,6 +118,12 @@ def runs_frame(results_dir: str | Path, task: str | None = None, searcher: str |
             "run_id": rec["run_id"], "paper": paper_figure(rec),
         })
     return pd.DataFrame(rows)
+
+
+def _params(values) -> str:
+    """A group's learnable parameter count as text: ``?`` for runs recorded before it was counted."""
+    known = {int(v) for v in values if v is not None and v == v}
+    return "?" if not known else "/".join(str(v) for v in sorted(known))
 
 
 def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str | None = None,
@@ -138,7 +145,7 @@ def leaderboard(results_dir: str | Path, task: str | None = None, searcher: str 
         vals = ok["value"]
         groups.append({
             "task": t, "searcher": s, "transform": g["transform"].iloc[0], "setting": g["setting"].iloc[0], "family": fam, "data": data,
-            "metric": g["headline"].iloc[0],
+            "params": _params(g["params"]), "metric": g["headline"].iloc[0],
             "mean": vals.mean() if len(vals) else float("nan"),
             "std": vals.std(ddof=1) if len(vals) > 1 else float("nan"),
             "n": len(g), "n_ok": len(ok), "higher_is_better": bool(g["higher_is_better"].iloc[0]),

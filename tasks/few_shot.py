@@ -72,6 +72,14 @@ class FewShotTask(ComposingTask):
         adapter_scale: float = option(0.01, "joint mode: the adapter's parameters are init + adapter_scale × x", gt=0)
         tip_alpha: float = option(1.0, "Tip-Adapter's residual ratio α (weight of the cache logits)", ge=0)
         tip_beta: float = option(5.5, "Tip-Adapter's sharpness β of the cache affinities", gt=0)
+        fraction: float = option(0.0, "train on this seeded fraction of the target's train split instead of `shots` "
+                                      "per class (e.g. 0.01 … 1; 0: use shots)", ge=0, le=1)
+
+    @classmethod
+    def data_for(cls, options) -> str:
+        if getattr(options, "fraction", 0):
+            return f"{options.fraction:.0%} of the labelled train split"
+        return cls.data
 
     @classmethod
     def validate(cls, options):
@@ -85,7 +93,10 @@ class FewShotTask(ComposingTask):
         self.compose_others(o.target)
         y = src.labels[o.target]["train"]
         # Seeded by the run seed (and salted so the shots differ from those the zoo's heads saw).
-        self.shot_idx = few_shot_indices(y, o.shots, seed=self.seed * 7919 + 101).sort().values
+        if o.fraction:  # a seeded share of the whole train split (aTLAS×K against LoRA, paper Table 17)
+            self.shot_idx = self.pick(len(y), max(1, round(o.fraction * len(y))), salt=103)
+        else:
+            self.shot_idx = few_shot_indices(y, o.shots, seed=self.seed * 7919 + 101).sort().values
         x, ys = src.inputs[o.target]["train"][self.shot_idx], y[self.shot_idx]
         if o.augment:
             raw = src.images[o.target]["train"][self.shot_idx.numpy()]
@@ -134,6 +145,11 @@ class FewShotTask(ComposingTask):
         b = self.options.bound
         return Space(dim=base.dim + n, lower=-b, upper=b, kind=base.kind,
                      labels=list(base.labels) + [f"adapter/{self.adapter.name}[{i}]" for i in range(n)])
+
+    def learnable_parameters(self, searched: bool) -> int:
+        """The searched coordinates, plus an adapter trained after the search (sequential)."""
+        after = self.adapter.size if self.adapter is not None and not self.joint else 0
+        return super().learnable_parameters(searched) + after
 
     def expand(self, x):
         return super().expand(np.asarray(x)[:self.comp.dim])
