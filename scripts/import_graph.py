@@ -38,7 +38,7 @@ LAYERS = [
     ("model sources", ["harness.sources", "harness.finetune", "harness.convert"]),
     ("transforms", ["harness.transforms"]),
     ("engines", ["harness.engines", "harness.evaluators"]),
-    ("objectives", ["harness.objective", "harness.selection"]),
+    ("objectives", ["harness.compose_options", "harness.objective", "harness.selection"]),
     ("search", ["harness.wrappers"]),
     ("plan", ["harness.problem"]),
     ("evaluation", ["harness.ray_pool", "harness.ray_worker", "harness.ray_evaluator"]),

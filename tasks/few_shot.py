@@ -48,6 +48,7 @@ class FewShotTask(ComposingTask):
 
     name = "few_shot"
     description = "few-shot: k labelled shots per class of a target, other data sets' task vectors (train shots → test)"
+    selects_vectors = True
     headline = "acc"
     higher_is_better = True
     data = "few labelled train shots"

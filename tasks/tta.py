@@ -168,6 +168,7 @@ class TTATask(ComposingTask):
     name = "tta"
     description = ("test-time adaptation: unlabelled target test split, other data sets' task vectors "
                    "(im|ufm|entropy|simclr)")
+    selects_vectors = True
     headline = "acc"
     higher_is_better = True
     data = "unlabelled test"

@@ -254,7 +254,7 @@ def test_a_run_joins_an_existing_cluster_by_address(ray_session, tmp_path):
 
 def test_ray_equals_local_on_addition(ray_session, cache_dir):
     """Workers load the zoo from the cache the driver built (they never rebuild it)."""
-    from harness.objective import _pairs
+    from harness.compose_options import _pairs
     from harness.sources.cache import zoo_path
 
     p = _plan(task="addition", options={**ZOO, "search_n": 24}, cache_dir=cache_dir, space="per_block")
