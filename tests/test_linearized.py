@@ -90,7 +90,13 @@ def test_linear_forward_is_exactly_linear_in_the_coefficients_and_differentiable
 
 
 def test_linearized_source_recomputes_the_fine_tuned_references(cache_dir):
-    src = get_zoo("tiny-clip", cache_dir=cache_dir, progress=False)
+    import dataclasses
+    std = get_zoo("tiny-clip", cache_dir=cache_dir, progress=False)
+    post_hoc = linearized(std, cache_dir)   # standard task vectors: the standard fine-tuned models stay the references
+    assert post_hoc.linearized and post_hoc.meta["finetuned_acc"] == std.meta["finetuned_acc"]
+    assert "finetuned_acc_standard" not in post_hoc.meta
+    # Task vectors fine-tuned in the tangent space: their fine-tuned models are the linearised ones.
+    src = dataclasses.replace(std, meta=dict(std.meta, fine_tuning="linear"))
     lin = linearized(src, cache_dir)
     assert lin.linearized and not src.linearized and lin.meta["linearized"]
     assert lin.meta["zero_shot_acc"] == src.meta["zero_shot_acc"]        # Δθ = 0: the same model

@@ -105,16 +105,22 @@ class LinearizedSource(ModelSource):
 
 
 def linearized(source: ModelSource, cache_dir: str | None = None, references: bool = True) -> LinearizedSource:
-    """``source`` with a linearised tail forward (see :class:`LinearizedSource`). With
-    ``references``, the zero-shot and fine-tuned accuracies are recomputed under the linearised
-    forward (the normalised accuracy of a linearised run divides by the linearised fine-tuned
-    models'), read from the reference cache in ``cache_dir`` when computed before."""
+    """``source`` with a linearised tail forward (see :class:`LinearizedSource`).
+
+    When the task vectors were fine-tuned in the tangent space (``meta["fine_tuning"] == "linear"``:
+    ``finetune --mode linear`` checkpoints, ``ft_mode=linear`` zoos) and ``references`` is set, the
+    fine-tuned accuracies are recomputed under the linearised forward — the fine-tuned models *are*
+    the linearised ones, and a linearised run's normalised accuracy divides by theirs — and so is the
+    checkpoint check's table when the source has one; both are read from the reference cache in
+    ``cache_dir`` when computed before. Standard task vectors linearised after the fact keep the
+    standard fine-tuned models as their references (the models their owner has); the zero-shot
+    accuracy is the same either way (Δθ = 0)."""
     if isinstance(source, LinearizedSource):
         return source
     fields = {f.name: getattr(source, f.name) for f in dataclasses.fields(ModelSource)}
     fields["meta"] = dict(source.meta, linearized=True)
     out = LinearizedSource(**fields)
-    if references and source.meta.get("finetuned_acc") is not None:
+    if references and source.meta.get("fine_tuning") == "linear" and source.meta.get("finetuned_acc") is not None:
         standard = dict(source.meta["finetuned_acc"])
         # The checkpoint check, when the source carries one, is judged on the linearised models too.
         out.evaluate_references(cache_dir, extra=task_check.EXTRA if task_check.META_KEY in source.meta else None)
