@@ -87,6 +87,7 @@ def page(sweep_file: str | Path, out_dir: str | Path = DOCS, results_dir: str | 
         plain = pd.concat([leaderboard(spec["results_dir"], task=t, records=records) for t in spec["tasks"]],
                           ignore_index=True)
         out += by_transform(plain)
+        out += by_data_size(records, labels)
         frames = curves(spec["results_dir"], records=records, labels=labels)
         if frames:
             plt = _plt()
@@ -165,6 +166,46 @@ def by_transform(board) -> list[str]:
         gain = "" if raw is None or best == "raw" else f", {100 * (have[best][0] - raw[0]):+.2f} points over the raw vectors"
         lines.append(f"- {column}: best over **{best}**, {have[best][0]:.4f}{gain}.")
     return lines + [""]
+
+
+def by_data_size(records, labels) -> list[str]:
+    """When few-shot runs cover several amounts of training data (``shots`` per class, or a
+    ``fraction`` of the train split): per target, one row per method and one column per amount,
+    each cell ``mean ± std`` of the headline over seeds, and the learnable parameters of each method.
+    A method is a sweep label with its ``k=N`` / ``N%`` and target words removed. Empty otherwise."""
+    import re
+    import numpy as np
+    cells, cols, params = {}, [], {}
+    for _, r in records:
+        if r.get("task") != "few_shot" or not r.get("final"):
+            continue
+        t = (r.get("config") or {}).get("task_options") or {}
+        frac = float(t.get("fraction") or 0)
+        col = f"{frac:.0%}" if frac else f"k={t.get('shots')}"
+        target = str(t.get("target"))
+        label = labels.get(r["key"]) or r["searcher"]
+        method = re.sub(r"\s+", " ", re.sub(rf"\b(k=\d+|\d+%|{re.escape(target)})", "", label)).strip()
+        cells.setdefault(target, {}).setdefault(method, {}).setdefault(col, []).append(float(r["final"][r["headline"]]))
+        params.setdefault((target, method), set()).add(r.get("learnable_parameters"))
+        cols += [col] if col not in cols else []
+    if len(cols) < 2:
+        return []
+    cols.sort(key=lambda c: (c.startswith("k="), float(c[2:]) if c.startswith("k=") else float(c[:-1])))
+
+    def fmt(v):
+        if not v:
+            return "—"
+        return f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}" if len(v) > 1 else f"{v[0]:.4f} (n=1)"
+    lines = ["## By amount of training data\n",
+             "Headline (`acc` on the target's test split) per method and amount of labelled training data: "
+             "`mean ± std over seeds`, or the one seed recorded; `params`: what the method learns.\n"]
+    for target, rows in cells.items():
+        lines += [f"**{target}**\n", "| method | params | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+        for method, got in rows.items():
+            known = sorted(str(p) for p in params[(target, method)] if p is not None) or ["?"]
+            lines.append(f"| {method} | {'/'.join(known)} | " + " | ".join(fmt(got.get(c)) for c in cols) + " |")
+        lines.append("")
+    return lines
 
 
 def index(out_dir: str | Path = DOCS, benchmarks: str | Path = ROOT / "benchmarks") -> Path:
