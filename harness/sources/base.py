@@ -92,13 +92,18 @@ class ModelSource:
 
     def features(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """The tail's output on ``x`` with ``params`` in place of its parameters (differentiable)."""
+        return self.chunked(lambda c: functional_forward(self.tail, params, c), x)
+
+    def chunked(self, forward, x: Tensor) -> Tensor:
+        """``forward`` applied to ``x`` chunk by chunk (:attr:`chunk_size`), each chunk prepared
+        (:meth:`prepare`, channels-last where set) first; the outputs concatenated."""
         chunks = x.split(self.chunk_size) if self.chunk_size else (x,)
         outs = []
         for c in chunks:
             c = self.prepare(c)
             if self.channels_last and c.dim() == 4:
                 c = c.contiguous(memory_format=torch.channels_last)
-            outs.append(functional_forward(self.tail, params, c))
+            outs.append(forward(c))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def prepare(self, x: Tensor) -> Tensor:

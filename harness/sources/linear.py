@@ -80,25 +80,11 @@ class LinearizedSource(ModelSource):
     linearized = True
 
     def features(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        chunks = x.split(self.chunk_size) if self.chunk_size else (x,)
-        outs = []
-        for c in chunks:
-            c = self.prepare(c)
-            if self.channels_last and c.dim() == 4:
-                c = c.contiguous(memory_format=torch.channels_last)
-            outs.append(tangent_forward(self.tail, self.base, params, c))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.chunked(lambda c: tangent_forward(self.tail, self.base, params, c), x)
 
     def tangent_features(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """``J(x; θ0)·(params − θ0)`` alone: the linearised features less ``f(x; θ0)``."""
-        chunks = x.split(self.chunk_size) if self.chunk_size else (x,)
-        outs = []
-        for c in chunks:
-            c = self.prepare(c)
-            if self.channels_last and c.dim() == 4:
-                c = c.contiguous(memory_format=torch.channels_last)
-            outs.append(jvp_parts(self.tail, self.base, params, c)[1])
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.chunked(lambda c: jvp_parts(self.tail, self.base, params, c)[1], x)
 
     def reference_material(self) -> dict:
         return {"forward": "linearized"}
