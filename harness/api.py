@@ -26,6 +26,7 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.options import check_options, constraint_text, option
+from harness.outputs import Outputs  # noqa: F401 (part of the plugin contract)
 
 __all__ = ["Candidate", "Engine", "Evaluation", "HarnessError", "Plugin", "Searcher", "Source", "Space", "Task",
            "Transform", "check_options", "constraint_text", "option"]
@@ -70,6 +71,7 @@ class Candidate:
         batch: ``None`` scores on the task's whole search set; an integer asks for a random
             mini-batch drawn with that seed (stochastic gradient steps).
         fidelity: fraction of the search set to score on (1.0 = all of it).
+        outputs: whether the per-sample outputs (:class:`Outputs`) are wanted with the loss.
         id: set by :meth:`Searcher.ask`: unique within one searcher, so it can match what it is
             told to what it asked (never ``id(x)``, which Python reuses).
     """
@@ -78,6 +80,7 @@ class Candidate:
     grad: bool = False
     batch: int | None = None
     fidelity: float = 1.0
+    outputs: bool = False
     id: int | None = None
 
 
@@ -92,6 +95,7 @@ class Evaluation:
     weight: float = 1.0
     ok: bool = True
     error: str = ""
+    outputs: Outputs | None = None  # asked for with Candidate(outputs=True); never recorded in the trace
 
 
 class Plugin:
@@ -136,6 +140,7 @@ class Searcher(Plugin):
     """
 
     needs_gradient: ClassVar[bool] = False
+    needs_outputs: ClassVar[bool] = False  # asks for Candidate(outputs=True): tasks must return Outputs
     max_batch: ClassVar[int | None] = None
     default_space: ClassVar[str] = "per_block"
     default_budget: ClassVar[int] = 200
@@ -216,7 +221,7 @@ class Task(Plugin, ABC):
 
     headline: ClassVar[str] = "score"
     higher_is_better: ClassVar[bool] = True
-    # What data a method learning on this task touches (leaderboard column): "labelled validation",
+    # What a method learning on this task touches (leaderboard column): "labelled validation",
     # "few labelled train shots", "unlabelled test" or "none".
     data: ClassVar[str] = "none"
 
@@ -224,8 +229,12 @@ class Task(Plugin, ABC):
     def data_for(cls, options) -> str:
         """:attr:`data` for these options (a task whose objective can change what it reads overrides it)."""
         return cls.data
-    # Whether the task composes task vectors (so ``--space`` applies and is checked up front).
-    composes: ClassVar[bool] = False
+    composes: ClassVar[bool] = False  # composes task vectors (so ``--space`` applies, checked up front)
+
+    @classmethod
+    def returns_outputs(cls, options) -> bool:
+        """Whether whole-set candidates with ``outputs=True`` come back with :class:`Outputs`."""
+        return False
 
     def __init__(self, options, space: str = "per_block", seed: int = 0, cache_dir: str | None = None):
         self.options, self.space_kind, self.seed, self.cache_dir = options, space, seed, cache_dir

@@ -89,6 +89,12 @@ def search(c: RunConfig, searcher, evaluator: Evaluator, prior: list[TraceRow], 
         if fresh:
             for i, ev in zip(fresh, evaluator.evaluate([cands[i] for i in fresh])):
                 evals[i] = ev
+        # A trace keeps losses, not outputs: replayed candidates that asked for them are scored again
+        # (same model, same outputs) so that the searcher is told exactly what it was told before.
+        again = [i for i, cand in enumerate(cands) if cand.outputs and i not in fresh and evals[i].ok]
+        if again:
+            for i, ev in zip(again, evaluator.evaluate([cands[i] for i in again])):
+                evals[i].outputs = ev.outputs
         for i, (cand, ev) in enumerate(zip(cands, evals)):
             state.count(cand, ev, i in fresh)
         searcher.tell(cands, evals)

@@ -46,7 +46,11 @@ def plan(cfg: RunConfig) -> Plan:
     registry.validate("searcher", searcher_cls, s_opts)
     w_opts = resolve_options(Wrappers, w_given, "searcher")
     Wrappers.validate(w_opts)
-    if w_opts.screen < 1 and (searcher_cls.needs_gradient or searcher_cls.reference):
+    if searcher_cls.needs_outputs and not task_cls.returns_outputs(t_opts):
+        raise HarnessError(f"searcher '{cfg.searcher}' models the task's outputs, which task '{cfg.task}' does not "
+                           "return with these options (addition with objective=ce, few_shot without a joint adapter, "
+                           "negation; each without an l1/l2 term)")
+    if w_opts.screen < 1 and (searcher_cls.needs_gradient or searcher_cls.reference or searcher_cls.needs_outputs):
         raise HarnessError(f"searcher option screen (multi-fidelity screening) is for black-box searchers, "
                            f"not {cfg.searcher}")
     defaults = Wrappers.Options()

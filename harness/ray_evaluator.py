@@ -289,10 +289,12 @@ class RayEvaluator(Evaluator):
         n = len(self.actors)
         # Low-fidelity candidates are scored, one per work item, on their fixed part of the search
         # set (as the local evaluator does); full ones by candidate or split into data shards.
-        low = [i for i, c in enumerate(candidates) if fidelity_shard(c.fidelity) is not None]
-        full = [i for i in range(len(candidates)) if fidelity_shard(candidates[i].fidelity) is None]
+        # Candidates whose outputs are asked for are scored whole, one per work item, like low ones.
+        low = [i for i, c in enumerate(candidates) if fidelity_shard(c.fidelity) is not None or c.outputs]
+        full = sorted(set(range(len(candidates))) - set(low))
         data = self.shardable and (self.mode == "data" or (self.mode == "auto" and len(full) < n)) and n > 1
-        work = [([candidates[i]], fidelity_shard(candidates[i].fidelity), True) for i in low]
+        work = [([candidates[i]], fidelity_shard(candidates[i].fidelity), fidelity_shard(candidates[i].fidelity) is not None)
+                for i in low]
         if data and full:
             work += [([candidates[i] for i in full], (k, n), False) for k in range(n)]
         else:

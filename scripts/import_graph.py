@@ -29,7 +29,7 @@ MAX_LINES = 400
 DATA_MODULES: set[str] = set()  # modules exempt from the size limit: none
 # The harness's layers, bottom up (a name covers the module and, for a folder, everything in it).
 LAYERS = [
-    ("contracts", ["harness.errors", "harness.options", "harness.api"]),
+    ("contracts", ["harness.errors", "harness.options", "harness.outputs", "harness.api"]),
     ("configuration", ["harness.config", "harness.presets", "harness.registry"]),
     ("storage and files", ["harness.provenance", "harness.results", "harness.records", "harness.filecheck", "harness.checkpoints", "harness.unpickler", "harness.unpickle",
                            "harness.refcache"]),

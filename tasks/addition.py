@@ -51,6 +51,10 @@ class AdditionTask(ComposingTask):
     def data_for(cls, options) -> str:
         return "unlabelled test" if options.objective == "entropy" else cls.data
 
+    @classmethod
+    def returns_outputs(cls, options) -> bool:
+        return options.objective == "ce" and not options.l1 and not options.l2
+
     @property
     def split(self) -> str:
         """The split the search objective reads: validation (labelled) or test (inputs only)."""

@@ -192,6 +192,11 @@ class FewShotTask(ComposingTask):
         idx = self.minibatch(len(y), self.options.batch_size, torch.Generator().manual_seed(seed))
         return WeightedSet([(self.options.target, x[idx], y[idx], 1.0)])
 
+    @classmethod
+    def returns_outputs(cls, options) -> bool:
+        # The joint adapter's logits are not the head's; an L1 term is not a function of the logits.
+        return not (options.adapter != "none" and options.adapter_mode == "joint") and not options.l1
+
     def evaluate(self, candidates: list[Candidate], shard=None):
         l1 = self.options.l1
         reg = (lambda xt: l1 * xt.abs().mean()) if l1 else None

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from harness.api import Candidate, HarnessError, option
 from harness.engines import package
+from harness.engines.local import outputs_of
 from harness.objective import ComposeOptions, ComposingTask, WeightedSet
 from harness.sources.base import scalar
 
@@ -109,6 +111,10 @@ class NegationTask(ComposingTask):
             pieces.append((ds, xs[idx], ys[idx], 0.5))
         return WeightedSet(pieces)
 
+    @classmethod
+    def returns_outputs(cls, options) -> bool:
+        return not options.l1 and not options.l2
+
     def evaluate(self, candidates: list[Candidate], shard=None):
         out, reg = [], self.penalty(self.options.l1, self.options.l2)
         for c in candidates:
@@ -116,7 +122,13 @@ class NegationTask(ComposingTask):
             names, xs, ys, ws = data.part(shard)
             with torch.set_grad_enabled(c.grad):
                 params, xt = self.params(c.x, c.grad)
-                (lt, lc), (kt, kc) = self.engine.per_sample_ce(params, names, xs, ys)
+                logits = None
+                if c.outputs and c.batch is None and shard is None:  # the logits come back with the loss
+                    logits = self.engine.per_sample_logits(params, names, xs)
+                    lt, lc = (F.cross_entropy(z, y, reduction="none") for z, y in zip(logits, ys))
+                    kt, kc = (z.argmax(1) == y for z, y in zip(logits, ys))
+                else:
+                    (lt, lc), (kt, kc) = self.engine.per_sample_ce(params, names, xs, ys)
                 (wt, wc) = ws
                 wsum = scalar(wt.sum() + wc.sum())
                 loss = ((-lt.clamp(max=self.tcap) * wt).sum() + (lc * wc).sum()) / max(wsum, 1e-12)
@@ -127,15 +139,18 @@ class NegationTask(ComposingTask):
                 metrics = {"target_acc": scalar((kt.float() * wt).sum()) / max(wsum, 1e-12) / 0.5,
                            "control_acc": scalar((kc.float() * wc).sum()) / max(wsum, 1e-12) / 0.5}
                 out.append(package(loss, wsum, xt, c.grad, metrics))
+                if logits is not None:
+                    out[-1].outputs = outputs_of(logits, ys, ws, caps=[self.tcap, None])
         return out
 
     def complete(self, candidate, ev):
         # The accuracy floor is a whole-set property: applied to full validations only (a gradient
         # step's mini-batch accuracy is too noisy, and gradients flow through CE(control) anyway).
         if candidate.batch is None and ev.ok:
-            short = max(0.0, (self.options.floor + self.options.margin) * self.zs_control_val
-                        - ev.metrics["control_acc"])
-            ev.loss = ev.loss + self.options.penalty * short
+            level = (self.options.floor + self.options.margin) * self.zs_control_val
+            ev.loss = ev.loss + self.options.penalty * max(0.0, level - ev.metrics["control_acc"])
+            if ev.outputs is not None:  # the same floor on the control part (part 1) of the outputs
+                ev.outputs.floors = [(1, level, self.options.penalty)]
         return ev
 
     def final(self, x):

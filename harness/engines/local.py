@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from harness.api import Candidate, Engine, Evaluation, HarnessError, option
 from harness.composition import functional_forward
 from harness.engines import package
-from harness.sources.base import scalar
+from harness.outputs import Outputs
+from harness.sources.base import host_array, scalar
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS_RTOL, ACC_ATOL = 0.01, 0.01  # reduced precision is kept within these of fp32
@@ -228,10 +229,31 @@ class LocalEngine(Engine):
             wsum = scalar(sum(w.sum() for w in ws))
             if not any(len(y) for y in ys):
                 return package(xt.sum() * 0, 0.0, xt, c.grad, {"acc": 0.0})
+            if c.outputs and shard is None:
+                return self._with_outputs(c, params, xt, data, wsum, regularizer)
             loss, acc = _weighted_means(*self.per_sample_ce(params, names, xs, ys), ws, wsum)
             if regularizer is not None:
                 loss = loss + regularizer(xt)
             return package(loss, wsum, xt, c.grad, {"acc": acc})
+
+    def _with_outputs(self, c: Candidate, params, xt, data, wsum: float, regularizer=None) -> Evaluation:
+        """:meth:`weighted_ce` of ``c`` on the whole of ``data`` with its logits attached
+        (:class:`harness.outputs.Outputs`, whose loss formula gives the same loss)."""
+        if regularizer is not None:
+            raise HarnessError("a candidate's outputs were asked for, but this loss has a term on the coefficients "
+                               "(l1/l2) that the outputs do not carry; set the penalty to 0")
+        names, xs, ys, ws = data.part(None)
+        logits = self.per_sample_logits(params, names, xs)
+        losses = [F.cross_entropy(z, y, reduction="none") for z, y in zip(logits, ys)]
+        correct = [z.argmax(1) == y for z, y in zip(logits, ys)]
+        loss, acc = _weighted_means(losses, correct, ws, wsum)
+        ev = package(loss, wsum, xt, c.grad, {"acc": acc})
+        ev.outputs = outputs_of(logits, ys, ws)
+        return ev
+
+    def per_sample_logits(self, params, names, xs) -> list:
+        """Each data set's logits under its own head, from one concatenated tail forward."""
+        return logits_from_features(self.source, self.features(params, torch.cat([x for x in xs if len(x)])), names, xs)
 
     def population_ce(self, cands: list[Candidate], data, shard=None) -> list[Evaluation]:
         """:meth:`weighted_ce` of several candidates (no gradients) from one vmap pass of the tail."""
@@ -255,12 +277,12 @@ class LocalEngine(Engine):
             return []
         self.size_chunk(lambda: next((x[:16] for x in data.part(None)[1] if len(x)), None))
         first = self.check_precision(cands[0], data, shard)
-        if first is not None and not cands[0].grad and regularizer is None:
+        if first is not None and not cands[0].grad and not cands[0].outputs and regularizer is None:
             # The check already scored the first candidate: reuse it rather than score it again.
             return [first] + self.score(cands[1:], data, shard, regularizer)
         # A linearised forward (a JVP) has no population pass: candidates go one after another.
         plain = (len(cands) < 2 or self.options.population == "off" or regularizer is not None
-                 or any(c.grad for c in cands) or self.source.linearized)
+                 or any(c.grad or c.outputs for c in cands) or self.source.linearized)
         if plain or self._vmap_faster is False:
             return [self.weighted_ce(c, data, shard, regularizer) for c in cands]
         if self._vmap_faster:
@@ -293,17 +315,30 @@ def _weighted_means(losses, correct, ws, wsum: float):
     return loss, scalar(sum((k.float() * w).sum() for k, w in zip(correct, ws))) / wsum
 
 
+def outputs_of(logits, ys, ws, caps=None) -> Outputs:
+    """:class:`Outputs` of per-data-set logits, labels and weights (copied to the host)."""
+    return Outputs(logits=[host_array(z.detach().float()) for z in logits], labels=[host_array(y) for y in ys],
+                   weights=[host_array(w.float()) for w in ws], caps=list(caps or []))
+
+
+def logits_from_features(source, z, names, xs) -> list:
+    """Each data set's logits under its own frozen head, from the tail's features ``z`` of the
+    concatenated non-empty inputs ``xs``."""
+    if source.normalize:
+        z = F.normalize(z, dim=-1)
+    out, i = [], 0
+    for name, x in zip(names, xs):
+        w, b = source.heads[name]
+        out.append(F.linear(z[i:i + len(x)], w, b))
+        i += len(x)
+    return out
+
+
 def ce_from_features(source, z, names, xs, ys):
     """Per-sample cross-entropy and correctness from the tail's features ``z`` of the concatenated
     non-empty inputs ``xs`` (one head per data set)."""
-    if source.normalize:
-        z = F.normalize(z, dim=-1)
-    losses, correct, i = [], [], 0
-    for name, x, y in zip(names, xs, ys):
-        zi = z[i:i + len(x)]
-        i += len(x)
-        w, b = source.heads[name]
-        logits = F.linear(zi, w, b)
+    losses, correct = [], []
+    for logits, y in zip(logits_from_features(source, z, names, xs), ys):
         losses.append(F.cross_entropy(logits, y, reduction="none") if len(y) else logits.new_zeros(0))
         correct.append(logits.argmax(1) == y)
     return losses, correct

@@ -96,6 +96,8 @@ class TangentEngine(LocalEngine):
         that tasks score one at a time through :meth:`weighted_ce` take the direct linearised path."""
         if not cands:
             return []
+        if any(c.outputs for c in cands):  # logits asked for: the direct linearised path gives them
+            return super().score(cands, data, shard, regularizer)
         names, xs, ys, ws = data.part(shard)
         self.size_chunk(lambda: next((x[:16] for x in xs if len(x)), None))
         cached = self.products(xs) if any(len(y) for y in ys) else None

@@ -1,0 +1,170 @@
+"""Derivative-free Gauss-Newton: trust-region steps on a finite-difference model of the logits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harness.api import Candidate, Evaluation, HarnessError, Searcher, option
+
+
+class DfoGnSearcher(Searcher):
+    """A model-based derivative-free search that models the network's outputs, not its loss.
+
+    The loss of a composed model is a known, cheap function (cross-entropy) of its logits on the
+    search set, and the logits move smoothly with the coefficients. So, at an anchor point λ, the
+    searcher probes each coefficient once (``λ + h·e_i``: one forward pass each, ``dim`` real
+    evaluations of the budget) and takes the differences of the logits as a linear model
+    ``z(λ + s) ≈ z(λ) + J·s``. It then minimises the task's own loss of the modelled logits
+    inside a box trust region ``|s| ≤ radius`` (and the task's box), scores that one point on the
+    real model, and keeps it if the loss fell. The ratio of the real to the modelled decrease
+    grows or shrinks the radius, as in every trust-region method; a rejected step is retried
+    with a smaller radius on the same model, an accepted one starts the next round of probes.
+
+    The network is only ever run forward: this is a black-box method for the coefficients, in
+    the family of derivative-free Gauss-Newton methods for least squares (Cartis & Roberts 2019),
+    with cross-entropy in place of the squared residuals. The modelled problem is small and
+    smooth, so it is minimised with autograd (projected Adam) on the model itself. One round
+    costs ``dim + 1`` evaluations; the first step from the pre-trained model is already the
+    minimiser of a first-order model of every logit, which is why few rounds are needed.
+
+    It needs a task that returns its outputs (addition, few_shot, negation; see
+    :meth:`harness.api.Task.returns_outputs`); probes of a batch are independent, so ``--batch-size``
+    (and Ray workers) score them in parallel.
+    """
+
+    name = "dfo-gn"
+    description = ("derivative-free Gauss-Newton: finite-difference model of the logits, trust-region steps "
+                   "(forward passes only)")
+    needs_outputs = True
+    default_budget = 800
+    default_batch = 1
+    default_space = "per_block"
+
+    @dataclass
+    class Options:
+        step: float = option(0.05, "finite-difference step h of each probe λ + h·e_i (towards the box's inside "
+                                   "at its edge)", gt=0)
+        radius: float = option(0.5, "initial trust-region radius (max-norm of a step)", gt=0)
+        max_radius: float = option(1.5, "largest trust-region radius", gt=0)
+        inner_steps: int = option(300, "projected Adam steps minimising the modelled loss in each trust region", ge=1)
+
+    @classmethod
+    def validate(cls, options):
+        if options.radius > options.max_radius:
+            raise HarnessError(f"searcher option radius ({options.radius}) must be at most max_radius "
+                               f"({options.max_radius})")
+
+    def __init__(self, space, budget, batch_size, seed, options):
+        super().__init__(space, budget, batch_size, seed, options)
+        self.lower, self.upper = np.asarray(space.lower, float), np.asarray(space.upper, float)
+        self.anchor = space.clip(np.asarray(space.start, float))
+        self.anchor_loss = np.inf
+        self.anchor_out = None  # Outputs of the anchor, once scored
+        self.radius = options.radius
+        self.J = None
+        self.queue: list[tuple[str, int, np.ndarray]] = []  # (kind, coordinate, x) still to ask this round
+        self.waiting: dict[int, tuple[str, int]] = {}  # candidate id → ("anchor"|"probe"|"trial", coordinate)
+        self.steps: dict[int, float] = {}
+        self.trial_pred = 0.0
+        self.info = {"rounds": 0, "trials": 0, "accepted": 0, "radius": self.radius}
+        self._start_round()
+
+    # ------------------------------------------------------------------ the rounds
+
+    def _start_round(self):
+        """Queue the anchor (when its outputs are not known yet) and one probe per coordinate."""
+        self.J = None
+        self.queue = []
+        if self.anchor_out is None:
+            self.queue.append(("anchor", -1, self.anchor.copy()))
+        for i in range(self.space.dim):
+            h = self.options.step
+            if self.anchor[i] + h > self.upper[i]:
+                h = -h
+            x = self.anchor.copy()
+            x[i] += h
+            self.steps[i] = h
+            self.queue.append(("probe", i, x))
+        self.probed: dict[int, np.ndarray] = {}
+        self.info["rounds"] += 1
+
+    def _trial(self) -> np.ndarray:
+        """The minimiser of the modelled loss in the trust region, as the next candidate."""
+        out = self.anchor_out
+        z0 = torch.as_tensor(out.flat(), dtype=torch.float64)
+        J = torch.as_tensor(self.J, dtype=torch.float64)
+        r = self.radius
+        lo = torch.as_tensor(np.maximum(self.lower - self.anchor, -r))
+        hi = torch.as_tensor(np.minimum(self.upper - self.anchor, r))
+        s = torch.zeros(self.space.dim, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([s], lr=r / 20)
+        base = float(out.loss(z0))
+        best_s, best_m = torch.zeros_like(s), base
+        for _ in range(self.options.inner_steps):
+            opt.zero_grad()
+            m = out.loss(z0 + s @ J)
+            if float(m) < best_m:
+                best_m, best_s = float(m), s.detach().clone()
+            m.backward()
+            opt.step()
+            with torch.no_grad():
+                s.copy_(torch.maximum(torch.minimum(s, hi), lo))
+        with torch.no_grad():
+            m = float(out.loss(z0 + s @ J))
+        if m < best_m:
+            best_m, best_s = m, s.detach().clone()
+        self.trial_pred = base - best_m
+        self.info["trials"] += 1
+        return np.clip(self.anchor + best_s.numpy(), self.lower, self.upper)
+
+    def _ask(self, n):
+        if self.queue:
+            batch, self.queue = self.queue[:n], self.queue[n:]
+        else:
+            if self.J is None:  # every probe told: build the model
+                base = self.anchor_out.flat()
+                self.J = np.stack([(self.probed[i] - base) / self.steps[i] for i in range(self.space.dim)])
+            batch = [("trial", -1, self._trial())]
+        out = []
+        for kind, i, x in batch:
+            c = self.candidate(x, outputs=True)
+            self.waiting[c.id] = (kind, i)
+            out.append(c)
+        return out
+
+    def _tell(self, candidates: list[Candidate], evaluations: list[Evaluation]):
+        for c, e in zip(candidates, evaluations):
+            kind, i = self.waiting.pop(c.id)
+            if e.ok and e.outputs is None:
+                raise HarnessError("searcher dfo-gn asked for the task's outputs and got none: the task does not "
+                                   "return them (tasks that do: addition, few_shot, negation)")
+            if kind == "anchor":
+                if not e.ok:
+                    raise HarnessError("searcher dfo-gn: the start point's loss is not finite; nothing to model from")
+                self.anchor_loss, self.anchor_out = e.loss, e.outputs
+            elif kind == "probe":
+                # A failed probe (non-finite) leaves that coefficient out of the model this round.
+                self.probed[i] = e.outputs.flat() if e.ok else self.anchor_out.flat()
+            else:
+                self._after_trial(c, e)
+
+    def _after_trial(self, c: Candidate, e: Evaluation):
+        real = self.anchor_loss - e.loss if e.ok else -np.inf
+        rho = real / self.trial_pred if self.trial_pred > 1e-12 else -np.inf
+        accepted = e.ok and e.loss < self.anchor_loss
+        if rho > 0.75:
+            self.radius = min(2 * self.radius, self.options.max_radius)
+        elif rho < 0.25:
+            self.radius /= 4
+        if accepted:
+            self.anchor, self.anchor_loss, self.anchor_out = np.asarray(c.x, float), e.loss, e.outputs
+            self.info["accepted"] += 1
+        self.info["radius"] = self.radius
+        # A new model around the new anchor; after a rejection the same model with a smaller
+        # region, unless the region has collapsed (then the model is rebuilt with fresh probes).
+        if accepted or self.radius < 1e-3 * self.options.radius:
+            if not accepted:
+                self.radius = self.options.radius / 4
+            self._start_round()
