@@ -18,13 +18,14 @@ class Outputs:
 
     One entry per part of the set (a data set): the logits ``(n, classes)``, the labels ``(n,)``
     and the sample weights ``(n,)``. The loss is ``Σ_parts Σ_i w_i·ℓ_i / Σ w``, where ``ℓ_i`` is the
-    cross-entropy, or for a part with a ``cap`` (negation's forgetting term) ``−min(CE, cap)``;
+    cross-entropy, or for a part with a ``cap`` (negation's forgetting term) ``−min(CE, cap)``, or
+    for a part whose labels are None the squared norm of the row (least squares: residuals);
     each ``(part, level, weight)`` of ``floors`` adds ``weight × max(0, level − accuracy of part)``
     (negation's control-accuracy floor: piecewise constant, so it has no gradient).
     """
 
     logits: list[np.ndarray]
-    labels: list[np.ndarray]
+    labels: list[np.ndarray | None]
     weights: list[np.ndarray]
     caps: list[float | None] = field(default_factory=list)
     floors: list[tuple[int, float, float]] = field(default_factory=list)
@@ -46,8 +47,12 @@ class Outputs:
             n, k = np.shape(z)
             part = flat[..., start:start + n * k].reshape(*flat.shape[:-1], n, k)
             start += n * k
-            yt = torch.as_tensor(np.asarray(y), dtype=torch.long).expand(*part.shape[:-1])
             wt = torch.as_tensor(np.asarray(w), dtype=flat.dtype)
+            if y is None:  # residuals
+                total = total + ((part ** 2).sum(-1) * wt).sum(-1)
+                accs.append(None)
+                continue
+            yt = torch.as_tensor(np.asarray(y), dtype=torch.long).expand(*part.shape[:-1])
             ce = -part.log_softmax(-1).gather(-1, yt.unsqueeze(-1)).squeeze(-1)
             if cap is not None:
                 ce = -ce.clamp(max=cap)

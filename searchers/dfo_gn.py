@@ -105,8 +105,8 @@ class DfoGnSearcher(Searcher):
         for _ in range(self.options.inner_steps):
             opt.zero_grad()
             m = out.loss(z0 + s @ J)
-            if float(m) < best_m:
-                best_m, best_s = float(m), s.detach().clone()
+            if float(m.detach()) < best_m:
+                best_m, best_s = float(m.detach()), s.detach().clone()
             m.backward()
             opt.step()
             with torch.no_grad():

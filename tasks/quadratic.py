@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.api import Candidate, Evaluation, Space, Task, option
+from harness.api import Candidate, Evaluation, Outputs, Space, Task, option
 
 
 # Coefficient vectors are held in float64 by every searcher: 10 million of them is 80 MB each,
@@ -34,6 +34,10 @@ class QuadraticTask(Task):
         # Test fixtures: one to kill a run mid-search, one to exercise failed evaluations.
         delay: float = option(0.0, "test fixture: seconds slept per evaluation")
         nan_above: float | None = option(None, "test fixture: the loss is NaN where x[0] > nan_above (None: never)")
+
+    @classmethod
+    def returns_outputs(cls, options) -> bool:
+        return True  # the residuals √w_i·(x_i − x*_i): the loss is their mean square
 
     def setup(self, device="cpu"):
         rng = np.random.default_rng([self.seed, 7])
@@ -70,6 +74,9 @@ class QuadraticTask(Task):
                 grad = np.zeros(dim)
                 grad[sel] = g
             out.append(Evaluation(loss=loss, grad=grad, weight=float(len(idx))))
+            if c.outputs and shard is None and c.batch is None:
+                r = np.sqrt(self.weights) * (x - self.optimum)
+                out[-1].outputs = Outputs(logits=[r[:, None]], labels=[None], weights=[np.ones(dim)])
         return out
 
     def final(self, x):

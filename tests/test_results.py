@@ -25,7 +25,7 @@ def _cmd(res, searcher, extra=()):
             "--seed", "5", "-t", "dim=6", "-t", "delay=0.02", "--results-dir", str(res), "--quiet", *extra]
 
 
-@pytest.mark.parametrize("searcher, extra", [("nevergrad", ()), ("random", ()),
+@pytest.mark.parametrize("searcher, extra", [("nevergrad", ()), ("random", ()), ("dfo-gn", ()),
                                              ("gradient", ("-s", "lr=0.05", "-s", "validate_every=10"))])
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, searcher, extra):
     from harness import registry

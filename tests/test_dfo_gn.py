@@ -1,0 +1,106 @@
+"""The derivative-free Gauss-Newton searcher (searchers/dfo_gn.py) and the outputs channel it reads.
+
+Every task that returns its outputs must give logits whose loss formula (:class:`harness.outputs.
+Outputs`) reproduces the task's own loss exactly, or the searcher's model would be of another
+function; the searcher must solve a least-squares problem whose residuals are linear in one round,
+never ask for the network's gradient, and refuse tasks that cannot return outputs before anything runs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import harness
+from harness.api import Candidate, HarnessError
+from harness.config import RunConfig, resolve_options
+from harness.evaluators import LocalEvaluator
+from harness.problem import plan
+from harness.registry import load
+
+SMALL_ZOO = "datasets=skdigits,lfw;max_n=400;pretrain_steps=40;ft_steps=15"
+TASKS = {
+    "addition": {"search_n": 24},
+    "negation": {"target": "skdigits", "control": "lfw", "search_n": 24},
+    "few_shot": {"target": "skdigits", "shots": 2},
+}
+
+
+def build(name, cache_dir, space="per_layer", **extra):
+    cls = load("task", name)
+    opts = resolve_options(cls, {"source": "tiny-clip", "source_options": SMALL_ZOO, **TASKS[name], **extra}, "task")
+    cls.validate(opts)
+    task = cls(opts, space=space, seed=0, cache_dir=cache_dir)
+    task.setup("cpu")
+    return task
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_the_outputs_reproduce_the_task_loss(cache_dir, name):
+    task = build(name, cache_dir)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-0.5, 1.0, task.space().dim)
+    plain, with_out = LocalEvaluator(task).evaluate([Candidate(x=x), Candidate(x=x, outputs=True)])
+    assert plain.outputs is None and with_out.outputs is not None
+    assert with_out.loss == pytest.approx(plain.loss, rel=1e-6)
+    out = with_out.outputs
+    modelled = float(out.loss(torch.as_tensor(out.flat())))
+    assert modelled == pytest.approx(with_out.loss, rel=1e-5, abs=1e-7)
+    # The logits are the model's: a different point gives different logits and loss.
+    other = LocalEvaluator(task).evaluate([Candidate(x=x * 0.0, outputs=True)])[0]
+    assert not np.allclose(other.outputs.flat(), out.flat())
+    if name == "negation":  # the forgetting term is capped and the control floor is carried
+        assert out.caps[0] == pytest.approx(task.tcap) and out.caps[1] is None and len(out.floors) == 1
+
+
+def test_the_floor_term_counts_like_the_task_penalty():
+    from harness.outputs import Outputs
+    # Two samples of part 1, one right: accuracy 0.5 below a floor of 0.8 costs 2 × 0.3.
+    out = Outputs(logits=[np.zeros((1, 2)), np.array([[2.0, 0.0], [2.0, 0.0]])],
+                  labels=[np.array([0]), np.array([0, 1])], weights=[np.ones(1), np.ones(2)],
+                  caps=[None, None], floors=[(1, 0.8, 2.0)])
+    ce = (np.log(2) + (np.log1p(np.exp(-2.0))) + (2.0 + np.log1p(np.exp(-2.0)))) / 3
+    assert float(out.loss(torch.as_tensor(out.flat()))) == pytest.approx(ce + 2.0 * 0.3, rel=1e-9)
+
+
+def test_linear_residuals_are_solved_in_one_round(tmp_path):
+    """On the quadratic the residuals √w·(x − x*) are linear, so the model is exact: the first
+    trust-region steps go straight to x* (the radius doubles from 0.5 up to the box)."""
+    run = harness.run("quadratic", "dfo-gn", budget=7 + 4 * 8, seed=2, task_options={"dim": 6},
+                      results_dir=str(tmp_path))
+    assert run.status == "complete"
+    assert run.final["distance"] < 1e-6
+    trace = run.trace
+    assert trace["loss"].iloc[:7].min() > 1e-3  # the anchor and its 6 probes are far from x*
+    # no gradient was ever asked for: every row is a whole-set, forward-only evaluation
+    assert not trace["batch"].notna().any()
+
+
+def test_a_run_on_addition_improves_on_its_start_and_records_its_rounds(tmp_path, cache_dir):
+    opts = {"source": "tiny-clip", "source_options": SMALL_ZOO, "search_n": 24}
+    run = harness.run("addition", "dfo-gn", space="per_layer", budget=60, seed=0, task_options=opts,
+                      results_dir=str(tmp_path), cache_dir=cache_dir)
+    assert run.status == "complete" and run.evaluations == 60
+    info = run.record["searcher_info"]
+    dim = len(run.coefficients["x"])
+    assert info["rounds"] >= 2 and info["trials"] >= 1 and info["accepted"] >= 1
+    trace = run.trace
+    start = trace["loss"].iloc[0]
+    assert trace["loss"].min() < start - 0.05  # 1.334 → 1.227 on this tiny zoo
+    # the first dim + 1 rows are the anchor and one probe per coordinate, each h away in one coordinate
+    x = np.stack(trace["x"].iloc[: dim + 1].to_numpy())
+    steps = x[1:] - x[0]
+    assert np.allclose(np.abs(steps), 0.05 * np.eye(dim), atol=1e-12)
+
+
+def test_tasks_without_outputs_are_refused_before_anything_runs():
+    with pytest.raises(HarnessError, match="models the task's outputs.*does not return"):
+        plan(RunConfig(task="tta", searcher="dfo-gn"))
+    with pytest.raises(HarnessError, match="does not return"):
+        plan(RunConfig(task="addition", searcher="dfo-gn", task_options={"objective": "entropy"}))
+    with pytest.raises(HarnessError, match="does not return"):
+        plan(RunConfig(task="addition", searcher="dfo-gn", task_options={"l1": 0.1}))
+    with pytest.raises(HarnessError, match="radius .* must be at most max_radius"):
+        plan(RunConfig(task="addition", searcher="dfo-gn", searcher_options={"radius": 2.0}))
+    with pytest.raises(HarnessError, match="screen"):
+        plan(RunConfig(task="addition", searcher="dfo-gn", searcher_options={"screen": 0.25}))
