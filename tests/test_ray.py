@@ -298,6 +298,7 @@ def test_reduced_precision_is_decided_once_on_the_driver(ray_session, cache_dir)
     ("nevergrad", 4, {"optimizer": "TwoPointsDE"}),      # population → candidate-parallel
     ("gradient", 1, {"lr": 0.05, "validate_every": 10}),  # gradient steps → data-parallel
     ("nevergrad", 1, {"screen": 0.5, "finalists": 4, "warm": 5}),  # low-fidelity screens on workers
+    ("dfo-gn", 4, {}),                                   # probes with their outputs, whole, on workers
 ])
 def test_run_on_two_workers_gives_the_local_result(ray_session, tmp_path, searcher, batch, options):
     def go(workers):
