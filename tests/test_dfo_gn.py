@@ -7,6 +7,9 @@ never ask for the network's gradient, and refuse tasks that cannot return output
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -104,3 +107,13 @@ def test_tasks_without_outputs_are_refused_before_anything_runs():
         plan(RunConfig(task="addition", searcher="dfo-gn", searcher_options={"radius": 2.0}))
     with pytest.raises(HarnessError, match="screen"):
         plan(RunConfig(task="addition", searcher="dfo-gn", searcher_options={"screen": 0.25}))
+
+
+def test_the_command_line_refuses_a_task_without_outputs_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--task", "tta", "--searcher", "dfo-gn",
+                           "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: searcher 'dfo-gn' models the task's outputs, which task 'tta' does not return with these options "
+        "(addition with objective=ce, few_shot without a joint adapter, negation; each without an l1/l2 term)"]
+    assert not any(tmp_path.iterdir())
