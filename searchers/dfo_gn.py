@@ -17,7 +17,8 @@ class DfoGnSearcher(Searcher):
     searcher probes each coefficient once (``λ + h·e_i``: one forward pass each, ``dim`` real
     evaluations of the budget) and takes the differences of the logits as a linear model
     ``z(λ + s) ≈ z(λ) + J·s``. It then minimises the task's own loss of the modelled logits
-    inside a box trust region ``|s| ≤ radius`` (and the task's box), scores that one point on the
+    inside a trust region (``max|s_i| ≤ radius``, or ``‖s‖ ≤ radius`` with ``region=ball``; and the
+    task's box), scores that one point on the
     real model, and keeps it if the loss fell. The ratio of the real to the modelled decrease
     grows or shrinks the radius, as in every trust-region method; a rejected step is retried
     with a smaller radius on the same model, an accepted one starts the next round of probes.
@@ -49,6 +50,9 @@ class DfoGnSearcher(Searcher):
         radius: float = option(0.5, "initial trust-region radius (max-norm of a step)", gt=0)
         max_radius: float = option(1.5, "largest trust-region radius", gt=0)
         inner_steps: int = option(300, "projected Adam steps minimising the modelled loss in each trust region", ge=1)
+        region: str = option("box", "shape of the trust region: box (max-norm: every coefficient may move by the "
+                                    "radius) or ball (Euclidean norm: the whole step is at most the radius, which "
+                                    "keeps many-coefficient steps on few samples small)", choices=("box", "ball"))
 
     @classmethod
     def validate(cls, options):
@@ -98,8 +102,10 @@ class DfoGnSearcher(Searcher):
         r = self.radius
         lo = torch.as_tensor(np.maximum(self.lower - self.anchor, -r))
         hi = torch.as_tensor(np.minimum(self.upper - self.anchor, r))
+        # Adam's steps are about lr per coordinate: a ball's radius is shared by all of them.
+        lr = r / 20 if self.options.region == "box" else r / 20 / np.sqrt(self.space.dim)
         s = torch.zeros(self.space.dim, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.Adam([s], lr=r / 20)
+        opt = torch.optim.Adam([s], lr=lr)
         base = float(out.loss(z0))
         best_s, best_m = torch.zeros_like(s), base
         for _ in range(self.options.inner_steps):
@@ -110,6 +116,8 @@ class DfoGnSearcher(Searcher):
             m.backward()
             opt.step()
             with torch.no_grad():
+                if self.options.region == "ball":  # onto the ball, then into the box (both convex)
+                    s.mul_(min(1.0, r / max(float(s.norm()), 1e-30)))
                 s.copy_(torch.maximum(torch.minimum(s, hi), lo))
         with torch.no_grad():
             m = float(out.loss(z0 + s @ J))

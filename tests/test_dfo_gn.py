@@ -117,3 +117,24 @@ def test_the_command_line_refuses_a_task_without_outputs_in_one_line(tmp_path):
         "error: searcher 'dfo-gn' models the task's outputs, which task 'tta' does not return with these options "
         "(addition with objective=ce, few_shot without a joint adapter, negation; each without an l1/l2 term)"]
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("region, norm", [("box", np.inf), ("ball", 2)])
+def test_the_trial_step_stays_in_its_trust_region(region, norm):
+    from atlas_harness_searchers.dfo_gn import DfoGnSearcher
+    quad = load("task", "quadratic")
+    task = quad(quad.Options(dim=9), seed=4)
+    task.setup()
+    opts = resolve_options(DfoGnSearcher, {"radius": 0.2, "max_radius": 0.2, "region": region}, "searcher")
+    s = DfoGnSearcher(task.space(), 200, 4, 0, opts)
+    trials = 0
+    while trials < 3:
+        cands = s.ask(4)
+        kinds = [s.waiting[c.id][0] for c in cands]
+        anchor = s.anchor.copy()
+        s.tell(cands, task.evaluate(cands))
+        if kinds == ["trial"]:
+            trials += 1
+            assert np.linalg.norm(cands[0].x - anchor, ord=norm) <= 0.2 + 1e-9
+            assert np.linalg.norm(cands[0].x - anchor, ord=norm) > 0.1  # the optimum is far: it goes to the edge
+    assert s.info["accepted"] == 3
