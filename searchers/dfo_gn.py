@@ -53,6 +53,10 @@ class DfoGnSearcher(Searcher):
         region: str = option("box", "shape of the trust region: box (max-norm: every coefficient may move by the "
                                     "radius) or ball (Euclidean norm: the whole step is at most the radius, which "
                                     "keeps many-coefficient steps on few samples small)", choices=("box", "ball"))
+        inner: str = option("adam", "how the model is minimised in the region: adam (projected Adam to the region's "
+                                    "minimiser) or flow (inner_steps normalised gradient steps of radius/inner_steps "
+                                    "along the model's steepest descent: the path gradient descent would take, "
+                                    "at most the radius long)", choices=("adam", "flow"))
 
     @classmethod
     def validate(cls, options):
@@ -108,11 +112,18 @@ class DfoGnSearcher(Searcher):
         opt = torch.optim.Adam([s], lr=lr)
         base = float(out.loss(z0))
         best_s, best_m = torch.zeros_like(s), base
+        flow = self.options.inner == "flow"
         for _ in range(self.options.inner_steps):
             opt.zero_grad()
             m = out.loss(z0 + s @ J)
             if float(m.detach()) < best_m:
                 best_m, best_s = float(m.detach()), s.detach().clone()
+            if flow:  # a step of length radius / inner_steps down the model's gradient
+                g = torch.autograd.grad(m, s)[0]
+                with torch.no_grad():
+                    s -= (r / self.options.inner_steps) * g / max(float(g.norm()), 1e-30)
+                    s.copy_(torch.maximum(torch.minimum(s, hi), lo))
+                continue
             m.backward()
             opt.step()
             with torch.no_grad():
