@@ -293,8 +293,8 @@ class RayEvaluator(Evaluator):
         low = [i for i, c in enumerate(candidates) if fidelity_shard(c.fidelity) is not None or c.outputs]
         full = sorted(set(range(len(candidates))) - set(low))
         data = self.shardable and (self.mode == "data" or (self.mode == "auto" and len(full) < n)) and n > 1
-        work = [([candidates[i]], fidelity_shard(candidates[i].fidelity), fidelity_shard(candidates[i].fidelity) is not None)
-                for i in low]
+        shards = [fidelity_shard(candidates[i].fidelity) for i in low]
+        work = [([candidates[i]], shard, shard is not None) for i, shard in zip(low, shards)]
         if data and full:
             work += [([candidates[i] for i in full], (k, n), False) for k in range(n)]
         else:

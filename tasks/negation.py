@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from harness.api import Candidate, HarnessError, option
 from harness.engines import package
-from harness.engines.local import outputs_of
+from harness.engines.local import ce_from_logits, outputs_of
 from harness.objective import ComposeOptions, ComposingTask, WeightedSet
 from harness.sources.base import scalar
 
@@ -125,8 +124,7 @@ class NegationTask(ComposingTask):
                 logits = None
                 if c.outputs and c.batch is None and shard is None:  # the logits come back with the loss
                     logits = self.engine.per_sample_logits(params, names, xs)
-                    lt, lc = (F.cross_entropy(z, y, reduction="none") for z, y in zip(logits, ys))
-                    kt, kc = (z.argmax(1) == y for z, y in zip(logits, ys))
+                    (lt, lc), (kt, kc) = ce_from_logits(logits, ys)
                 else:
                     (lt, lc), (kt, kc) = self.engine.per_sample_ce(params, names, xs, ys)
                 (wt, wc) = ws

@@ -244,9 +244,7 @@ class LocalEngine(Engine):
                                "(l1/l2) that the outputs do not carry; set the penalty to 0")
         names, xs, ys, ws = data.part(None)
         logits = self.per_sample_logits(params, names, xs)
-        losses = [F.cross_entropy(z, y, reduction="none") for z, y in zip(logits, ys)]
-        correct = [z.argmax(1) == y for z, y in zip(logits, ys)]
-        loss, acc = _weighted_means(losses, correct, ws, wsum)
+        loss, acc = _weighted_means(*ce_from_logits(logits, ys), ws, wsum)
         ev = package(loss, wsum, xt, c.grad, {"acc": acc})
         ev.outputs = outputs_of(logits, ys, ws)
         return ev
@@ -334,11 +332,16 @@ def logits_from_features(source, z, names, xs) -> list:
     return out
 
 
+def ce_from_logits(logits, ys):
+    """Per-sample cross-entropy and correctness of each data set's logits against its labels."""
+    losses, correct = [], []
+    for z, y in zip(logits, ys):
+        losses.append(F.cross_entropy(z, y, reduction="none") if len(y) else z.new_zeros(0))
+        correct.append(z.argmax(1) == y)
+    return losses, correct
+
+
 def ce_from_features(source, z, names, xs, ys):
     """Per-sample cross-entropy and correctness from the tail's features ``z`` of the concatenated
     non-empty inputs ``xs`` (one head per data set)."""
-    losses, correct = [], []
-    for logits, y in zip(logits_from_features(source, z, names, xs), ys):
-        losses.append(F.cross_entropy(logits, y, reduction="none") if len(y) else logits.new_zeros(0))
-        correct.append(logits.argmax(1) == y)
-    return losses, correct
+    return ce_from_logits(logits_from_features(source, z, names, xs), ys)
