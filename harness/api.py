@@ -68,12 +68,12 @@ class Candidate:
     Args:
         x: the coefficients.
         grad: whether the gradient of the loss w.r.t. ``x`` is wanted.
-        batch: ``None`` scores on the task's whole search set; an integer asks for a random
-            mini-batch drawn with that seed (stochastic gradient steps).
+        batch: ``None`` scores on the task's whole search set; an integer seeds a random mini-batch.
         fidelity: fraction of the search set to score on (1.0 = all of it).
         outputs: whether the per-sample outputs (:class:`Outputs`) are wanted with the loss.
-        id: set by :meth:`Searcher.ask`: unique within one searcher, so it can match what it is
-            told to what it asked (never ``id(x)``, which Python reuses).
+        anchor: a hint that the next candidates differ from this one in few coefficients (an
+            engine may keep its activations: :mod:`harness.engines.prefix`); never changes a score.
+        id: set by :meth:`Searcher.ask`, unique within one searcher (never ``id(x)``, which Python reuses).
     """
 
     x: np.ndarray
@@ -81,6 +81,7 @@ class Candidate:
     batch: int | None = None
     fidelity: float = 1.0
     outputs: bool = False
+    anchor: bool = False
     id: int | None = None
 
 
@@ -102,8 +103,7 @@ class Plugin:
     """Shared by searchers and tasks: a name, a one-line description and typed options.
 
     Subclasses set ``Options`` to a dataclass; ``-s key=value`` / ``-t key=value`` are parsed
-    against its fields, and an unknown key is an error.
-    """
+    against its fields, and an unknown key is an error."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""

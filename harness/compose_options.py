@@ -12,7 +12,7 @@ from harness.config import resolve_options
 # Task options forwarded to the source / the engine when their Options have a field of that name.
 SOURCE_FIELDS = ("model", "pretrained", "checkpoints", "data_root", "extra_data", "suite", "data_convention", "val_rule",
                  "prompts", "bench_subset")
-ENGINE_FIELDS = ("population", "precision", "eval_chunk")
+ENGINE_FIELDS = ("population", "precision", "eval_chunk", "prefix_cache")
 
 
 @dataclass
@@ -30,7 +30,8 @@ class ComposeOptions:
     ``engine`` names the engine plugin (``local``); ``population`` (``auto`` or ``off``) is its
     choice of vmap evaluation for batches of candidates, and ``precision`` (``fp32``, ``bf16`` or
     ``fp16``) the autocast of its forward, used only where it stays within a tolerance of fp32;
-    ``eval_chunk`` (``auto`` or N) the images per forward pass (sized to the GPU's memory on CUDA).
+    ``eval_chunk`` (``auto`` or N) the images per forward pass (sized to the GPU's memory on CUDA);
+    ``prefix_cache`` (``auto`` or ``off``) its reuse of an anchor's activations (same results).
     The engine declares and checks their valid values.
 
     ``select=b`` (b ≥ 1) keeps only the ``b`` most informative task vectors per block, ranked by
@@ -71,6 +72,8 @@ class ComposeOptions:
                                     "stays within a tolerance of fp32")
     eval_chunk: str = option("auto", "images per forward pass: auto (the source's own on CPU, sized to free memory "
                                      "on CUDA) or N")
+    prefix_cache: str = option("auto", "engine's reuse of an anchor candidate's activations for candidates that change "
+                                       "only later stages (same results): auto or off")
     transform: str = option("", "rewrite the task vectors before composing: NAME[:key=value,...] with NAME ties, "
                                 "dare or iso (empty: none)")
     linearize: bool = option(False, "score the first-order Taylor expansion of the model at the pre-trained weights, "

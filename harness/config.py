@@ -29,7 +29,7 @@ EXECUTION_FIELDS = ("workers", "address", "gpus_per_worker", "cpus_per_worker", 
 # Options added after runs were recorded, with the value that reproduces those runs: at that value
 # they are left out of the run key, so adding an option keeps every earlier run id (and resume).
 NEUTRAL: dict[str, dict[str, Any]] = {"task_options": {
-    "precision": "fp32", "eval_chunk": "auto",
+    "precision": "fp32", "eval_chunk": "auto", "prefix_cache": "auto",
     # Benchmark-data options at their defaults (runs recorded before they existed keep their ids).
     "extra_data": [], "suite": "", "data_convention": "", "val_rule": "", "prompts": "", "bench_subset": 0,
     "sharpen_mode": "temperature", "linearize": False,

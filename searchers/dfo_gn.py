@@ -148,7 +148,7 @@ class DfoGnSearcher(Searcher):
             batch = [("trial", -1, self._trial())]
         out = []
         for kind, i, x in batch:
-            c = self.candidate(x, outputs=True)
+            c = self.candidate(x, outputs=True, anchor=kind != "probe")  # probes start from the anchor's activations
             self.waiting[c.id] = (kind, i)
             out.append(c)
         return out

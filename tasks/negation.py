@@ -123,10 +123,10 @@ class NegationTask(ComposingTask):
                 params, xt = self.params(c.x, c.grad)
                 logits = None
                 if c.outputs and c.batch is None and shard is None:  # the logits come back with the loss
-                    logits = self.engine.per_sample_logits(params, names, xs)
+                    logits = self.engine.per_sample_logits(params, names, xs, c)
                     (lt, lc), (kt, kc) = ce_from_logits(logits, ys)
                 else:
-                    (lt, lc), (kt, kc) = self.engine.per_sample_ce(params, names, xs, ys)
+                    (lt, lc), (kt, kc) = self.engine.per_sample_ce(params, names, xs, ys, c)
                 (wt, wc) = ws
                 wsum = scalar(wt.sum() + wc.sum())
                 loss = ((-lt.clamp(max=self.tcap) * wt).sum() + (lc * wc).sum()) / max(wsum, 1e-12)

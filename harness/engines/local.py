@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from harness.api import Candidate, Engine, Evaluation, HarnessError, option
 from harness.composition import functional_forward
 from harness.engines import package
+from harness.engines.prefix import PrefixCache
 from harness.outputs import Outputs
 from harness.sources.base import host_array, scalar
 
@@ -44,7 +45,8 @@ class LocalOptions:
     keeps the source's own chunking on the CPU (tuned there) and, on CUDA, sizes it to the device:
     the memory one image takes in a no-grad forward is measured on the first scored inputs and the
     chunk fills half of the memory then free (recorded in ``task_info.eval_chunk``). An integer
-    sets it (0: one pass)."""
+    sets it (0: one pass). ``prefix_cache``: see :mod:`harness.engines.prefix` (same results
+    either way; ``off`` saves the memory of the kept activations)."""
 
     population: str = option("auto", "score a batch of candidates in one vmap pass where that measures faster "
                                      "(auto), or one after another (off)", choices=("auto", "off"))
@@ -53,6 +55,9 @@ class LocalOptions:
                             choices=tuple(PRECISIONS))
     eval_chunk: str = option("auto", "images per forward pass: auto (the source's own on CPU, sized to free memory "
                                      "on CUDA) or N (0: one pass)")
+    prefix_cache: str = option("auto", "keep an anchor candidate's activations at every stage of a staged tail and "
+                                       "start candidates that change only later stages from there (auto), or never "
+                                       "(off; saves the memory)", choices=("auto", "off"))
 
 
 def parse_chunk(value) -> int | None:
@@ -92,7 +97,7 @@ class LocalEngine(Engine):
         self._vmap_faster = None
         self._amp = None  # the autocast dtype in use, once the precision check has run
         self._chunk_sized = False
-        self.to(device)
+        self.to(device)  # sets self.prefix
 
     def autocast(self):
         """The forward's precision context: autocast to the checked dtype, else nothing (fp32)."""
@@ -100,9 +105,18 @@ class LocalEngine(Engine):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self._amp)
 
-    def features(self, params, x):
-        """The tail's features of ``x`` under :meth:`autocast`, as fp32."""
+    def features(self, params, x, c: Candidate | None = None):
+        """The tail's features of ``x`` under :meth:`autocast`, as fp32. For a candidate ``c``
+        without a gradient, through the prefix cache (:mod:`harness.engines.prefix`): an
+        ``anchor`` is kept, and a later candidate starts from the kept state where it can."""
         with self.autocast():
+            if c is not None and not c.grad and self.prefix.enabled and self.options.prefix_cache == "auto":
+                if c.anchor:
+                    self.info.setdefault("prefix_cache", self.prefix.stats)  # recorded with the run
+                    return self.prefix.keep(params, x, self._amp)
+                z = self.prefix.reuse(params, x, self._amp)
+                if z is not None:
+                    return z
             return self.source.features(params, x).float()
 
     def check_precision(self, c: Candidate, data, shard=None) -> Evaluation | None:
@@ -179,6 +193,7 @@ class LocalEngine(Engine):
         self.device = torch.device(device)
         self.source.to(self.device)
         self.comp.to(self.device)
+        self.prefix = PrefixCache(self.source)  # nothing kept: it would be on the old device
         return self
 
     def params(self, x, grad: bool):
@@ -209,14 +224,14 @@ class LocalEngine(Engine):
                 outs.append(torch.func.vmap(lambda p, inp=c: functional_forward(src.tail, p, inp))(stacked).float())
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def per_sample_ce(self, params, names, xs, ys):
+    def per_sample_ce(self, params, names, xs, ys, c: Candidate | None = None):
         """Per-sample cross-entropy of each data set's samples under its own frozen head, from one
         concatenated tail forward (the tail is shared; only the heads differ)."""
         nonempty = [x for x in xs if len(x)]
         if not nonempty:
             return ([torch.zeros(0, device=self.device) for _ in xs],
                     [torch.zeros(0, dtype=torch.bool, device=self.device) for _ in xs])
-        return ce_from_features(self.source, self.features(params, torch.cat(nonempty)), names, xs, ys)
+        return ce_from_features(self.source, self.features(params, torch.cat(nonempty), c), names, xs, ys)
 
     def weighted_ce(self, c: Candidate, data, shard=None, regularizer=None) -> Evaluation:
         """Candidate ``c`` on shard ``shard`` of ``data`` (a :class:`harness.objective.WeightedSet`):
@@ -231,7 +246,7 @@ class LocalEngine(Engine):
                 return package(xt.sum() * 0, 0.0, xt, c.grad, {"acc": 0.0})
             if c.outputs and shard is None:
                 return self._with_outputs(c, params, xt, data, wsum, regularizer)
-            loss, acc = _weighted_means(*self.per_sample_ce(params, names, xs, ys), ws, wsum)
+            loss, acc = _weighted_means(*self.per_sample_ce(params, names, xs, ys, c), ws, wsum)
             if regularizer is not None:
                 loss = loss + regularizer(xt)
             return package(loss, wsum, xt, c.grad, {"acc": acc})
@@ -243,15 +258,16 @@ class LocalEngine(Engine):
             raise HarnessError("a candidate's outputs were asked for, but this loss has a term on the coefficients "
                                "(l1/l2) that the outputs do not carry; set the penalty to 0")
         names, xs, ys, ws = data.part(None)
-        logits = self.per_sample_logits(params, names, xs)
+        logits = self.per_sample_logits(params, names, xs, c)
         loss, acc = _weighted_means(*ce_from_logits(logits, ys), ws, wsum)
         ev = package(loss, wsum, xt, c.grad, {"acc": acc})
         ev.outputs = outputs_of(logits, ys, ws)
         return ev
 
-    def per_sample_logits(self, params, names, xs) -> list:
+    def per_sample_logits(self, params, names, xs, c: Candidate | None = None) -> list:
         """Each data set's logits under its own head, from one concatenated tail forward."""
-        return logits_from_features(self.source, self.features(params, torch.cat([x for x in xs if len(x)])), names, xs)
+        z = self.features(params, torch.cat([x for x in xs if len(x)]), c)
+        return logits_from_features(self.source, z, names, xs)
 
     def population_ce(self, cands: list[Candidate], data, shard=None) -> list[Evaluation]:
         """:meth:`weighted_ce` of several candidates (no gradients) from one vmap pass of the tail."""

@@ -1,0 +1,109 @@
+"""Prefix reuse (harness/engines/prefix.py): a candidate that changes only later stages of a staged
+tail is scored from a kept anchor's activations, with exactly the scores of the full forward."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import harness
+from harness.api import Candidate
+from harness.config import resolve_options
+from harness.engines.prefix import PrefixCache
+from harness.evaluators import LocalEvaluator
+from harness.registry import load
+from harness.sources.effnet import effnet_parts
+
+# The conformance suite's small effnet zoo: the same options reuse the session's cached build.
+EFFNET = "datasets=skdigits,lfw;max_n=300;head_steps=30;ft_steps=4;ft_batch_size=32;threads=1"
+
+
+def test_the_staged_tail_is_the_blocks_bit_for_bit():
+    prefix, tail, _ = effnet_parts(13)
+    with torch.no_grad():
+        h = prefix(torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+        ref = h
+        for block in tail._blocks.values():
+            ref = block(ref)
+        ref = tail._swish(tail._bn1(tail._conv_head(ref))).mean((2, 3))
+        trace = []
+        z = tail(h, trace=trace)
+        assert torch.equal(z, ref)
+        stages = tail.stage_params()
+        assert len(trace) == len(stages) == 20  # 3 blocks × 6 stages + the head's 2
+        for s in range(len(stages)):  # every stage restarts from its recorded state exactly
+            assert torch.equal(tail(trace[s], start=s), z)
+    names = [n for st in stages for n in st]
+    assert sorted(names) == sorted(n for n, _ in tail.named_parameters()) and len(names) == len(set(names))
+    assert stages[0] == ["_blocks.13._expand_conv.weight"] and stages[-1] == ["_bn1.weight", "_bn1.bias"]
+
+
+def build(cache_dir, **extra):
+    cls = load("task", "addition")
+    opts = resolve_options(cls, {"source": "effnet", "source_options": EFFNET, "search_n": 16, **extra}, "task")
+    task = cls(opts, space="per_block", seed=0, cache_dir=cache_dir)
+    task.setup("cpu")
+    return task
+
+
+def test_probes_from_the_kept_anchor_score_like_the_full_forward(cache_dir):
+    on, off = build(cache_dir), build(cache_dir, prefix_cache="off")
+    dim = on.space().dim
+    labels = on.space().labels
+    anchor = np.random.default_rng(0).uniform(-0.3, 0.6, dim)
+    # One probe per stage kind: the first block's first conv (no reuse), a middle BN, the head's BN.
+    picks = [labels.index(next(lab for lab in labels if key in lab))
+             for key in ("_blocks.13._expand_conv", "_blocks.14._bn1.weight", "/_bn1.bias")]
+    probes = []
+    for i in picks:
+        x = anchor.copy()
+        x[i] += 0.05
+        probes.append(x)
+    cands = lambda: ([Candidate(x=anchor, outputs=True, anchor=True)]
+                     + [Candidate(x=x, outputs=True) for x in probes] + [Candidate(x=anchor.copy(), outputs=True)])
+    got, ref = LocalEvaluator(on).evaluate(cands()), LocalEvaluator(off).evaluate(cands())
+    for g, r in zip(got, ref):
+        assert g.loss == r.loss and g.metrics == r.metrics
+        assert np.array_equal(g.outputs.flat(), r.outputs.flat())
+    stats = on.engine.prefix.stats
+    assert stats["kept"] == 1 and stats["reused"] == 3  # the two later probes and the anchor itself
+    assert off.engine.prefix.stats == {"kept": 0, "reused": 0, "stages_skipped": 0}
+    assert got[1].loss != got[0].loss and got[2].loss != got[0].loss and got[4].loss == got[0].loss
+
+
+def test_gradients_other_inputs_and_unstaged_tails_take_the_full_forward(cache_dir):
+    task = build(cache_dir)
+    eng = task.engine
+    x = np.full(task.space().dim, 0.2)
+    LocalEvaluator(task).evaluate([Candidate(x=x, anchor=True)])
+    params, _ = eng.params(x, False)
+    kept_x = eng.prefix.kept.x
+    assert eng.prefix.reuse(params, kept_x[:-1], None) is None  # other inputs
+    assert eng.prefix.reuse(params, kept_x + 1, None) is None
+    assert eng.prefix.reuse(params, kept_x, torch.bfloat16) is None  # another precision
+    before = dict(eng.prefix.stats)
+    g = LocalEvaluator(task).evaluate([Candidate(x=x, grad=True)])[0]
+    assert eng.prefix.stats == before and g.grad is not None and np.abs(g.grad).sum() > 0
+
+    class Plain(torch.nn.Module):  # no stage_params: never cached
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+    src = type("S", (), {"tail": Plain(), "linearized": False, "base": {"w": torch.ones(2)}})()
+    assert not PrefixCache(src).enabled
+
+
+def test_dfo_gn_runs_the_same_with_and_without_the_cache(cache_dir, tmp_path):
+    runs = {}
+    for pc in ("auto", "off"):
+        runs[pc] = harness.run("addition", searcher="dfo-gn", space="per_block", seed=0, budget=64,
+                               results_dir=str(tmp_path / pc), cache_dir=cache_dir, quiet=True,
+                               task_options={"source": "effnet", "source_options": EFFNET, "search_n": 16,
+                                             "prefix_cache": pc})
+    a, b = (runs[k].trace for k in ("auto", "off"))
+    assert len(a) == len(b) == 64
+    assert a["loss"].tolist() == b["loss"].tolist()
+    assert runs["auto"].score == runs["off"].score
+    used = runs["auto"].record["task_info"]["prefix_cache"]
+    # Every probe but those of the first convolution (one per task vector) starts from the anchor.
+    assert used["kept"] >= 1 and used["reused"] >= 58 and "prefix_cache" not in (runs["off"].record["task_info"] or {})
