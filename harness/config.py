@@ -34,7 +34,7 @@ NEUTRAL: dict[str, dict[str, Any]] = {"task_options": {
     "extra_data": [], "suite": "", "data_convention": "", "val_rule": "", "prompts": "", "bench_subset": 0,
     "sharpen_mode": "temperature", "linearize": False,
     "select_vectors": 0, "select_by": "gradient"},
-    "searcher_options": {"region": "box", "inner": "adam"}}  # dfo-gn's trust region and its solver
+    "searcher_options": {"region": "box", "inner": "adam", "refresh": 1.0}}  # dfo-gn's region, solver, probes
 # Options one task gained after runs of it were recorded, at the values that leave it unchanged:
 # left out of that task's identity only (``few_shot`` has had ``l1`` from the start).
 NEUTRAL_FOR_TASK: dict[str, dict[str, Any]] = {

@@ -118,7 +118,8 @@ PRESETS: dict[str, Preset] = {p_name: p for p_name, p in [
                               note="the best black-box setting measured here at gradient's wall time: "
                                    "+0.02 points over gradient aTLAS (3 seeds)")),
     ("atlas-dfo", Preset("aTLAS, raw task vectors per block, derivative-free Gauss-Newton",
-                         "this harness", "addition", "dfo-gn", "per_block", 725, task_options={"search_n": 128},
+                         "this harness", "addition", "dfo-gn", "per_block", 725, {"inner_steps": 100},
+                         task_options={"search_n": 128},
                          note="forward passes only: 4 rounds of one probe per coefficient and a trust-region step "
                               "on the model of the logits (results page blackbox-dfo)")),
     ("atlas-blackbox-few-shot", Preset("aTLAS few-shot, gradient-free, calibrated head in a small box", "this harness",

@@ -57,6 +57,9 @@ class DfoGnSearcher(Searcher):
                                     "minimiser) or flow (inner_steps normalised gradient steps of radius/inner_steps "
                                     "along the model's steepest descent: the path gradient descent would take, "
                                     "at most the radius long)", choices=("adam", "flow"))
+        refresh: float = option(1.0, "share of the coefficients probed again in each round after the first: those "
+                                     "that moved most since their last probe; the others keep their columns of the "
+                                     "model from earlier rounds (1: probe all, the full round)", gt=0, le=1)
 
     @classmethod
     def validate(cls, options):
@@ -77,6 +80,8 @@ class DfoGnSearcher(Searcher):
         self.steps: dict[int, float] = {}
         self.trial_pred = 0.0
         self.info = {"rounds": 0, "trials": 0, "accepted": 0, "radius": self.radius}
+        self.J_prev = None  # the last round's model, whose columns refresh < 1 keeps
+        self.moved = np.zeros(space.dim)  # how far each coefficient moved since its last probe
         self._start_round()
 
     # ------------------------------------------------------------------ the rounds
@@ -87,7 +92,12 @@ class DfoGnSearcher(Searcher):
         self.queue = []
         if self.anchor_out is None:
             self.queue.append(("anchor", -1, self.anchor.copy()))
-        for i in range(self.space.dim):
+        dim = self.space.dim
+        coords = range(dim)
+        if self.J_prev is not None and self.options.refresh < 1:  # the most moved first; stable, so ties by index
+            coords = sorted(np.argsort(-self.moved, kind="stable")[:int(np.ceil(self.options.refresh * dim))])
+        self.moved[list(coords)] = 0
+        for i in coords:
             h = self.options.step
             if self.anchor[i] + h > self.upper[i]:
                 h = -h
@@ -144,7 +154,8 @@ class DfoGnSearcher(Searcher):
         else:
             if self.J is None:  # every probe told: build the model
                 base = self.anchor_out.flat()
-                self.J = np.stack([(self.probed[i] - base) / self.steps[i] for i in range(self.space.dim)])
+                self.J = np.stack([(self.probed[i] - base) / self.steps[i] if i in self.probed else self.J_prev[i]
+                                   for i in range(self.space.dim)])
             batch = [("trial", -1, self._trial())]
         out = []
         for kind, i, x in batch:
@@ -178,12 +189,15 @@ class DfoGnSearcher(Searcher):
         elif rho < 0.25:
             self.radius /= 4
         if accepted:
+            self.moved += np.abs(np.asarray(c.x, float) - self.anchor)
             self.anchor, self.anchor_loss, self.anchor_out = np.asarray(c.x, float), e.loss, e.outputs
             self.info["accepted"] += 1
         self.info["radius"] = self.radius
         # A new model around the new anchor; after a rejection the same model with a smaller
         # region, unless the region has collapsed (then the model is rebuilt with fresh probes).
         if accepted or self.radius < 1e-3 * self.options.radius:
+            # A kept model's columns are of this anchor's neighbourhood; a collapse probes them all.
+            self.J_prev = self.J if accepted else None
             if not accepted:
                 self.radius = self.options.radius / 4
             self._start_round()

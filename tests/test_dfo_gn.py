@@ -138,3 +138,26 @@ def test_the_trial_step_stays_in_its_trust_region(region, norm):
             assert np.linalg.norm(cands[0].x - anchor, ord=norm) <= 0.2 + 1e-9
             assert np.linalg.norm(cands[0].x - anchor, ord=norm) > 0.1  # the optimum is far: it goes to the edge
     assert s.info["accepted"] == 3
+
+
+def test_refresh_probes_again_only_the_coefficients_that_moved_most():
+    from atlas_harness_searchers.dfo_gn import DfoGnSearcher
+    quad = load("task", "quadratic")
+    task = quad(quad.Options(dim=9), seed=4)
+    task.setup()
+    opts = resolve_options(DfoGnSearcher, {"refresh": 0.34}, "searcher")
+    s = DfoGnSearcher(task.space(), 200, 1, 0, opts)
+    asked = []
+    while s.info["accepted"] < 2:
+        cands = s.ask(1)
+        asked += [(s.waiting[c.id][0], s.waiting[c.id][1], c) for c in cands]
+        s.tell(cands, task.evaluate(cands))
+    kinds = [k for k, _, _ in asked]
+    first = kinds.index("trial")
+    assert kinds[:first] == ["anchor"] + ["probe"] * 9  # the first round probes every coefficient
+    second = kinds.index("trial", first + 1)
+    probed = [i for k, i, _ in asked[first + 1:second] if k == "probe"]
+    step = np.abs(asked[first][2].x - asked[0][2].x)
+    assert len(probed) == 4 and set(probed) == set(np.argsort(-step, kind="stable")[:4])  # ceil(0.34 · 9)
+    # anchors and trial steps are marked for the engine to keep; probes start from them
+    assert all(c.anchor == (k != "probe") for k, _, c in asked)
