@@ -256,11 +256,14 @@ class Composition:
             return (x[0] * (1 - d) + x[1] * d).expand(self.T, self.B)
         return x.view(self.T, self.B, self.K)
 
-    def merge(self, x: Tensor | np.ndarray) -> dict[str, Tensor]:
+    def merge(self, x: Tensor | np.ndarray, like: tuple | None = None) -> dict[str, Tensor]:
         """θ = θ_0 + Σ_i λ_{i,b} τ_{i,b} for every block; differentiable w.r.t. ``x`` if it requires grad.
 
         Args:
             x: flat coefficient vector of length ``dim`` (tensor or numpy array).
+            like: ``(coefficients(x'), merge(x'))`` of an earlier point: a block whose λ equal
+                that point's takes its merged tensor as it is (each block is merged on its own,
+                so it is the same value). For scoring without a gradient.
 
         Returns:
             ``{block name: merged tensor}`` in fp32 (fp64 for an fp64 composition).
@@ -282,6 +285,9 @@ class Composition:
         lam = self.coefficients(x)
         merged = {}
         for b, name in enumerate(self.blocks):
+            if like is not None and torch.equal(lam[:, b], like[0][:, b]):
+                merged[name] = like[1][name]
+                continue
             tau = self.tau[b].to(self.compute_dtype)
             lam_b = lam[:, b] if self.keep is None else lam[self.keep[b], b]
             if self.partitions is None:

@@ -9,7 +9,7 @@ import torch
 import harness
 from harness.api import Candidate
 from harness.config import resolve_options
-from harness.engines.prefix import PrefixCache
+from harness.engines.prefix import PrefixCache, _Chain, stages_of
 from harness.evaluators import LocalEvaluator
 from harness.registry import load
 from harness.sources.effnet import effnet_parts
@@ -18,7 +18,13 @@ from harness.sources.effnet import effnet_parts
 EFFNET = "datasets=skdigits,lfw;max_n=300;head_steps=30;ft_steps=4;ft_batch_size=32;threads=1"
 
 
-def test_the_staged_tail_is_the_blocks_bit_for_bit():
+def chain_all(tail, x):
+    """The features of ``x`` through the stage chain, and the state entering every stage."""
+    traces = [[]]
+    return _Chain(tail)([x], 0, traces)[0], traces[0]
+
+
+def test_the_staged_effnet_tail_is_its_blocks_bit_for_bit():
     prefix, tail, _ = effnet_parts(13)
     with torch.no_grad():
         h = prefix(torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
@@ -26,16 +32,40 @@ def test_the_staged_tail_is_the_blocks_bit_for_bit():
         for block in tail._blocks.values():
             ref = block(ref)
         ref = tail._swish(tail._bn1(tail._conv_head(ref))).mean((2, 3))
-        trace = []
-        z = tail(h, trace=trace)
-        assert torch.equal(z, ref)
-        stages = tail.stage_params()
-        assert len(trace) == len(stages) == 20  # 3 blocks × 6 stages + the head's 2
-        for s in range(len(stages)):  # every stage restarts from its recorded state exactly
-            assert torch.equal(tail(trace[s], start=s), z)
-    names = [n for st in stages for n in st]
-    assert sorted(names) == sorted(n for n, _ in tail.named_parameters()) and len(names) == len(set(names))
-    assert stages[0] == ["_blocks.13._expand_conv.weight"] and stages[-1] == ["_bn1.weight", "_bn1.bias"]
+        z, trace = chain_all(tail, h)
+        assert torch.equal(z, ref) and torch.equal(tail(h), ref)
+        assert len(trace) == 20  # 3 blocks × 6 stages + the head's 2
+        for s in range(len(trace)):  # every stage restarts from its recorded state exactly
+            assert torch.equal(_Chain(tail)([trace[s]], s)[0], z)
+    stages = [prefixes for prefixes, _ in stages_of(tail)]
+    assert stages[0] == ["_blocks.13._expand_conv"] and stages[-1] == ["_bn1"]
+
+
+def test_the_staged_open_clip_vit_is_its_forward_bit_for_bit(tiny_open_clip):
+    model, _ = tiny_open_clip
+    visual = model.visual
+    assert stages_of(visual) is not None and len(stages_of(visual)) == len(visual.transformer.resblocks) + 2
+    with torch.no_grad():
+        x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        z, trace = chain_all(visual, x)
+        assert torch.equal(z, visual(x))
+        for s in range(len(trace)):
+            assert torch.equal(_Chain(visual)([trace[s]], s)[0], z)
+    assert stages_of(torch.nn.Linear(2, 2)) is None
+
+
+def test_an_incremental_merge_is_the_full_merge(cache_dir):
+    task = build(cache_dir)
+    comp = task.engine.comp
+    rng = np.random.default_rng(3)
+    a = torch.as_tensor(rng.uniform(-0.5, 0.5, comp.dim), dtype=torch.float32)
+    b = a.clone()
+    b[[2, 40]] += 0.1
+    full_a, full_b = comp.merge(a), comp.merge(b)
+    inc = comp.merge(b, like=(comp.coefficients(a), full_a))
+    assert inc.keys() == full_b.keys() and all(torch.equal(inc[k], full_b[k]) for k in inc)
+    same = [k for k in inc if inc[k] is full_a[k]]
+    assert len(same) == len(inc) - 2  # only the two changed blocks were merged again
 
 
 def build(cache_dir, **extra):
@@ -67,7 +97,7 @@ def test_probes_from_the_kept_anchor_score_like_the_full_forward(cache_dir):
         assert np.array_equal(g.outputs.flat(), r.outputs.flat())
     stats = on.engine.prefix.stats
     assert stats["kept"] == 1 and stats["reused"] == 3  # the two later probes and the anchor itself
-    assert off.engine.prefix.stats == {"kept": 0, "reused": 0, "stages_skipped": 0}
+    assert off.engine.prefix.stats == {"kept": 0, "reused": 0, "stages_skipped": 0, "stages": 20}
     assert got[1].loss != got[0].loss and got[2].loss != got[0].loss and got[4].loss == got[0].loss
 
 
@@ -90,7 +120,7 @@ def test_gradients_other_inputs_and_unstaged_tails_take_the_full_forward(cache_d
             super().__init__()
             self.w = torch.nn.Parameter(torch.ones(2))
     src = type("S", (), {"tail": Plain(), "linearized": False, "base": {"w": torch.ones(2)}})()
-    assert not PrefixCache(src).enabled
+    assert not PrefixCache(src, None).enabled
 
 
 def test_dfo_gn_runs_the_same_with_and_without_the_cache(cache_dir, tmp_path):

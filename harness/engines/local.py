@@ -110,10 +110,10 @@ class LocalEngine(Engine):
         without a gradient, through the prefix cache (:mod:`harness.engines.prefix`): an
         ``anchor`` is kept, and a later candidate starts from the kept state where it can."""
         with self.autocast():
-            if c is not None and not c.grad and self.prefix.enabled and self.options.prefix_cache == "auto":
+            if c is not None and not c.grad and self._prefix_on():
                 if c.anchor:
                     self.info.setdefault("prefix_cache", self.prefix.stats)  # recorded with the run
-                    return self.prefix.keep(params, x, self._amp)
+                    return self.prefix.keep(params, self.comp.coefficients(c.x), x, self._amp)
                 z = self.prefix.reuse(params, x, self._amp)
                 if z is not None:
                     return z
@@ -193,15 +193,20 @@ class LocalEngine(Engine):
         self.device = torch.device(device)
         self.source.to(self.device)
         self.comp.to(self.device)
-        self.prefix = PrefixCache(self.source)  # nothing kept: it would be on the old device
+        self.prefix = PrefixCache(self.source, self.comp)  # nothing kept: it would be on the old device
         return self
 
+    def _prefix_on(self) -> bool:
+        return self.prefix.enabled and self.options.prefix_cache == "auto"
+
     def params(self, x, grad: bool):
-        """Merged parameters for ``x`` and the tensor gradients flow to (None without grad)."""
+        """Merged parameters for ``x`` and the tensor gradients flow to (None without grad).
+        Without a gradient, blocks whose coefficients equal a kept anchor's take its tensors."""
         xt = torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
         if grad:
             xt = xt.clone().requires_grad_(True)
-        return self.comp.merge(xt), xt
+            return self.comp.merge(xt), xt
+        return (self.prefix.merge(xt) if self._prefix_on() else self.comp.merge(xt)), xt
 
     def population_features(self, params: list[dict], x):
         """The tail's outputs for several parameter sets at once, ``(len(params), N, ...)``: one

@@ -97,14 +97,16 @@ class ModelSource:
     def chunked(self, forward, x: Tensor) -> Tensor:
         """``forward`` applied to ``x`` chunk by chunk (:attr:`chunk_size`), each chunk prepared
         (:meth:`prepare`, channels-last where set) first; the outputs concatenated."""
-        chunks = x.split(self.chunk_size) if self.chunk_size else (x,)
-        outs = []
-        for c in chunks:
+        outs = [forward(c) for c in self.prepared_chunks(x)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def prepared_chunks(self, x: Tensor):
+        """The chunks of ``x`` :meth:`chunked` runs the tail on, prepared, one at a time."""
+        for c in x.split(self.chunk_size) if self.chunk_size else (x,):
             c = self.prepare(c)
             if self.channels_last and c.dim() == 4:
                 c = c.contiguous(memory_format=torch.channels_last)
-            outs.append(forward(c))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            yield c
 
     def prepare(self, x: Tensor) -> Tensor:
         """Tail inputs from stored ones: uint8 images (``compact``) become ``(x / 255 − mean) / std``

@@ -34,3 +34,29 @@ def clip_preprocessing(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[
     mean = tuple(getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN)
     std = tuple(getattr(visual, "image_std", None) or OPENAI_DATASET_STD)
     return size, mean, std
+
+
+def vit_stages(visual: nn.Module) -> list | None:
+    """The stages of an open_clip ``VisionTransformer`` (see :mod:`harness.engines.prefix`): the
+    patch and position embeddings with the first LayerNorm, each residual block, then pooling and
+    projection; ``(parameter name prefixes, step)`` each. None for any other image tower, or one
+    whose pieces this does not know (the engine then checks nothing and runs the full forward)."""
+    from open_clip.transformer import VisionTransformer
+    t = visual
+    blocks = getattr(getattr(t, "transformer", None), "resblocks", None)
+    if (not isinstance(t, VisionTransformer) or blocks is None or not hasattr(t, "_embeds") or not hasattr(t, "_pool")
+            or getattr(t, "output_tokens", False) or t.transformer.grad_checkpointing):
+        return None
+    first = getattr(t.transformer, "batch_first", True)
+
+    def embed(x):  # the transformer's own layout change, done once before the blocks
+        x = t._embeds(x)
+        return x if first else x.transpose(0, 1).contiguous()
+
+    def pool(x):
+        pooled, _ = t._pool(x if first else x.transpose(0, 1))
+        return pooled @ t.proj if t.proj is not None else pooled
+    head = ["conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_dropout"]
+    rest = [n for n, _ in t.named_children() if n not in head and n != "transformer"] + ["proj"]
+    return ([(head, embed)] + [([f"transformer.resblocks.{i}"], lambda x, r=r: r(x, attn_mask=None))
+                               for i, r in enumerate(blocks)] + [(rest, pool)])

