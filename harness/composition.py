@@ -257,17 +257,11 @@ class Composition:
         return x.view(self.T, self.B, self.K)
 
     def merge(self, x: Tensor | np.ndarray, like: tuple | None = None) -> dict[str, Tensor]:
-        """θ = θ_0 + Σ_i λ_{i,b} τ_{i,b} for every block; differentiable w.r.t. ``x`` if it requires grad.
-
-        Args:
-            x: flat coefficient vector of length ``dim`` (tensor or numpy array).
-            like: ``(coefficients(x'), merge(x'))`` of an earlier point: a block whose λ equal
-                that point's takes its merged tensor as it is (each block is merged on its own,
-                so it is the same value). For scoring without a gradient.
-
-        Returns:
-            ``{block name: merged tensor}`` in fp32 (fp64 for an fp64 composition).
-        """
+        """θ = θ_0 + Σ_i λ_{i,b} τ_{i,b} for every block of the flat coefficients ``x`` (tensor or
+        numpy array): ``{block name: tensor}`` in fp32 (fp64 for an fp64 composition),
+        differentiable w.r.t. ``x`` if it requires grad. ``like``, ``(coefficients(x'),
+        merge(x'))`` of an earlier point (no gradient), lends each block whose λ are unchanged its
+        merged tensor (blocks are merged one by one, so that is the same value)."""
         if self.kind == "lora":
             x = self._as_tensor(x)
             merged = dict(self.base)
