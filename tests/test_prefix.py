@@ -68,22 +68,25 @@ def test_an_incremental_merge_is_the_full_merge(cache_dir):
     assert len(same) == len(inc) - 2  # only the two changed blocks were merged again
 
 
-def build(cache_dir, **extra):
+TINY_CLIP = "datasets=skdigits,lfw;max_n=400;pretrain_steps=40;ft_steps=15"  # test_dfo_gn's zoo
+
+
+def build(cache_dir, source="effnet", **extra):
     cls = load("task", "addition")
-    opts = resolve_options(cls, {"source": "effnet", "source_options": EFFNET, "search_n": 16, **extra}, "task")
+    zoo = EFFNET if source == "effnet" else TINY_CLIP
+    opts = resolve_options(cls, {"source": source, "source_options": zoo, "search_n": 16, **extra}, "task")
     task = cls(opts, space="per_block", seed=0, cache_dir=cache_dir)
     task.setup("cpu")
     return task
 
 
-def test_probes_from_the_kept_anchor_score_like_the_full_forward(cache_dir):
-    on, off = build(cache_dir), build(cache_dir, prefix_cache="off")
-    dim = on.space().dim
-    labels = on.space().labels
+@pytest.mark.parametrize("source", ["effnet", "tiny-clip"])  # an EfficientNet tail and an open_clip ViT
+def test_probes_from_the_kept_anchor_score_like_the_full_forward(cache_dir, source):
+    on, off = build(cache_dir, source), build(cache_dir, source, prefix_cache="off")
+    dim, blocks = on.space().dim, len(on.engine.comp.blocks)
     anchor = np.random.default_rng(0).uniform(-0.3, 0.6, dim)
-    # One probe per stage kind: the first block's first conv (no reuse), a middle BN, the head's BN.
-    picks = [labels.index(next(lab for lab in labels if key in lab))
-             for key in ("_blocks.13._expand_conv", "_blocks.14._bn1.weight", "/_bn1.bias")]
+    # Probes of the first task vector's first, middle and last block (per_block: x is task-major).
+    picks = [0, blocks // 2, blocks - 1]
     probes = []
     for i in picks:
         x = anchor.copy()
@@ -95,9 +98,13 @@ def test_probes_from_the_kept_anchor_score_like_the_full_forward(cache_dir):
     for g, r in zip(got, ref):
         assert g.loss == r.loss and g.metrics == r.metrics
         assert np.array_equal(g.outputs.flat(), r.outputs.flat())
-    stats = on.engine.prefix.stats
-    assert stats["kept"] == 1 and stats["reused"] == 3  # the two later probes and the anchor itself
-    assert off.engine.prefix.stats == {"kept": 0, "reused": 0, "stages_skipped": 0, "stages": 20}
+    cache = on.engine.prefix
+    name = on.engine.comp.blocks
+    stage = [next(s for s, names in enumerate(cache.stages) if name[i] in names) for i in picks]
+    assert stage[0] == 0 and 0 < stage[1] < stage[2] == len(cache.stages) - 1
+    # every probe past the first stage and the anchor itself start from the kept state
+    assert cache.stats["kept"] == 1 and cache.stats["reused"] == 3
+    assert off.engine.prefix.stats["kept"] == off.engine.prefix.stats["reused"] == 0
     assert got[1].loss != got[0].loss and got[2].loss != got[0].loss and got[4].loss == got[0].loss
 
 
