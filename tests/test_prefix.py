@@ -144,3 +144,14 @@ def test_dfo_gn_runs_the_same_with_and_without_the_cache(cache_dir, tmp_path):
     used = runs["auto"].record["task_info"]["prefix_cache"]
     # Every probe but those of the first convolution (one per task vector) starts from the anchor.
     assert used["kept"] >= 1 and used["reused"] >= 58 and "prefix_cache" not in (runs["off"].record["task_info"] or {})
+
+
+def test_bad_values_are_refused_before_anything_runs():
+    from harness.api import HarnessError
+    from harness.config import RunConfig
+    from harness.problem import plan
+    with pytest.raises(HarnessError, match="prefix_cache='bogus' is not one of auto, off"):
+        plan(RunConfig(task="addition", searcher="dfo-gn", task_options={"prefix_cache": "bogus"}))
+    for bad in (0.0, 1.5):
+        with pytest.raises(HarnessError, match="refresh must be > 0, <= 1"):
+            plan(RunConfig(task="addition", searcher="dfo-gn", searcher_options={"refresh": bad}))
