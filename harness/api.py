@@ -221,8 +221,7 @@ class Task(Plugin, ABC):
 
     headline: ClassVar[str] = "score"
     higher_is_better: ClassVar[bool] = True
-    # What a method learning on this task touches (leaderboard column): "labelled validation",
-    # "few labelled train shots", "unlabelled test" or "none".
+    # What learning on it reads (leaderboard): "labelled validation", "few labelled train shots", "unlabelled test".
     data: ClassVar[str] = "none"
 
     @classmethod
@@ -244,9 +243,8 @@ class Task(Plugin, ABC):
     @classmethod
     def shardable(cls, options) -> bool:
         """Whether ``evaluate(..., shard=(i, k))`` splits the search data so that shard results
-        reduce exactly (a weighted mean). A task whose loss is not a mean over samples (e.g. it
-        has a term on the whole batch's mean prediction) returns False; Ray then sends whole
-        candidates to workers instead of shards."""
+        reduce exactly (a weighted mean). A loss that is not a mean over samples (a term on the
+        batch's mean prediction) returns False; Ray then sends whole candidates to workers."""
         return True
 
     @abstractmethod
@@ -258,8 +256,8 @@ class Task(Plugin, ABC):
         """Raise HarnessError when the options cannot work with ``--space`` (checked before a run)."""
 
     def after_setup(self) -> dict:
-        """Called right after :meth:`setup` in every process that evaluates (the runner and each Ray
-        worker), e.g. to drop task vectors. Returns facts to keep in the run record."""
+        """Called after :meth:`setup` in every process that evaluates (runner, Ray workers), e.g. to
+        drop task vectors; returns facts to keep in the run record."""
         return {}
 
     @abstractmethod
@@ -270,6 +268,10 @@ class Task(Plugin, ABC):
         """How many parameters a run learns (recorded, and shown in leaderboards): the coordinates of
         the space when the searcher scores candidates (``searched``), else none."""
         return int(self.space().dim) if searched else 0
+
+    def data_touched(self, searched: bool) -> str:
+        """What a run reads to learn (recorded): :meth:`data_for` when ``searched``, else none."""
+        return type(self).data_for(self.options) if searched else "none"
 
     @abstractmethod
     def evaluate(self, candidates: list[Candidate], shard: tuple[int, int] | None = None) -> list[Evaluation]:
@@ -292,7 +294,6 @@ class Task(Plugin, ABC):
     def constraint_ok(self, metrics: dict[str, float]) -> bool:
         """Whether a final result satisfies the task's constraint (negation's control floor)."""
         return True
-
     # What the runner records about a built task (called once, in the runner, after setup).
 
     def provenance(self) -> dict:
@@ -302,13 +303,12 @@ class Task(Plugin, ABC):
         return {}
 
     def setup_facts(self) -> dict:
-        """Facts of the setup for the run record: which caches were hit, what inputs are held in
-        memory and which are streamed from disk. Keys become top-level record fields."""
+        """Facts of the setup for the run record (caches hit, inputs held or streamed); top-level fields."""
         return {}
 
     def expand(self, x: np.ndarray) -> np.ndarray | None:
-        """``x`` as one coefficient per task vector and block (saved with the run and drawn by
-        ``plot``); ``None`` for a task that composes no task vectors."""
+        """``x`` as one coefficient per task vector and block (saved, and drawn by ``plot``); ``None``
+        for a task that composes no task vectors."""
         return None
 
     def task_vector_names(self) -> list[str] | None:

@@ -40,7 +40,8 @@ NEUTRAL: dict[str, dict[str, Any]] = {"task_options": {
 NEUTRAL_FOR_TASK: dict[str, dict[str, Any]] = {
     "addition": {"l1": 0.0, "l2": 0.0}, "negation": {"l1": 0.0, "l2": 0.0}, "tta": {"reliable": 0.0},
     "few_shot": {"adapter": "none", "adapter_mode": "sequential", "adapter_steps": 300, "adapter_lr": 1e-3,
-                 "adapter_scale": 0.01, "tip_alpha": 1.0, "tip_beta": 5.5, "fraction": 0.0}}
+                 "adapter_scale": 0.01, "tip_alpha": 1.0, "tip_beta": 5.5, "fraction": 0.0,
+                 "tip_search": False}}
 
 
 @dataclass

@@ -163,7 +163,7 @@ def _record_setup(record: RunRecord, p: Plan, task: Task) -> None:
     extra = task.provenance()
     record.plugins.update({k: v for k, v in extra.items() if k != "family"})
     record.family = extra.get("family")
-    record.data_touched = p.task_cls.data_for(p.task_options) if p.searcher_cls.uses_scores else "none"
+    record.data_touched = task.data_touched(p.searcher_cls.uses_scores)
     record.update(learnable_parameters=task.learnable_parameters(p.searcher_cls.uses_scores))
     record.update(**task.setup_facts())
 

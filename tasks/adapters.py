@@ -128,3 +128,27 @@ def train(adapter: Adapter, z: Tensor, h: Tensor, y: Tensor, steps: int, lr: flo
         loss.backward()
         opt.step()
     return p.detach()
+
+
+# Tip-Adapter's hyper-parameter grid as its released configuration sets it for ImageNet: 200 values of
+# the sharpness β in [0.1, 7) and 20 of the residual ratio α in [0.1, 3), each a linear ramp.
+TIP_GRID = ((0.1, 7.0, 200), (0.1, 3.0, 20))
+
+
+@torch.no_grad()
+def search_tip(adapter: TipAdapter, p: Tensor, z: Tensor, h: Tensor, y: Tensor, grid=TIP_GRID) -> tuple[float, float, float]:
+    """Tip-Adapter's search of (α, β) on labelled validation features ``z`` (head logits ``h``):
+    the grid point with the best accuracy (the first of equals, β then α ascending), and that
+    accuracy. ``p``: the adapter's parameters (the trained keys of Tip-Adapter-F)."""
+    (b0, b1, nb), (a0, a1, na) = grid
+    keys = p.view_as(adapter.keys) if adapter.trainable else adapter.keys
+    affinity = F.normalize(z.float(), dim=-1) @ keys.T
+    best = (-1.0, adapter.alpha, adapter.beta)
+    for beta in (b0 + i * (b1 - b0) / nb for i in range(nb)):
+        cache = torch.exp(-beta * (1 - affinity)) @ adapter.values
+        for alpha in (a0 + i * (a1 - a0) / na for i in range(na)):
+            acc = float(((h + alpha * cache).argmax(1) == y).float().mean())
+            if acc > best[0]:
+                best = (acc, alpha, beta)
+    return round(best[1], 6), round(best[2], 6), round(best[0], 6)
+

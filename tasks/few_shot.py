@@ -73,6 +73,8 @@ class FewShotTask(ComposingTask):
         adapter_scale: float = option(0.01, "joint mode: the adapter's parameters are init + adapter_scale × x", gt=0)
         tip_alpha: float = option(1.0, "Tip-Adapter's residual ratio α (weight of the cache logits)", ge=0)
         tip_beta: float = option(5.5, "Tip-Adapter's sharpness β of the cache affinities", gt=0)
+        tip_search: bool = option(False, "choose Tip-Adapter's α and β on the target's validation split after training, "
+                                         "over Tip-Adapter's grid (β 200 values in [0.1, 7), α 20 in [0.1, 3))")
         fraction: float = option(0.0, "train on this seeded fraction of the target's train split instead of `shots` "
                                       "per class (e.g. 0.01 … 1; 0: use shots)", ge=0, le=1)
 
@@ -80,11 +82,16 @@ class FewShotTask(ComposingTask):
     def data_for(cls, options) -> str:
         if getattr(options, "fraction", 0):
             return f"{options.fraction:.0%} of the labelled train split"
+        if getattr(options, "tip_search", False):
+            return f"{cls.data}; the validation split chooses Tip-Adapter's α and β"
         return cls.data
 
     @classmethod
     def validate(cls, options):
         super().validate(options)
+        if options.tip_search and options.adapter not in ("tip", "tip-f"):
+            raise HarnessError(f"tip_search chooses Tip-Adapter's α and β: use adapter=tip or tip-f "
+                               f"(got adapter={options.adapter!r})")
         if options.adapter_mode == "joint" and options.adapter not in ("tip-f", "lpp"):
             raise HarnessError(f"adapter_mode=joint learns the adapter with the coefficients: use adapter=tip-f or lpp "
                                f"({options.adapter!r} has no parameters to learn)")
@@ -146,6 +153,10 @@ class FewShotTask(ComposingTask):
         b = self.options.bound
         return Space(dim=base.dim + n, lower=-b, upper=b, kind=base.kind,
                      labels=list(base.labels) + [f"adapter/{self.adapter.name}[{i}]" for i in range(n)])
+
+    def data_touched(self, searched: bool) -> str:
+        """An adapter reads the shots (and ``tip_search`` the validation split) whatever the searcher."""
+        return type(self).data_for(self.options) if searched or self.adapter is not None else "none"
 
     def learnable_parameters(self, searched: bool) -> int:
         """The searched coordinates, plus an adapter trained after the search (sequential)."""
@@ -224,7 +235,19 @@ class FewShotTask(ComposingTask):
                 z = self.source.features(self.engine.params(coef, False)[0], x_shots)
                 h = self.source.head(z, o.target)
             p = adapters.train(adapter, z, h, y_shots, o.adapter_steps, o.adapter_lr)
-        return self._metrics(self.adapted_accuracy(coef, adapter, p), composed)
+        if not o.tip_search:
+            return self._metrics(self.adapted_accuracy(coef, adapter, p), composed)
+        z, h = self.target_features(coef, "val")
+        adapter.alpha, adapter.beta, val_acc = adapters.search_tip(adapter, p, z, h, self.source.labels[o.target]["val"])
+        return {**self._metrics(self.adapted_accuracy(coef, adapter, p), composed), "tip_alpha": adapter.alpha,
+                "tip_beta": adapter.beta, "tip_val_acc": val_acc}
+
+    @torch.no_grad()
+    def target_features(self, coef, split: str):
+        """Features and head logits of the target's ``split`` under coefficients ``coef``."""
+        params, t = self.engine.params(coef, False)[0], self.options.target
+        z = torch.cat([self.source.features(params, xb) for xb in self.source.batches(t, split, 512)])
+        return z, self.source.head(z, t)
 
     def _metrics(self, acc: float, composed: float | None = None) -> dict:
         out = {"acc": acc, "zero_shot_acc": self.zero_shot_acc, "gain": acc - self.zero_shot_acc}

@@ -94,3 +94,31 @@ def test_joint_mode_needs_a_trainable_adapter(tmp_path):
         "error: adapter_mode=joint learns the adapter with the coefficients: use adapter=tip-f or lpp "
         "('tip' has no parameters to learn)")
     assert not any(tmp_path.rglob("record.json"))
+
+
+def test_tip_search_picks_the_first_grid_point_that_corrects_the_head():
+    # Two classes, one shot each (keys e1, e2). A validation image at e1 whose head says class 1:
+    # logits = h + α·[1, e^-β] are right once α(1 − e^-β) > 1. The first β of the grid (0.1 + 0.0345 i)
+    # where some α ≤ 2.855 does it is 0.445, and there only α = 2.855 (0.1 + 0.145 · 19) does.
+    z = torch.eye(2)
+    tip = adapters.TipAdapter(z, torch.tensor([0, 1]), 2)
+    alpha, beta, acc = adapters.search_tip(tip, tip.init, z[:1], torch.tensor([[0.0, 1.0]]), torch.tensor([0]))
+    assert acc == 1.0 and alpha == pytest.approx(0.1 + 0.145 * 19) and beta == pytest.approx(0.1 + 0.0345 * 10)
+    # Nothing corrects a head that is right already: the first grid point is kept.
+    alpha, beta, acc = adapters.search_tip(tip, tip.init, z[:1], torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    assert acc == 1.0 and (alpha, beta) == (pytest.approx(0.1), pytest.approx(0.1))
+
+
+def test_tip_search_in_a_run_and_its_refusal(cache_dir, tmp_path):
+    base = {"source": "tiny-clip", "target": "cvdigits", "shots": 4, "adapter": "tip"}
+    kw = dict(task="few_shot", searcher="zero-shot", budget=1, seed=0, results_dir=str(tmp_path), cache_dir=cache_dir)
+    fixed = harness.run(task_options=base, **kw)
+    tuned = harness.run(task_options={**base, "tip_search": True}, **kw)
+    assert "tip_alpha" not in fixed.final and 0.1 <= tuned.final["tip_alpha"] < 3 and 0.1 <= tuned.final["tip_beta"] < 7
+    assert 0 <= tuned.final["tip_val_acc"] <= 1 and tuned.final["composed_acc"] == fixed.final["composed_acc"]
+    assert "validation split" in str(tuned.record["data_touched"])
+    r = subprocess.run([sys.executable, "-m", "harness", "run", "--task", "few_shot", "-t", "source=tiny-clip",
+                        "-t", "adapter=lpp", "-t", "tip_search=true", "--results-dir", str(tmp_path / "bad")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: tip_search chooses Tip-Adapter's α and β: use adapter=tip or tip-f (got adapter='lpp')")
