@@ -156,7 +156,7 @@ class FewShotTask(ComposingTask):
 
     def data_touched(self, searched: bool) -> str:
         """An adapter reads the shots (and ``tip_search`` the validation split) whatever the searcher."""
-        return type(self).data_for(self.options) if searched or self.adapter is not None else "none"
+        return super().data_touched(searched or self.adapter is not None)
 
     def learnable_parameters(self, searched: bool) -> int:
         """The searched coordinates, plus an adapter trained after the search (sequential)."""
