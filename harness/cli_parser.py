@@ -29,7 +29,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, help="evaluations (gradient: steps); default: the searcher's")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="candidates asked per round; default: the searcher's")
     p.add_argument("--seed", type=int, help="seed of the search and of the task's data subsets (default 0)")
-    p.add_argument("--space", help="per_task | per_layer | per_block | per_partition:K | lines (LiNeS: first and last layer's "
+    p.add_argument("--space", help="per_task | per_layer | per_block | per_partition:K[:matrices] | lines (LiNeS: first and last layer's "
                                        "scale) | norms (norm-layer tuning, tta) (default: the searcher's)")
     p.add_argument("-s", dest="searcher_options", action="append", metavar="KEY=VALUE", help="searcher option (repeatable)")
     p.add_argument("-t", dest="task_options", action="append", metavar="KEY=VALUE", help="task option (repeatable)")

@@ -15,7 +15,6 @@ Example:
 """
 from __future__ import annotations
 
-import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,15 +23,8 @@ from torch import Tensor, nn
 
 from harness.api import HarnessError
 
-SPACES = ("per_task", "per_layer", "per_block", "per_partition:K", "lines", "norms", "lora:R[:ALPHA]")
-# A normalisation layer's name (the component before ``weight``/``bias``): open_clip's ln_1/ln_pre,
-# Hugging Face's layer_norm1/pre_layrnorm/post_layernorm, EfficientNet's _bn0, torchvision's bn1/norm.
-_LORA = re.compile(r"lora:(\d+)(?::(\d+(?:\.\d*)?))?")
-_NORM_LAYER = re.compile(r"^_?(ln|bn)(_?\w*)?$|norm|layrnorm", re.IGNORECASE)
-
-# Container names whose next component is a layer index (timm/EfficientNet, efficientnet_pytorch,
-# open_clip's transformer, torchvision/HF encoders).
-_LAYER_CONTAINERS = {"blocks", "_blocks", "resblocks", "layers", "layer"}
+from harness.spaces import (SPACES, _LORA, depth_of, draw_partitions, is_norm_block,  # noqa: F401 (re-exported)
+                            layer_of, matrices_only, parse_space)
 
 
 def task_vector(base: dict[str, Tensor], finetuned: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -59,67 +51,6 @@ def task_vector(base: dict[str, Tensor], finetuned: dict[str, Tensor]) -> dict[s
     return tau
 
 
-def parse_space(spec: str) -> tuple[str, int]:
-    """Parse a space spec into ``(kind, K)``; K is 1 except for ``per_partition:K`` and ``lora:R`` (K = R).
-
-    Args:
-        spec: one of ``per_task``, ``per_layer``, ``per_block``, ``per_partition:K`` (K ≥ 2), ``lines``,
-            ``norms``, ``lora:R[:ALPHA]`` (R ≥ 1; low-rank adaptation, :mod:`harness.lora`).
-    """
-    if spec in ("per_task", "per_layer", "per_block", "lines", "norms"):
-        return spec, 1
-    m = re.fullmatch(r"per_partition:(\d+)", str(spec).strip())
-    if m and int(m.group(1)) >= 2:
-        return "per_partition", int(m.group(1))
-    m = _LORA.fullmatch(str(spec).strip())
-    if m and int(m.group(1)) >= 1 and (m.group(2) is None or float(m.group(2)) > 0):
-        return "lora", int(m.group(1))
-    raise HarnessError(f"unknown coefficient space {spec!r}; valid forms: "
-                       f"{', '.join(SPACES)} (K an integer >= 2, R an integer >= 1, ALPHA > 0)")
-
-
-def layer_of(block_name: str) -> str:
-    """The layer a parameter belongs to, for the ``per_layer`` space.
-
-    The first integer index right after a container such as ``blocks``/``resblocks``/``layers``
-    (``"transformer.resblocks.3.attn.in_proj_weight"`` → ``"resblocks.3"``), otherwise the first name
-    component (``"conv_head.weight"`` → ``"conv_head"``, ``"weight"`` → ``"weight"``).
-    """
-    parts = block_name.split(".")
-    for name, nxt in zip(parts, parts[1:]):
-        if name in _LAYER_CONTAINERS and nxt.isdigit():
-            return f"{name}.{nxt}"
-    return parts[0]
-
-
-def is_norm_block(name: str, shape: Sequence[int]) -> bool:
-    """Whether a block is a normalisation layer's affine weight or bias (1-D, its layer named
-    like ``ln_1``, ``layer_norm1``, ``_bn0`` or ``norm``): what the ``norms`` space tunes."""
-    parts = name.split(".")
-    return len(shape) == 1 and len(parts) >= 2 and parts[-1] in ("weight", "bias") and bool(_NORM_LAYER.search(parts[-2]))
-
-
-def depth_of(blocks: Sequence[str]) -> list[float]:
-    """Each block's depth in [0, 1] for the ``lines`` space: its layer index (the integer after
-    a container such as ``resblocks``, as in :func:`layer_of`) scaled so the first indexed layer
-    is 0 and the last is 1. Blocks before the first indexed layer (stem, embeddings) take depth 0,
-    blocks after one (final norm, projection, head) the depth of the layer before them. Without
-    any indexed layer, the layers in order of first appearance are spread evenly."""
-    index = []
-    for b in blocks:
-        parts = b.split(".")
-        index.append(next((int(n) for c, n in zip(parts, parts[1:]) if c in _LAYER_CONTAINERS and n.isdigit()), None))
-    known = [i for i in index if i is not None]
-    if not known:
-        groups = list(dict.fromkeys(layer_of(b) for b in blocks))
-        index, known = [groups.index(layer_of(b)) for b in blocks], list(range(len(groups)))
-    lo, hi, last, out = min(known), max(known), None, []
-    for i in index:
-        last = i if i is not None else (last if last is not None else lo)
-        out.append(0.0 if hi == lo else (last - lo) / (hi - lo))
-    return out
-
-
 class Composition:
     """θ_0 plus T task vectors, and the map from a flat coefficient vector to merged parameters.
 
@@ -129,7 +60,8 @@ class Composition:
         task_names: one unique name per task vector (used in coordinate labels).
         space: ``per_task`` (T), ``per_layer`` (T×G), ``per_block`` (T×B, the paper),
             ``per_partition:K`` (T×B×K; every block's elements, 1-D blocks included, are split into K
-            random partitions fixed by ``seed``) or ``lines`` (2: LiNeS, Wang et al. 2025, every
+            random partitions fixed by ``seed``; ``per_partition:K:matrices``, T×M×K, partitions only
+            the M 2-D matrices, one draw per shape, as the released code does: :func:`draw_partitions`) or ``lines`` (2: LiNeS, Wang et al. 2025, every
             task vector scaled by λ_b = first·(1 − d_b) + last·d_b at depth d_b, see :func:`depth_of`;
             the all-ones vector is task arithmetic at α = 1 as in every other space) or ``norms``
             (one additive change per entry of every normalisation layer's weight and bias, see
@@ -219,13 +151,15 @@ class Composition:
             self.dim = 2
             self.labels = ["first", "last"]
         else:
-            gen = torch.Generator().manual_seed(int(seed))
-            # uint8 keeps the assignment at one byte per parameter; it is widened only per block in merge.
-            idx_dtype = torch.uint8 if K <= 256 else torch.int32
-            self.partitions = [torch.randint(0, K, tuple(self.base[b].shape), generator=gen).to(idx_dtype)
-                               for b in self.blocks]
-            self.dim = self.T * self.B * K
-            self.labels = [f"{t}/{b}#{k}" for t in task_names for b in self.blocks for k in range(K)]
+            self.partitions = draw_partitions([self.base[b].shape for b in self.blocks], K, seed, matrices_only(space))
+            # The blocks with coefficients (all of them but in the :matrices variant), in order.
+            self.parted = [b for b, p in enumerate(self.partitions) if p is not None]
+            if not self.parted:
+                raise HarnessError(f"the {space} space partitions 2-D weight matrices, and none of the {self.B} composed "
+                                   f"blocks is one (e.g. {self.blocks[0]!r} {tuple(self.base[self.blocks[0]].shape)}); "
+                                   f"use per_partition:{K}")
+            self.dim = self.T * len(self.parted) * K
+            self.labels = [f"{t}/{self.blocks[b]}#{k}" for t in task_names for b in self.parted for k in range(K)]
 
     def __repr__(self) -> str:
         return (f"Composition(T={self.T}, B={self.B}, space={self.space!r}, dim={self.dim}, "
@@ -254,7 +188,11 @@ class Composition:
         if self.kind == "lines":
             d = self._depth.to(device=x.device, dtype=x.dtype)
             return (x[0] * (1 - d) + x[1] * d).expand(self.T, self.B)
-        return x.view(self.T, self.B, self.K)
+        if len(self.parted) == self.B:
+            return x.view(self.T, self.B, self.K)
+        lam = x.new_zeros(self.T, self.B, self.K)
+        lam[:, self.parted] = x.view(self.T, len(self.parted), self.K)
+        return lam
 
     def merge(self, x: Tensor | np.ndarray, like: tuple | None = None) -> dict[str, Tensor]:
         """θ = θ_0 + Σ_i λ_{i,b} τ_{i,b} for every block of the flat coefficients ``x`` (tensor or
@@ -286,6 +224,9 @@ class Composition:
             lam_b = lam[:, b] if self.keep is None else lam[self.keep[b], b]
             if self.partitions is None:
                 delta = torch.tensordot(lam_b, tau, dims=1)
+            elif self.partitions[b] is None:  # a block the :matrices variant leaves out
+                merged[name] = self.base[name]
+                continue
             else:
                 # Gather each element's coefficient from its partition: (T, K)[:, idx] → (T, *shape).
                 per_elem = lam_b[:, self.partitions[b].long()]
@@ -357,7 +298,8 @@ class Composition:
         if self.keep is not None:
             self.keep = [k.to(device) for k in self.keep]
         if self.partitions is not None:
-            self.partitions = [p.to(device) for p in self.partitions]
+            moved = {id(p): p.to(device) for p in self.partitions if p is not None}  # shared draws stay shared
+            self.partitions = [None if p is None else moved[id(p)] for p in self.partitions]
         if self.kind == "lora":
             self.lora.to(device)
         return self

@@ -32,8 +32,12 @@ def block_scores(task, x: np.ndarray | None = None) -> np.ndarray:
     ev = task.evaluate([Candidate(x=x, grad=True)])[0]
     if ev.grad is None or not np.all(np.isfinite(ev.grad)):
         raise HarnessError("block selection: the task returned no finite gradient at the start point")
-    g = np.abs(np.asarray(ev.grad, dtype=np.float64)).reshape(comp.T, comp.B, -1)
-    return g.sum(-1)
+    g = np.abs(np.asarray(ev.grad, dtype=np.float64))
+    if comp.kind == "per_block":
+        return g.reshape(comp.T, comp.B)
+    scores = np.zeros((comp.T, comp.B))  # blocks without coefficients (per_partition:K:matrices) score 0
+    scores[:, comp.parted] = g.reshape(comp.T, len(comp.parted), -1).sum(-1)
+    return scores
 
 
 def select_informative(task, b: int, x: np.ndarray | None = None) -> dict:

@@ -34,7 +34,7 @@ LAYERS = [
     ("storage and files", ["harness.provenance", "harness.results", "harness.records", "harness.filecheck", "harness.checkpoints", "harness.unpickler", "harness.unpickle",
                            "harness.refcache"]),
     ("data", ["harness.data", "harness.stream"]),
-    ("composition", ["harness.composition", "harness.lora"]),
+    ("composition", ["harness.spaces", "harness.composition", "harness.lora"]),
     ("model sources", ["harness.sources", "harness.finetune", "harness.convert"]),
     ("transforms", ["harness.transforms"]),
     ("engines", ["harness.engines", "harness.evaluators"]),

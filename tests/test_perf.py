@@ -29,7 +29,7 @@ def _comp(space="per_block", T=3, seed=0):
     return Composition(base, tvs, [f"t{i}" for i in range(T)], space=space), base, tvs
 
 
-@pytest.mark.parametrize("space", ["per_block", "per_task", "per_partition:2"])
+@pytest.mark.parametrize("space", ["per_block", "per_task", "per_partition:2", "per_partition:2:matrices"])
 def test_selection_merges_only_kept_task_vectors(space):
     comp, base, tvs = _comp(space)
     ref, _, _ = _comp(space)
@@ -49,6 +49,8 @@ def test_selection_merges_only_kept_task_vectors(space):
         lb = lam[:, b]
         if comp.partitions is None:
             want = base[name] + sum(float(lb[t]) * tvs[t][name] for t in range(comp.T))
+        elif comp.partitions[b] is None:  # the :matrices variant leaves the bias out
+            want = base[name]
         else:
             per_elem = lb[:, comp.partitions[b].long()].float()
             want = base[name] + sum(per_elem[t] * tvs[t][name] for t in range(comp.T))
