@@ -38,6 +38,9 @@ class ComposeOptions:
     |∂L/∂λ| at the start point before any search (informative block selection, paper App. D.6;
     needs ``--space per_block`` or ``per_partition:K``); 0 keeps them all.
 
+    ``lora_form=factors`` composes LoRA task vectors in factor form
+    (:class:`harness.lora.FactorComposition`); it needs a source holding factors (``ft_mode=lora``).
+
     ``transform=NAME[:key=value,...]`` rewrites the task vectors before they are composed
     (``ties``, ``dare``, ``iso``; see ``python -m harness list transform``); it is recorded in its
     canonical form (non-default options only) and is part of the run's identity.
@@ -76,6 +79,10 @@ class ComposeOptions:
                                        "only later stages (same results): auto or off")
     transform: str = option("", "rewrite the task vectors before composing: NAME[:key=value,...] with NAME ties, "
                                 "dare or iso (empty: none)")
+    lora_form: str = option("dense", "how LoRA task vectors (a zoo's ft_mode=lora) are composed: dense (ΔW = B·A scaled "
+                                     "per block, like any task vector) or factors (A and B scaled separately, "
+                                     "ΔW = (Σλ_B B)(Σλ_A A); --space per_block or per_layer)",
+                            choices=("dense", "factors"))
     linearize: bool = option(False, "score the first-order Taylor expansion of the model at the pre-trained weights, "
                                     "f(x;θ0) + J·Δθ (linearised task vectors; references are the linearised fine-tuned models)")
 

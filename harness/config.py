@@ -32,7 +32,7 @@ NEUTRAL: dict[str, dict[str, Any]] = {"task_options": {
     "precision": "fp32", "eval_chunk": "auto", "prefix_cache": "auto",
     # Benchmark-data options at their defaults (runs recorded before they existed keep their ids).
     "extra_data": [], "suite": "", "data_convention": "", "val_rule": "", "prompts": "", "bench_subset": 0,
-    "sharpen_mode": "temperature", "linearize": False,
+    "sharpen_mode": "temperature", "linearize": False, "lora_form": "dense",
     "select_vectors": 0, "select_by": "gradient"},
     "searcher_options": {"region": "box", "inner": "adam", "refresh": 1.0}}  # dfo-gn's region, solver, probes
 # Options one task gained after runs of it were recorded, at the values that leave it unchanged:
@@ -41,7 +41,7 @@ NEUTRAL_FOR_TASK: dict[str, dict[str, Any]] = {
     "addition": {"l1": 0.0, "l2": 0.0}, "negation": {"l1": 0.0, "l2": 0.0}, "tta": {"reliable": 0.0},
     "few_shot": {"adapter": "none", "adapter_mode": "sequential", "adapter_steps": 300, "adapter_lr": 1e-3,
                  "adapter_scale": 0.01, "tip_alpha": 1.0, "tip_beta": 5.5, "fraction": 0.0,
-                 "tip_search": False}}
+                 "tip_search": False, "lpp_solver": "adam"}}
 
 
 @dataclass

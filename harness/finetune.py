@@ -81,3 +81,52 @@ def finetune(source: ModelSource, ds: str, steps: int, batch_size: int, lr: floa
         if progress is not None:
             progress(step, loss.item())
     return {k: params[k].detach() - v for k, v in source.base.items()}
+
+
+def finetune_lora(source: ModelSource, ds: str, rank: int, steps: int, batch_size: int, lr: float, seed: int,
+                  weight_decay: float = 0.0, progress: Callable[[int, float], None] | None = None
+                  ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """Like :func:`finetune`, but only a rank-``rank`` LoRA adapter of every weight matrix of the
+    tail is trained (:class:`harness.lora.LoraFactors`, α = r, A from its seeded start, B from 0).
+
+    Returns:
+        ``(τ, factors)``: the dense task vector (B·A on the adapted blocks, 0 elsewhere, with the
+        keys of ``source.base``) and ``{block: (A, B)}``, the factors
+        :class:`harness.lora.FactorComposition` composes.
+    """
+    from harness.lora import LoraFactors
+    if rank < 1:
+        raise HarnessError(f"LoRA fine-tuning needs a rank >= 1, got {rank}")
+    if ds not in source.heads:
+        raise HarnessError(f"no data set '{ds}' in {source.name}; it has {', '.join(source.datasets)}")
+    if "train" not in source.inputs[ds] or len(source.labels[ds]["train"]) == 0:
+        raise HarnessError(f"data set '{ds}' has no train split to fine-tune on")
+    if steps < 1 or batch_size < 1 or lr <= 0:
+        raise HarnessError(f"fine-tuning needs steps >= 1, batch_size >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
+    blocks = [k for k, v in source.base.items() if v.is_floating_point()]
+    lora = LoraFactors(blocks, source.base, rank, None, seed)
+    x = torch.zeros(lora.dim, requires_grad=True)
+    inputs, y = source.inputs[ds]["train"], source.labels[ds]["train"]
+    opt = torch.optim.AdamW([x], lr=lr, weight_decay=weight_decay)
+    sched = one_cycle(opt, steps)
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def merged(x):
+        params = dict(source.base)
+        for b, delta in zip(lora.index, lora.deltas(x)):
+            params[blocks[b]] = source.base[blocks[b]] + delta.view(source.base[blocks[b]].shape)
+        return params
+    for step in range(steps):
+        idx = torch.randint(0, len(y), (batch_size,), generator=gen)
+        loss = F.cross_entropy(source.logits(merged(x), inputs[idx], ds), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(step, loss.item())
+    factors = lora.factors(x.detach(), blocks)
+    tau = {k: torch.zeros_like(v) for k, v in source.base.items()}
+    for k, (a, bm) in factors.items():
+        tau[k] = (bm @ a).view(source.base[k].shape)
+    return tau, factors

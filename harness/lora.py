@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -63,6 +64,148 @@ class LoraFactors:
             out.append(self.scale * (bmat @ a))
         return out
 
+    def factors(self, x: Tensor, blocks: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{block name: (A, (α/r)·B)}`` at ``x``, detached: the adapter as LoRA task-vector factors
+        for :class:`FactorComposition` (their product is the block's update as a flat matrix)."""
+        out = {}
+        for j, ((o, i), r) in enumerate(zip(self.shapes, self.ranks)):
+            s = self.offsets[j]
+            a = x[s:s + r * i].view(r, i) + self.a0[j].to(device=x.device, dtype=x.dtype)
+            out[blocks[self.index[j]]] = (a.detach().clone(), self.scale * x[s + r * i:self.offsets[j + 1]].view(o, r).detach())
+        return out
+
     def to(self, device) -> "LoraFactors":
         self.a0 = [a.to(device) for a in self.a0]
+        return self
+
+
+class FactorComposition:
+    """LoRA task vectors composed in factor form (the paper's Table 4, LoRAs as task vectors): each
+    adapted weight's update is the product of the composed factors,
+
+        ΔW_b = (Σ_t λ^B_{t,b} B_{t,b}) · (Σ_t λ^A_{t,b} A_{t,b}),     λ^A = 1 + x_A,  λ^B = x_B,
+
+    with ``B`` carrying each adapter's α/r, so A and B are scaled separately and task vectors
+    interact through their cross terms B_s A_t, where the dense form θ0 + Σ λ (α/r) B_t A_t cannot.
+    ``x = 0`` is the pre-trained model (ΔW = 0 · ΣA) with a non-zero gradient in x_B, as LoRA starts
+    (A non-zero, B zero); ``one_hot(i)`` is adapter i alone. Blocks no adapter touches keep θ0.
+
+    The same interface as :class:`harness.composition.Composition` for the engines (``merge``,
+    ``coefficients``, ``dim``, ``labels``, ``to``); spaces ``per_block`` (T × 2 per adapted block)
+    and ``per_layer`` (T × 2 per layer). Only the factors are stored, r·(out + in) numbers per
+    adapted matrix instead of out·in.
+
+    Args:
+        base: pre-trained state dict (its floating entries are the blocks).
+        factors: per task ``{block name: (A (r × in), B (out × r))}``, B scaled by α/r; every task
+            adapts the same blocks with the same shapes (a convolution kernel as (out, in·kh·kw)).
+    """
+
+    SPACES = ("per_block", "per_layer")
+
+    def __init__(self, base: dict[str, Tensor], factors: list[dict[str, tuple[Tensor, Tensor]]],
+                 task_names: list[str], space: str = "per_block", dtype: torch.dtype = torch.float32,
+                 seed: int = 0, layer_fn=None):
+        from harness.spaces import layer_of
+        if space not in self.SPACES:
+            raise HarnessError(f"LoRA task vectors in factor form compose in {' or '.join(self.SPACES)}, not {space!r}")
+        if len(factors) != len(task_names) or not factors:
+            raise HarnessError(f"{len(factors)} LoRA task vectors for {len(task_names)} names")
+        self.space = self.kind = space
+        self.K, self.seed, self.dtype = 1, seed, dtype
+        self.task_names, self.T = [str(n) for n in task_names], len(task_names)
+        self.compute_dtype = torch.promote_types(torch.float32, dtype)
+        self.blocks = [k for k, v in base.items() if v.is_floating_point()]
+        self.B = len(self.blocks)
+        self.base = {k: base[k].detach().to(self.compute_dtype) for k in self.blocks}
+        names = list(factors[0])
+        for t, f in enumerate(factors):
+            if sorted(f) != sorted(names):
+                raise HarnessError(f"LoRA task vectors adapt different blocks: '{self.task_names[t]}' has "
+                                   f"{sorted(set(f) ^ set(names))[:2]} where '{self.task_names[0]}' does not or the reverse")
+        self.index = [b for b, k in enumerate(self.blocks) if k in names]
+        if len(self.index) != len(names):
+            raise HarnessError(f"LoRA factors name blocks the base model lacks: {sorted(set(names) - set(self.blocks))[:2]}")
+        self.A, self.Bm = [], []
+        for b in self.index:
+            k = self.blocks[b]
+            a, bm = zip(*(f[k] for f in factors))
+            shapes = {(tuple(x.shape), tuple(y.shape)) for x, y in zip(a, bm)}
+            out, inn = self.base[k].shape[0], self.base[k].numel() // self.base[k].shape[0]
+            (sa, sb), = shapes if len(shapes) == 1 else [((0,), (0,))]
+            if len(sa) != 2 or sb != (out, sa[0]) or sa[1] != inn:
+                raise HarnessError(f"LoRA factors of '{k}' have shapes {sorted(shapes)[:2]}; expected A (r, {inn}) and "
+                                   f"B ({out}, r) with one rank r for every task vector")
+            self.A.append(torch.stack([x.detach().to(dtype) for x in a]))
+            self.Bm.append(torch.stack([y.detach().to(dtype) for y in bm]))
+        adapted = [self.blocks[b] for b in self.index]
+        if space == "per_layer":
+            layers = [(layer_fn or layer_of)(k) for k in adapted]
+            self.groups = list(dict.fromkeys(layers))
+            self._group = torch.tensor([self.groups.index(g) for g in layers])
+        else:
+            self.groups, self._group = adapted, torch.arange(len(adapted))
+        self.dim = self.T * len(self.groups) * 2
+        self.labels = [f"{t}/{g}.{f}" for t in self.task_names for g in self.groups for f in "AB"]
+
+    def __repr__(self) -> str:
+        return f"FactorComposition(T={self.T}, adapted={len(self.index)}, space={self.space!r}, dim={self.dim})"
+
+    def coefficients(self, x) -> Tensor:
+        """(T, B, 2): λ^A and λ^B of every block (0 for blocks no adapter touches). Differentiable."""
+        if not isinstance(x, Tensor):
+            x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        if x.numel() != self.dim:
+            raise HarnessError(f"coefficient vector has {x.numel()} entries, the space {self.space!r} has {self.dim}")
+        x = x.reshape(self.T, len(self.groups), 2).to(device=self.A[0].device, dtype=self.compute_dtype)
+        per = x[:, self._group.to(x.device)] + torch.tensor([1.0, 0.0], device=x.device, dtype=x.dtype)
+        lam = x.new_zeros(self.T, self.B, 2)
+        lam[:, self.index] = per
+        return lam
+
+    def merge(self, x, like: tuple | None = None) -> dict[str, Tensor]:
+        """θ0 + (Σ λ^B B)(Σ λ^A A) on every adapted block, θ0 elsewhere; ``like`` as in
+        :meth:`harness.composition.Composition.merge` (blocks whose λ are unchanged reuse its tensors)."""
+        lam = self.coefficients(x)
+        merged = dict(self.base)
+        for j, b in enumerate(self.index):
+            name = self.blocks[b]
+            if like is not None and torch.equal(lam[:, b], like[0][:, b]):
+                merged[name] = like[1][name]
+                continue
+            a = torch.tensordot(lam[:, b, 0], self.A[j].to(self.compute_dtype), dims=1)
+            bm = torch.tensordot(lam[:, b, 1], self.Bm[j].to(self.compute_dtype), dims=1)
+            merged[name] = self.base[name] + (bm @ a).view(self.base[name].shape)
+        return merged
+
+    def isotropic(self, alpha: float) -> np.ndarray:
+        """λ^A = 1, λ^B = α: ΔW = α (Σ B)(Σ A), task arithmetic at α for one task vector."""
+        x = np.zeros((self.T, len(self.groups), 2))
+        x[..., 1] = alpha
+        return x.reshape(-1)
+
+    def one_hot(self, i: int) -> np.ndarray:
+        """Adapter ``i`` alone: λ^A = λ^B = 1 for task i, 0 for the others."""
+        if not 0 <= i < self.T:
+            raise HarnessError(f"task index {i} out of range: there are {self.T} task vectors")
+        x = np.zeros((self.T, len(self.groups), 2))
+        x[:, :, 0] = -1.0
+        x[i] = (0.0, 1.0)
+        return x.reshape(-1)
+
+    def expand(self, x) -> np.ndarray:
+        with torch.no_grad():
+            lam = self.coefficients(x.detach() if isinstance(x, Tensor) else x)
+        return lam.cpu().numpy().astype(np.float64).copy()
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the stored factors."""
+        return sum(t.numel() * t.element_size() for t in self.A + self.Bm)
+
+    def select(self, keep):
+        raise HarnessError("block selection (-t select) is for dense task vectors; LoRA factors are small already")
+
+    def to(self, device) -> "FactorComposition":
+        self.base = {k: v.to(device) for k, v in self.base.items()}
+        self.A, self.Bm = [a.to(device) for a in self.A], [b.to(device) for b in self.Bm]
         return self

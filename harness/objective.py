@@ -108,13 +108,26 @@ class ComposingTask(Task):
             tvs, names, info = transforms.load(self.options.transform).apply(tvs, list(names), self.seed)
             self.transform_info = {"transform": self.options.transform, **info}
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[self.options.dtype]
-        self.comp = Composition(self.source.base, tvs, names, space=self.space_kind, dtype=dtype, seed=self.seed)
+        if getattr(self.options, "lora_form", "dense") == "factors":
+            self.comp = self.factor_composition(names, signs, dtype)
+        else:
+            self.comp = Composition(self.source.base, tvs, names, space=self.space_kind, dtype=dtype, seed=self.seed)
         cls, opts = resolve_engine(self.options)
         self.engine = cls(self.source, self.comp, "cpu", opts)
         self.task_info = self.engine.info  # what the engine chooses is recorded with the run
         if self.options.transform:
             self.task_info["transform"] = self.transform_info
         return self.comp
+
+    def factor_composition(self, names: list[str], signs: list[float], dtype):
+        """The LoRA task vectors of ``names`` in factor form (a sign −1 negates B)."""
+        from harness.lora import FactorComposition
+        missing = [d for d in names if d not in self.source.lora_factors]
+        if missing:
+            raise HarnessError(f"lora_form=factors needs LoRA task vectors, and {self.source_name} has no factors for "
+                               f"'{missing[0]}': build the zoo with -t source_options=ft_mode=lora")
+        factors = [{k: (a, s * b) for k, (a, b) in self.source.lora_factors[d].items()} for d, s in zip(names, signs)]
+        return FactorComposition(self.source.base, factors, names, space=self.space_kind, dtype=dtype, seed=self.seed)
 
     def ta_label(self, alpha: float) -> str:
         """The task-arithmetic reference's name: over the transformed vectors when there is a transform."""
@@ -142,6 +155,12 @@ class ComposingTask(Task):
         if options.transform:
             import harness.transforms as transforms
             options.transform = transforms.canonical(options.transform)
+        if options.lora_form == "factors":
+            clash = [f"{k}={getattr(options, k)}" for k in ("transform", "select", "select_vectors", "linearize")
+                     if getattr(options, k)]
+            if clash or getattr(engine, "needs_linearized", False):
+                raise HarnessError(f"lora_form=factors composes LoRA factors as they are; it does not combine with "
+                                   f"{(clash or [f'engine={options.engine}'])[0]}")
 
     # Whether the task composes a pool it may choose from (select_vectors): the other data sets'.
     selects_vectors = False
@@ -150,6 +169,9 @@ class ComposingTask(Task):
 
     @classmethod
     def check_space(cls, options, space: str) -> None:
+        if getattr(options, "lora_form", "dense") == "factors" and space not in ("per_block", "per_layer"):
+            raise HarnessError(f"lora_form=factors composes in --space per_block or per_layer (a λ for A and one for B), "
+                               f"not {space}")
         if space == "norms" and not cls.tunes_norms:
             raise HarnessError(f"--space norms (norm-layer tuning) is a test-time adaptation baseline: use it with "
                                f"--task tta, not {cls.name}")

@@ -41,6 +41,9 @@ class ModelSource:
             preprocessed images when there is no prefix).
         labels: ``{ds: {split: int64 labels}}``.
         task_vectors: ``{ds: {block: τ}}``, same keys as ``base``.
+        lora_factors: ``{ds: {block: (A, B)}}`` for task vectors fine-tuned as LoRA adapters (a
+            zoo's ``ft_mode=lora``): their factors, B scaled by α/r, for ``-t lora_form=factors``;
+            ``task_vectors`` holds the same updates dense.
         normalize: L2-normalise features before the head (CLIP).
         prefix: the frozen module in front of the tail, or None.
         image_size, mean, std: how :meth:`encode` preprocesses raw images.
@@ -65,6 +68,7 @@ class ModelSource:
     inputs: dict[str, dict[str, Tensor]]
     labels: dict[str, dict[str, Tensor]]
     task_vectors: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    lora_factors: dict[str, dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)
     normalize: bool = False
     prefix: nn.Module | None = None
     image_size: int = 64

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from harness.data import OFFLINE, load
-from harness.finetune import finetune
+from harness.finetune import finetune, finetune_lora
 from harness.sources.base import SPLITS, ModelSource
 
 
@@ -84,16 +84,22 @@ def add_data(source: ModelSource, data: dict, stages: Stages, progress: bool, st
 
 def finetune_all(source: ModelSource, cfg, stages: Stages, progress: bool) -> None:
     """Every data set's task vector, fine-tuned on its train split; in the tangent space at θ0 (the
-    linearised model, :mod:`harness.sources.linear`) when ``cfg.ft_mode`` is ``linear``."""
-    model = source
-    if getattr(cfg, "ft_mode", "standard") == "linear":
+    linearised model, :mod:`harness.sources.linear`) when ``cfg.ft_mode`` is ``linear``; as a
+    rank-``cfg.ft_rank`` LoRA adapter (dense update and factors) when it is ``lora``."""
+    model, mode = source, getattr(cfg, "ft_mode", "standard")
+    if mode == "linear":
         from harness.sources.linear import linearized
         model = linearized(source, references=False)
         source.meta["fine_tuning"] = "linear"
+    elif mode == "lora":
+        source.meta["fine_tuning"] = f"lora:{cfg.ft_rank}"
     with progress_bar(len(source.datasets) * cfg.ft_steps, f"{source.name}: fine-tuning", progress) as bar:
         for ds in source.datasets:
+            kw = dict(steps=cfg.ft_steps, batch_size=cfg.ft_batch_size, lr=cfg.ft_lr, seed=stage_seed(cfg.seed, 2, ds),
+                      weight_decay=cfg.ft_weight_decay,
+                      progress=lambda step, loss: (bar.update(1), bar.set_postfix(ds=ds, loss=f"{loss:.3f}")))
             with stages(f"fine-tune {ds}"):
-                source.task_vectors[ds] = finetune(
-                    model, ds, steps=cfg.ft_steps, batch_size=cfg.ft_batch_size, lr=cfg.ft_lr,
-                    seed=stage_seed(cfg.seed, 2, ds), weight_decay=cfg.ft_weight_decay,
-                    progress=lambda step, loss: (bar.update(1), bar.set_postfix(ds=ds, loss=f"{loss:.3f}")))
+                if mode == "lora":
+                    source.task_vectors[ds], source.lora_factors[ds] = finetune_lora(model, ds, cfg.ft_rank, **kw)
+                else:
+                    source.task_vectors[ds] = finetune(model, ds, **kw)

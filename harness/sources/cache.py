@@ -55,7 +55,7 @@ class ZooSource(Source):
     packages: ClassVar[tuple[str, ...]] = ()
     # Config fields added after zoos were cached, at the values that build the same zoo: left out of
     # the cache key there, so those zoos keep their entries.
-    neutral_config: ClassVar[dict] = {"ft_mode": "standard"}
+    neutral_config: ClassVar[dict] = {"ft_mode": "standard", "ft_rank": 4}
 
     @classmethod
     def empty(cls, cfg, root: Path) -> ModelSource:
@@ -182,6 +182,8 @@ def _save(source: ModelSource, tensor_path: Path, meta_path: Path, with_inputs: 
         t[f"head/{ds}/weight"], t[f"head/{ds}/bias"] = weight, bias
         for k, v in source.task_vectors[ds].items():
             t[f"tv/{ds}/{k}"] = v
+        for k, (a, b) in source.lora_factors.get(ds, {}).items():
+            t[f"lora/{ds}/{k}/A"], t[f"lora/{ds}/{k}/B"] = a, b
         for split, y in source.labels[ds].items():
             t[f"label/{ds}/{split}"] = y
             t[f"image/{ds}/{split}"] = torch.from_numpy(source.images[ds][split])
@@ -224,6 +226,10 @@ def _restore(source: ModelSource, tensors: dict[str, Tensor], with_inputs: bool)
         source.classes[ds] = meta["classes"][ds]
         source.heads[ds] = (tensors[f"head/{ds}/weight"], tensors[f"head/{ds}/bias"])
         source.task_vectors[ds] = {k: tensors[f"tv/{ds}/{k}"] for k in source.base}
+        factors = {k: (tensors[f"lora/{ds}/{k}/A"], tensors[f"lora/{ds}/{k}/B"]) for k in source.base
+                   if f"lora/{ds}/{k}/A" in tensors}
+        if factors:
+            source.lora_factors[ds] = factors
         splits = [s for s in SPLITS if f"label/{ds}/{s}" in tensors]
         source.labels[ds] = {s: tensors[f"label/{ds}/{s}"] for s in splits}
         source.images[ds] = {s: tensors[f"image/{ds}/{s}"].numpy() for s in splits}

@@ -51,9 +51,11 @@ class EffnetConfig:
     ft_batch_size: int = option(128, "images per fine-tuning step", ge=1)
     ft_lr: float = option(1e-3, "peak learning rate of the fine-tuning (AdamW, one-cycle)", gt=0)
     ft_weight_decay: float = option(0.0, "AdamW weight decay of the fine-tuning (pulls the weights towards 0)")
-    ft_mode: str = option("standard", "fine-tune the task vectors in weight space (standard) or in the tangent space "
-                                      "at the pre-trained weights (linear: for -t linearize=true)",
-                          choices=("standard", "linear"))
+    ft_mode: str = option("standard", "fine-tune the task vectors in weight space (standard), in the tangent space "
+                                      "at the pre-trained weights (linear: for -t linearize=true) or as LoRA adapters "
+                                      "of rank ft_rank on every weight matrix (lora: for -t lora_form)",
+                          choices=("standard", "linear", "lora"))
+    ft_rank: int = option(4, "LoRA rank of ft_mode=lora (α = rank)", ge=1)
     threads: int = option(2, "torch threads while building")
 
 
