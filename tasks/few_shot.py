@@ -37,12 +37,15 @@ class FewShotTask(ComposingTask):
     ``adapter`` puts a few-shot adapter (:mod:`atlas_harness_tasks.adapters`: ``tip``, ``tip-f``,
     ``lpp``) on top of the composed model, built from the same shots (and views). ``sequential``:
     the search learns the coefficients as without it; the adapter is then built (and, for
-    ``tip-f`` and ``lpp``, trained for ``adapter_steps`` full-batch AdamW steps at ``adapter_lr``)
-    on the shots' features under the coefficients found, and ``acc`` is the adapted model's
-    (``composed_acc`` is the composition's alone). ``joint``: the adapter's parameters are extra
-    coordinates of the search space, ``init + adapter_scale · x`` (so a searcher's learning rate
-    lr moves them at adapter_scale × lr), learned with the coefficients from one loss (gradient
-    searchers); ``init`` is built from the start point's features. The zero-shot searcher with an
+    ``tip-f`` and ``lpp``, trained for ``adapter_steps`` full-batch AdamW steps at ``adapter_lr``;
+    LP++ with ``lpp_solver=lipschitz`` instead for ``adapter_steps`` rounds of the paper's
+    block-coordinate steps, of sizes from the shots' Lipschitz constants, recorded as
+    ``lpp_step_p`` and ``lpp_step_a``) on the shots' features under the coefficients found, and
+    ``acc`` is the adapted model's (``composed_acc`` is the composition's alone). ``joint``: the
+    adapter's parameters are extra coordinates of the search space, ``init + adapter_scale · x``
+    (so a searcher's learning rate lr moves them at adapter_scale × lr), learned with the
+    coefficients from one loss (gradient searchers); ``init`` is built from the start point's
+    features. The zero-shot searcher with an
     adapter is the adapter alone (Tip-Adapter, LP++ on the pre-trained model).
     """
 
@@ -68,9 +71,14 @@ class FewShotTask(ComposingTask):
         adapter_mode: str = option("sequential", "sequential: train the adapter after the coefficient search; joint: "
                                                  "learn it with the coefficients as extra coordinates",
                                    choices=("sequential", "joint"))
-        adapter_steps: int = option(300, "full-batch AdamW steps training the adapter in sequential mode", ge=0)
+        adapter_steps: int = option(300, "full-batch AdamW steps training the adapter in sequential mode (LP++ with "
+                                          "lpp_solver=lipschitz: block-coordinate rounds)", ge=0)
         adapter_lr: float = option(1e-3, "learning rate of the sequential adapter training", gt=0)
         adapter_scale: float = option(0.01, "joint mode: the adapter's parameters are init + adapter_scale × x", gt=0)
+        lpp_solver: str = option("adam", "LP++'s sequential training: adam (full-batch AdamW, adapter_lr) or "
+                                         "lipschitz (the paper's block-coordinate steps on prototypes and blends, "
+                                         "sizes 1/L from the shots' Lipschitz constants, no learning rate), "
+                                         "adapter_steps rounds", choices=("adam", "lipschitz"))
         tip_alpha: float = option(1.0, "Tip-Adapter's residual ratio α (weight of the cache logits)", ge=0)
         tip_beta: float = option(5.5, "Tip-Adapter's sharpness β of the cache affinities", gt=0)
         tip_search: bool = option(False, "choose Tip-Adapter's α and β on the target's validation split after training, "
@@ -92,6 +100,12 @@ class FewShotTask(ComposingTask):
         if options.tip_search and options.adapter not in ("tip", "tip-f"):
             raise HarnessError(f"tip_search chooses Tip-Adapter's α and β: use adapter=tip or tip-f "
                                f"(got adapter={options.adapter!r})")
+        if options.lpp_solver != "adam" and options.adapter != "lpp":
+            raise HarnessError(f"lpp_solver={options.lpp_solver} trains LP++: use adapter=lpp "
+                               f"(got adapter={options.adapter!r})")
+        if options.lpp_solver != "adam" and options.adapter_mode == "joint":
+            raise HarnessError(f"lpp_solver={options.lpp_solver} trains LP++ after the search; with "
+                               f"adapter_mode=joint the searcher learns it: use adapter_mode=sequential")
         if options.adapter_mode == "joint" and options.adapter not in ("tip-f", "lpp"):
             raise HarnessError(f"adapter_mode=joint learns the adapter with the coefficients: use adapter=tip-f or lpp "
                                f"({options.adapter!r} has no parameters to learn)")
@@ -125,6 +139,8 @@ class FewShotTask(ComposingTask):
         if o.adapter != "none":
             self.adapter = self.make_adapter(self.zero, x, ys)
             self.task_info["adapter"] = {"name": o.adapter, "mode": o.adapter_mode, "parameters": self.adapter.size}
+            if o.lpp_solver != "adam":
+                self.task_info["adapter"]["solver"] = o.lpp_solver
 
     def make_adapter(self, coef, x, ys) -> adapters.Adapter:
         """The adapter built from the shots' features (and head logits) under coefficients ``coef``."""
@@ -234,6 +250,11 @@ class FewShotTask(ComposingTask):
             with torch.no_grad():
                 z = self.source.features(self.engine.params(coef, False)[0], x_shots)
                 h = self.source.head(z, o.target)
+            if o.lpp_solver == "lipschitz":
+                p = adapters.train_lpp_mm(adapter, z, h, y_shots, o.adapter_steps)
+                step_p, step_a = adapters.lpp_step_sizes(adapter, z, h)
+                return {**self._metrics(self.adapted_accuracy(coef, adapter, p), composed),
+                        "lpp_step_p": step_p, "lpp_step_a": step_a}
             p = adapters.train(adapter, z, h, y_shots, o.adapter_steps, o.adapter_lr)
         if not o.tip_search:
             return self._metrics(self.adapted_accuracy(coef, adapter, p), composed)

@@ -122,3 +122,88 @@ def test_tip_search_in_a_run_and_its_refusal(cache_dir, tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "error: tip_search chooses Tip-Adapter's α and β: use adapter=tip or tip-f (got adapter='lpp')")
+
+
+def test_lpp_step_sizes_by_hand():
+    # ẑ = e1, e1, e2: ẐᵀẐ = diag(2, 1), λ_max 2, N = 3. L_P = s² · 2 / (2 · 3), so 1/L_P = 3 / s².
+    # Σ_i h_ik² = (1 + 4 + 0, 1 + 0 + 9) = (5, 10): L_a = 10 / (2 · 3), so 1/L_a = 0.6.
+    z = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([0, 0, 1])
+    h = torch.tensor([[1.0, -1.0], [2.0, 0.0], [0.0, 3.0]])
+    lpp = adapters.make("lpp", z, y, 2, 1.0, 5.5, h)
+    step_p, step_a = adapters.lpp_step_sizes(lpp, z, h)
+    assert step_p == pytest.approx(3 / lpp.scale ** 2, rel=1e-9) and step_a == pytest.approx(0.6, rel=1e-9)
+    # A constant-zero head gives the blends no gradient and no curvature: their step is 0, not ∞.
+    assert adapters.lpp_step_sizes(lpp, z, torch.zeros(3, 2))[1] == 0.0
+
+
+def test_lpp_lipschitz_constants_bound_the_hessians():
+    # 1/step is an upper bound of each block's Hessian, wherever the parameters are (MM's premise).
+    gen = torch.Generator().manual_seed(1)
+    z, y, h = torch.randn(12, 4, generator=gen), torch.arange(12) % 3, 3 * torch.randn(12, 3, generator=gen)
+    lpp = adapters.make("lpp", z, y, 3, 1.0, 5.5, h)
+    step_p, step_a = adapters.lpp_step_sizes(lpp, z, h)
+    n = 3 * 4
+    for trial in range(5):
+        p = lpp.init + torch.randn(lpp.size, generator=gen) * (0.1 * trial)
+        hess = torch.autograd.functional.hessian(
+            lambda q: torch.nn.functional.cross_entropy(lpp.logits(z, h, q), y), p)
+        top_p = float(torch.linalg.eigvalsh(hess[:n, :n])[-1])
+        top_a = float(torch.linalg.eigvalsh(hess[n:, n:])[-1])
+        assert 0 < top_p <= (1 + 1e-5) / step_p and 0 < top_a <= (1 + 1e-5) / step_a
+    # And no smaller constant bounds them: two classes at probability ½ each (all logits 0, at
+    # p = 0) and a head whose two columns agree reach both bounds, so the curvature ½ per sample
+    # is needed (¼, as in the authors' prototype step, would be too small a constant).
+    y2, h2 = torch.arange(12) % 2, h[:, :1].repeat(1, 2)
+    lpp = adapters.make("lpp", z, y2, 2, 1.0, 5.5, h2)
+    step_p, step_a = adapters.lpp_step_sizes(lpp, z, h2)
+    hess = torch.autograd.functional.hessian(
+        lambda q: torch.nn.functional.cross_entropy(lpp.logits(z, h2, q), y2), torch.zeros(lpp.size))
+    assert float(torch.linalg.eigvalsh(hess[:8, :8])[-1]) == pytest.approx(1 / step_p, rel=1e-4)
+    assert float(torch.linalg.eigvalsh(hess[8:, 8:])[-1]) == pytest.approx(1 / step_a, rel=1e-4)
+
+
+def test_lpp_mm_descends_monotonically():
+    gen = torch.Generator().manual_seed(0)
+    z, y = torch.randn(30, 6, generator=gen), torch.arange(30) % 3
+    h = 5 * torch.randn(30, 3, generator=gen)                      # a head that knows nothing
+    lpp = adapters.make("lpp", z, y, 3, 1.0, 5.5, h)
+    ce = lambda p: float(torch.nn.functional.cross_entropy(lpp.logits(z, h, p), y))  # noqa: E731
+    assert torch.equal(adapters.train_lpp_mm(lpp, z, h, y, 0), lpp.init)
+    losses = [ce(adapters.train_lpp_mm(lpp, z, h, y, k)) for k in range(31)]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.5 * losses[0]
+    # Full batch and no randomness: the same answer twice.
+    assert torch.equal(adapters.train_lpp_mm(lpp, z, h, y, 5), adapters.train_lpp_mm(lpp, z, h, y, 5))
+
+
+def test_lpp_lipschitz_solver_in_a_run_and_its_refusals(cache_dir, tmp_path):
+    from harness.config import build_config
+    from harness.problem import plan
+    base = {"source": "tiny-clip", "target": "cvdigits", "shots": 4, "adapter": "lpp"}
+    kw = dict(task="few_shot", searcher="zero-shot", budget=1, seed=0, results_dir=str(tmp_path), cache_dir=cache_dir)
+    adam = harness.run(task_options=base, **kw)
+    mm = harness.run(task_options={**base, "lpp_solver": "lipschitz"}, **kw)
+    assert "solver" not in adam.record["task_info"]["adapter"] and "lpp_step_p" not in adam.final
+    assert mm.record["task_info"]["adapter"] == {"name": "lpp", "mode": "sequential", "parameters": 650,
+                                                 "solver": "lipschitz"}
+    assert mm.final["lpp_step_p"] > 0 and mm.final["lpp_step_a"] > 0
+    assert mm.final["composed_acc"] == adam.final["composed_acc"] and mm.final["acc"] != adam.final["acc"]
+
+    def run_id(**opts):
+        cfg = build_config({"task": "few_shot", "searcher": "zero-shot", "task_options": {**base, **opts}})
+        return plan(cfg).config.run_id()
+    assert run_id() == run_id(lpp_solver="adam") != run_id(lpp_solver="lipschitz")   # adam keeps earlier ids
+    for opts, line in (
+            (["adapter=lpp", "lpp_solver=bogus"], "error: task option lpp_solver='bogus' is not one of adam, lipschitz"),
+            (["adapter=tip", "lpp_solver=lipschitz"], "error: lpp_solver=lipschitz trains LP++: use adapter=lpp "
+                                                      "(got adapter='tip')"),
+            (["adapter=lpp", "adapter_mode=joint", "lpp_solver=lipschitz"],
+             "error: lpp_solver=lipschitz trains LP++ after the search; with adapter_mode=joint the searcher "
+             "learns it: use adapter_mode=sequential")):
+        r = subprocess.run([sys.executable, "-m", "harness", "run", "--task", "few_shot", "--searcher", "zero-shot",
+                            "-t", "source=tiny-clip", *[a for o in opts for a in ("-t", o)],
+                            "--results-dir", str(tmp_path / "bad")],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [line], r.stderr
+    assert not (tmp_path / "bad").exists()
