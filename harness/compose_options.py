@@ -39,7 +39,8 @@ class ComposeOptions:
     needs ``--space per_block`` or ``per_partition:K``); 0 keeps them all.
 
     ``lora_form=factors`` composes LoRA task vectors in factor form
-    (:class:`harness.lora.FactorComposition`); it needs a source holding factors (``ft_mode=lora``).
+    (:class:`harness.lora.FactorComposition`); it needs a source holding factors: PEFT LoRA adapter
+    folders given to ``hf_clip``, or a zoo built with ``ft_mode=lora``.
 
     ``transform=NAME[:key=value,...]`` rewrites the task vectors before they are composed
     (``ties``, ``dare``, ``iso``; see ``python -m harness list transform``); it is recorded in its
@@ -79,7 +80,7 @@ class ComposeOptions:
                                        "only later stages (same results): auto or off")
     transform: str = option("", "rewrite the task vectors before composing: NAME[:key=value,...] with NAME ties, "
                                 "dare or iso (empty: none)")
-    lora_form: str = option("dense", "how LoRA task vectors (a zoo's ft_mode=lora) are composed: dense (ΔW = B·A scaled "
+    lora_form: str = option("dense", "how LoRA task vectors (PEFT adapter folders, a zoo's ft_mode=lora) are composed: dense (ΔW = B·A scaled "
                                      "per block, like any task vector) or factors (A and B scaled separately, "
                                      "ΔW = (Σλ_B B)(Σλ_A A); --space per_block or per_layer)",
                             choices=("dense", "factors"))

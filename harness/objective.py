@@ -125,7 +125,8 @@ class ComposingTask(Task):
         missing = [d for d in names if d not in self.source.lora_factors]
         if missing:
             raise HarnessError(f"lora_form=factors needs LoRA task vectors, and {self.source_name} has no factors for "
-                               f"'{missing[0]}': build the zoo with -t source_options=ft_mode=lora")
+                               f"'{missing[0]}': give PEFT LoRA adapter folders as checkpoints (hf_clip) or build the zoo with "
+                               f"-t source_options=ft_mode=lora")
         factors = [{k: (a, s * b) for k, (a, b) in self.source.lora_factors[d].items()} for d, s in zip(names, signs)]
         return FactorComposition(self.source.base, factors, names, space=self.space_kind, dtype=dtype, seed=self.seed)
 

@@ -13,10 +13,10 @@ import torch
 
 from safetensors.torch import save_file
 
-from harness.api import HarnessError
+from harness.api import Candidate, HarnessError
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel  # the test extra: pip install -e ".[test]"
 
-from harness.api import HarnessError
+from harness.api import Candidate, HarnessError
 from harness.checkpoints import build_clip
 from harness.sources.hf_clip import convert
 
@@ -289,3 +289,43 @@ def test_a_suite_finds_fusionbench_named_folders_and_parquet_data(hf, tmp_path):
         opts = AdditionTask.Options(suite="ta8", pretrained=str(tmp / "pretrained"),
                                     checkpoints=[str(tmp_path / "ckpt")], data_root=str(tmp_path / "data"))
         resolve_source(opts)
+
+
+def test_peft_adapters_compose_in_factor_form(hf, tmp_path):
+    """Two PEFT LoRA adapters (q, v, fc1 and the out projection) load as factors in open_clip's
+    names: each one alone is its dense task vector, q/v share in_proj through a block-diagonal B,
+    and lora_form=factors composes them with their cross terms."""
+    from peft import LoraConfig, get_peft_model
+    from harness.config import resolve_options
+    from harness.lora import FactorComposition
+    from atlas_harness_tasks.addition import AdditionTask
+    tmp, model, _ = hf
+    for i, name in enumerate(["skdigits", "lfw"]):
+        vis = CLIPVisionModel(model.config.vision_config)
+        tower(vis).load_state_dict(model.vision_model.state_dict())
+        torch.manual_seed(10 + i)
+        get_peft_model(vis, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1", "out_proj"],
+                                       init_lora_weights=False)).save_pretrained(tmp_path / name)
+    opts = resolve_options(AdditionTask, {"pretrained": str(tmp / "pretrained"), "lora_form": "factors",
+                                          "checkpoints": [f"{n}={tmp_path / n}" for n in ("skdigits", "lfw")],
+                                          "source_options": "max_n=60", "search_n": 16}, "task")
+    AdditionTask.validate(opts)
+    task = AdditionTask(opts, space="per_block", seed=0, cache_dir=str(tmp_path / "cache"))
+    task.setup("cpu")
+    comp, src = task.comp, task.source
+    assert isinstance(comp, FactorComposition)
+    a, b = src.lora_factors["skdigits"]["transformer.resblocks.0.attn.in_proj_weight"]
+    assert a.shape == (4, 32) and b.shape == (96, 4) and not b[32:64].any()  # q and v, rank 2 each; k untouched
+    assert len(src.lora_factors["skdigits"]) == 2 * 3  # per layer: in_proj, out_proj, c_fc
+    for i, name in enumerate(["skdigits", "lfw"]):
+        merged = comp.merge(comp.one_hot(i))
+        for k in src.lora_factors[name]:
+            torch.testing.assert_close(merged[k], src.base[k] + src.task_vectors[name][k], atol=1e-6, rtol=0)
+    x = np.zeros((2, comp.dim // 4, 2))
+    x[:, :, 1] = 1.0  # both adapters at λ_A = λ_B = 1: (B1 + B2)(A1 + A2)
+    merged = comp.merge(x.reshape(-1))
+    (a1, b1), (a2, b2) = (src.lora_factors[n]["transformer.resblocks.1.mlp.c_fc.weight"] for n in ("skdigits", "lfw"))
+    torch.testing.assert_close(merged["transformer.resblocks.1.mlp.c_fc.weight"],
+                               src.base["transformer.resblocks.1.mlp.c_fc.weight"] + (b1 + b2) @ (a1 + a2))
+    ev = task.evaluate([Candidate(x=comp.isotropic(0.5), grad=True)])[0]
+    assert np.isfinite(ev.loss) and np.abs(ev.grad).max() > 0

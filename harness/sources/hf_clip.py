@@ -30,8 +30,9 @@ from torch import Tensor
 
 from harness.api import HarnessError, Source, option
 from harness.sources.base import ModelSource
-from harness.sources.hf_format import (_check_against_config, clip_to_open_clip, lora_deltas, open_clip_config,
-                                      read_folder, vision_to_open_clip)
+from harness.sources.hf_format import (_check_against_config, clip_to_open_clip, factors_to_open_clip, lora_deltas,
+                                       lora_factors, open_clip_config,
+                                       read_folder, vision_to_open_clip)
 from harness.sources.checkpoint_files import checkpoint_list, suite_checkpoints
 from harness.sources.open_clip import FileOptions, check_bench_options, check_file_options, from_checkpoints
 __all__ = ["HFClipOptions", "HFClipSource", "clip_to_open_clip", "convert", "lora_deltas", "open_clip_config",
@@ -153,4 +154,7 @@ class HFClipSource(Source):
                                max_resident_mb=options.max_resident_mb, loader_workers=options.loader_workers,
                                bench=options.bench(), extra_datasets=options.extra_data)
         src.meta.update(pretrained=options.pretrained, checkpoints=[p for _, p in pairs], source="hf_clip")
+        for name, path in pairs:  # LoRA adapters also as their factors, for -t lora_form=factors
+            if (Path(path) / "adapter_config.json").is_file():
+                src.lora_factors[name] = factors_to_open_clip(lora_factors(Path(path)))
         return src

@@ -149,6 +149,11 @@ def lora_deltas(folder: Path, shapes: dict[str, tuple] | None = None) -> dict[st
     ``shapes`` (the base model's weight shapes by those keys), when given, is checked before any
     product is formed: a module the base lacks or of another shape is an error.
     """
+    return {k: b @ a for k, (a, b) in lora_factors(folder, shapes).items()}
+
+
+def lora_factors(folder: Path, shapes: dict[str, tuple] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """The same adapter as its factors ``{module.weight: (A, (α/r)·B)}`` in fp32 (see :func:`lora_deltas`)."""
     from harness.checkpoints import read_safetensors
     folder = Path(folder)
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -207,9 +212,40 @@ def lora_deltas(folder: Path, shapes: dict[str, tuple] | None = None) -> dict[st
                 raise HarnessError(f"{folder}: LoRA update of {name} has shape {(b.shape[0], a.shape[1])}, "
                                    f"expected {tuple(shapes[name])} (an adapter of a different base model)")
         scale = scale_alpha / (rank ** 0.5 if cfg.get("use_rslora") else rank)
-        out[name] = scale * (b.float() @ a.float())
+        out[name] = (a.float(), scale * b.float())
     if not out:
         raise HarnessError(f"{folder} holds no LoRA A/B weights")
+    return out
+
+
+def factors_to_open_clip(factors: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+    """A vision tower's LoRA factors (:func:`lora_factors`, Hugging Face names) in open_clip's image
+    tower names. The q/k/v projections of a layer become one factor pair of its ``in_proj_weight``:
+    A the adapted projections' A stacked, B block-diagonal, so B·A is [ΔW_q; ΔW_k; ΔW_v] with 0 for
+    a projection the adapter leaves alone. The projection head's factors are transposed (open_clip
+    stores ``proj`` = Wᵀ, so ΔWᵀ = Aᵀ·Bᵀ)."""
+    out, qkv = {}, {}
+    for k, (a, b) in factors.items():
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.weight", k)
+        if k == "visual_projection.weight":
+            out["proj"] = (b.T.contiguous(), a.T.contiguous())
+        elif m and m.group(2) in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            qkv.setdefault(m.group(1), {})["qkv".index(m.group(2)[-6])] = (a, b)
+        elif m and m.group(2) in _LAYER:
+            out[f"transformer.resblocks.{m.group(1)}.{_LAYER[m.group(2)]}.weight"] = (a, b)
+        else:
+            raise HarnessError(f"LoRA on {k!r} has no place in the factor form (adapters of the attention, MLP and "
+                               "projection matrices do)")
+    for n, parts in qkv.items():
+        a = torch.cat([parts[i][0] for i in sorted(parts)])
+        width = a.shape[1]  # q, k and v map the width onto itself
+        b = torch.zeros(3 * width, a.shape[0])
+        col = 0
+        for i in sorted(parts):
+            r = parts[i][0].shape[0]
+            b[i * width:(i + 1) * width, col:col + r] = parts[i][1]
+            col += r
+        out[f"transformer.resblocks.{n}.attn.in_proj_weight"] = (a, b)
     return out
 
 
