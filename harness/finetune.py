@@ -59,27 +59,8 @@ def finetune(source: ModelSource, ds: str, steps: int, batch_size: int, lr: floa
     Returns:
         ``{block: θ_ft − θ_0}`` in fp32, with the keys of ``source.base``.
     """
-    if ds not in source.heads:
-        raise HarnessError(f"no data set '{ds}' in {source.name}; it has {', '.join(source.datasets)}")
-    if "train" not in source.inputs[ds] or len(source.labels[ds]["train"]) == 0:
-        raise HarnessError(f"data set '{ds}' has no train split to fine-tune on")
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise HarnessError(f"fine-tuning needs steps >= 1, batch_size >= 1 and lr > 0, "
-                           f"got {steps}, {batch_size}, {lr}")
-    x, y = source.inputs[ds]["train"], source.labels[ds]["train"]
     params = {k: v.detach().clone().requires_grad_(True) for k, v in source.base.items()}
-    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
-    sched = one_cycle(opt, steps)
-    gen = torch.Generator().manual_seed(int(seed))
-    for step in range(steps):
-        idx = torch.randint(0, len(y), (batch_size,), generator=gen)
-        loss = F.cross_entropy(source.logits(params, x[idx], ds), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if progress is not None:
-            progress(step, loss.item())
+    _train(source, ds, list(params.values()), lambda: params, steps, batch_size, lr, seed, weight_decay, progress)
     return {k: params[k].detach() - v for k, v in source.base.items()}
 
 
@@ -97,36 +78,47 @@ def finetune_lora(source: ModelSource, ds: str, rank: int, steps: int, batch_siz
     from harness.lora import LoraFactors
     if rank < 1:
         raise HarnessError(f"LoRA fine-tuning needs a rank >= 1, got {rank}")
+    blocks = [k for k, v in source.base.items() if v.is_floating_point()]
+    lora = LoraFactors(blocks, source.base, rank, None, seed)
+    x = torch.zeros(lora.dim, requires_grad=True)
+
+    def merged():
+        params = dict(source.base)
+        for b, delta in zip(lora.index, lora.deltas(x)):
+            params[blocks[b]] = source.base[blocks[b]] + delta.view(source.base[blocks[b]].shape)
+        return params
+    _train(source, ds, [x], merged, steps, batch_size, lr, seed, weight_decay, progress)
+    factors = lora.factors(x.detach(), blocks)
+    tau = {k: torch.zeros_like(v) for k, v in source.base.items()}
+    for k, (a, bm) in factors.items():
+        tau[k] = (bm @ a).view(source.base[k].shape)
+    return tau, factors
+
+
+def _train(source: ModelSource, ds: str, trained: list[Tensor], params: Callable[[], dict[str, Tensor]], steps: int,
+           batch_size: int, lr: float, seed: int, weight_decay: float,
+           progress: Callable[[int, float], None] | None) -> None:
+    """The fine-tuning loop both :func:`finetune` and :func:`finetune_lora` run: AdamW on the
+    tensors ``trained`` with the one-cycle schedule, cross-entropy of ``source.logits(params(), …)``
+    on mini-batches of ``ds``'s train split drawn with replacement from a generator seeded with
+    ``seed``. Checks the data set and the settings first."""
     if ds not in source.heads:
         raise HarnessError(f"no data set '{ds}' in {source.name}; it has {', '.join(source.datasets)}")
     if "train" not in source.inputs[ds] or len(source.labels[ds]["train"]) == 0:
         raise HarnessError(f"data set '{ds}' has no train split to fine-tune on")
     if steps < 1 or batch_size < 1 or lr <= 0:
-        raise HarnessError(f"fine-tuning needs steps >= 1, batch_size >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
-    blocks = [k for k, v in source.base.items() if v.is_floating_point()]
-    lora = LoraFactors(blocks, source.base, rank, None, seed)
-    x = torch.zeros(lora.dim, requires_grad=True)
-    inputs, y = source.inputs[ds]["train"], source.labels[ds]["train"]
-    opt = torch.optim.AdamW([x], lr=lr, weight_decay=weight_decay)
+        raise HarnessError(f"fine-tuning needs steps >= 1, batch_size >= 1 and lr > 0, "
+                           f"got {steps}, {batch_size}, {lr}")
+    x, y = source.inputs[ds]["train"], source.labels[ds]["train"]
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay)
     sched = one_cycle(opt, steps)
     gen = torch.Generator().manual_seed(int(seed))
-
-    def merged(x):
-        params = dict(source.base)
-        for b, delta in zip(lora.index, lora.deltas(x)):
-            params[blocks[b]] = source.base[blocks[b]] + delta.view(source.base[blocks[b]].shape)
-        return params
     for step in range(steps):
         idx = torch.randint(0, len(y), (batch_size,), generator=gen)
-        loss = F.cross_entropy(source.logits(merged(x), inputs[idx], ds), y[idx])
+        loss = F.cross_entropy(source.logits(params(), x[idx], ds), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if progress is not None:
             progress(step, loss.item())
-    factors = lora.factors(x.detach(), blocks)
-    tau = {k: torch.zeros_like(v) for k, v in source.base.items()}
-    for k, (a, bm) in factors.items():
-        tau[k] = (bm @ a).view(source.base[k].shape)
-    return tau, factors
