@@ -91,14 +91,14 @@ class FactorComposition:
     (A non-zero, B zero); ``one_hot(i)`` is adapter i alone. Blocks no adapter touches keep θ0.
 
     The same interface as :class:`harness.composition.Composition` for the engines (``merge``,
-    ``coefficients``, ``dim``, ``labels``, ``to``); spaces ``per_block`` (T × 2 per adapted block)
-    and ``per_layer`` (T × 2 per layer). Only the factors are stored, r·(out + in) numbers per
-    adapted matrix instead of out·in.
+    ``coefficients``, ``dim``, ``labels``, ``to``); spaces ``per_block`` (2 per task and block its
+    adapter touches) and ``per_layer`` (2 per task and layer its adapter touches). Only the factors
+    are stored, r·(out + in) numbers per adapted matrix instead of out·in.
 
     Args:
         base: pre-trained state dict (its floating entries are the blocks).
-        factors: per task ``{block name: (A (r × in), B (out × r))}``, B scaled by α/r; every task
-            adapts the same blocks with the same shapes (a convolution kernel as (out, in·kh·kw)).
+        factors: per task ``{block name: (A (r × in), B (out × r))}``, B scaled by α/r (a convolution
+            kernel as (out, in·kh·kw)); ranks and adapted blocks may differ between tasks.
     """
 
     SPACES = ("per_block", "per_layer")
@@ -118,26 +118,36 @@ class FactorComposition:
         self.blocks = [k for k, v in base.items() if v.is_floating_point()]
         self.B = len(self.blocks)
         self.base = {k: base[k].detach().to(self.compute_dtype) for k in self.blocks}
-        names = list(factors[0])
-        for t, f in enumerate(factors):
-            if sorted(f) != sorted(names):
-                raise HarnessError(f"LoRA task vectors adapt different blocks: '{self.task_names[t]}' has "
-                                   f"{sorted(set(f) ^ set(names))[:2]} where '{self.task_names[0]}' does not or the reverse")
+        names = set().union(*(f.keys() for f in factors))
         self.index = [b for b, k in enumerate(self.blocks) if k in names]
         if len(self.index) != len(names):
-            raise HarnessError(f"LoRA factors name blocks the base model lacks: {sorted(set(names) - set(self.blocks))[:2]}")
-        self.A, self.Bm = [], []
-        for b in self.index:
+            raise HarnessError(f"LoRA factors name blocks the base model lacks: {sorted(names - set(self.blocks))[:2]}")
+        # Adapters of different ranks, or of different blocks, compose after zero-padding: each A to
+        # (r_max, in) with zero rows and each B to (out, r_max) with zero columns, a block an adapter
+        # leaves alone as zero factors. Padding changes no adapter's B·A; the cross term of adapters
+        # of ranks r_s and r_t is then B_s[:, :r] A_t[:r] with r = min(r_s, r_t).
+        self.A, self.Bm, adapts = [], [], torch.zeros(self.T, len(self.index), dtype=torch.bool)
+        for j, b in enumerate(self.index):
             k = self.blocks[b]
-            a, bm = zip(*(f[k] for f in factors))
-            shapes = {(tuple(x.shape), tuple(y.shape)) for x, y in zip(a, bm)}
             out, inn = self.base[k].shape[0], self.base[k].numel() // self.base[k].shape[0]
-            (sa, sb), = shapes if len(shapes) == 1 else [((0,), (0,))]
-            if len(sa) != 2 or sb != (out, sa[0]) or sa[1] != inn:
-                raise HarnessError(f"LoRA factors of '{k}' have shapes {sorted(shapes)[:2]}; expected A (r, {inn}) and "
-                                   f"B ({out}, r) with one rank r for every task vector")
-            self.A.append(torch.stack([x.detach().to(dtype) for x in a]))
-            self.Bm.append(torch.stack([y.detach().to(dtype) for y in bm]))
+            pairs = [f.get(k) for f in factors]
+            for t, pair in enumerate(pairs):
+                if pair is None:
+                    continue
+                a, bm = pair
+                if a.dim() != 2 or a.shape[1] != inn or a.shape[0] < 1 or tuple(bm.shape) != (out, a.shape[0]):
+                    raise HarnessError(f"LoRA factors of '{k}' in '{self.task_names[t]}' have shapes A {tuple(a.shape)}, "
+                                       f"B {tuple(bm.shape)}; expected A (r, {inn}) and B ({out}, r) for a rank r >= 1")
+                adapts[t, j] = True
+            r = max(p[0].shape[0] for p in pairs if p is not None)
+            a_pad = torch.zeros(self.T, r, inn, dtype=dtype)
+            b_pad = torch.zeros(self.T, out, r, dtype=dtype)
+            for t, pair in enumerate(pairs):
+                if pair is not None:
+                    a_pad[t, :pair[0].shape[0]] = pair[0].detach().to(dtype)
+                    b_pad[t, :, :pair[0].shape[0]] = pair[1].detach().to(dtype)
+            self.A.append(a_pad)
+            self.Bm.append(b_pad)
         adapted = [self.blocks[b] for b in self.index]
         if space == "per_layer":
             layers = [(layer_fn or layer_of)(k) for k in adapted]
@@ -145,22 +155,28 @@ class FactorComposition:
             self._group = torch.tensor([self.groups.index(g) for g in layers])
         else:
             self.groups, self._group = adapted, torch.arange(len(adapted))
-        self.dim = self.T * len(self.groups) * 2
-        self.labels = [f"{t}/{g}.{f}" for t in self.task_names for g in self.groups for f in "AB"]
+        # A coefficient pair exists only where the task's adapter touches the group: a pair with
+        # nothing to scale would be a dead dimension for a black-box searcher.
+        self.live = torch.zeros(self.T, len(self.groups), dtype=torch.bool)
+        self.live.index_put_((torch.arange(self.T)[:, None], self._group[None, :].expand(self.T, -1)), adapts, accumulate=True)
+        self.dim = int(self.live.sum()) * 2
+        self.labels = [f"{t}/{g}.{f}" for i, t in enumerate(self.task_names) for j, g in enumerate(self.groups)
+                       if self.live[i, j] for f in "AB"]
 
     def __repr__(self) -> str:
         return f"FactorComposition(T={self.T}, adapted={len(self.index)}, space={self.space!r}, dim={self.dim})"
 
     def coefficients(self, x) -> Tensor:
-        """(T, B, 2): λ^A and λ^B of every block (0 for blocks no adapter touches). Differentiable."""
+        """(T, B, 2): λ^A and λ^B of every block (0 where the task's adapter does not touch it). Differentiable."""
         if not isinstance(x, Tensor):
             x = torch.as_tensor(np.asarray(x, dtype=np.float32))
         if x.numel() != self.dim:
             raise HarnessError(f"coefficient vector has {x.numel()} entries, the space {self.space!r} has {self.dim}")
-        x = x.reshape(self.T, len(self.groups), 2).to(device=self.A[0].device, dtype=self.compute_dtype)
-        per = x[:, self._group.to(x.device)] + torch.tensor([1.0, 0.0], device=x.device, dtype=x.dtype)
+        x = x.reshape(-1, 2).to(device=self.A[0].device, dtype=self.compute_dtype)
+        full = x.new_zeros(self.T, len(self.groups), 2)
+        full[self.live.to(x.device)] = x + torch.tensor([1.0, 0.0], device=x.device, dtype=x.dtype)
         lam = x.new_zeros(self.T, self.B, 2)
-        lam[:, self.index] = per
+        lam[:, self.index] = full[:, self._group.to(x.device)]
         return lam
 
     def merge(self, x, like: tuple | None = None) -> dict[str, Tensor]:
@@ -182,7 +198,7 @@ class FactorComposition:
         """λ^A = 1, λ^B = α: ΔW = α (Σ B)(Σ A), task arithmetic at α for one task vector."""
         x = np.zeros((self.T, len(self.groups), 2))
         x[..., 1] = alpha
-        return x.reshape(-1)
+        return x[self.live.numpy()].reshape(-1)
 
     def one_hot(self, i: int) -> np.ndarray:
         """Adapter ``i`` alone: λ^A = λ^B = 1 for task i, 0 for the others."""
@@ -191,7 +207,7 @@ class FactorComposition:
         x = np.zeros((self.T, len(self.groups), 2))
         x[:, :, 0] = -1.0
         x[i] = (0.0, 1.0)
-        return x.reshape(-1)
+        return x[self.live.numpy()].reshape(-1)
 
     def expand(self, x) -> np.ndarray:
         with torch.no_grad():

@@ -329,3 +329,36 @@ def test_peft_adapters_compose_in_factor_form(hf, tmp_path):
                                src.base["transformer.resblocks.1.mlp.c_fc.weight"] + (b1 + b2) @ (a1 + a2))
     ev = task.evaluate([Candidate(x=comp.isotropic(0.5), grad=True)])[0]
     assert np.isfinite(ev.loss) and np.abs(ev.grad).max() > 0
+
+
+def test_peft_adapters_of_different_ranks_and_targets_compose(hf, tmp_path):
+    """One adapter of rank 2 on q, v, fc1 and the out projection, one of rank 3 on k and fc1: both
+    load, each alone is its dense task vector, and coefficients exist only where each adapts."""
+    from peft import LoraConfig, get_peft_model
+    from harness.config import resolve_options
+    from atlas_harness_tasks.addition import AdditionTask
+    tmp, model, _ = hf
+    for i, (name, r, targets) in enumerate([("skdigits", 2, ["q_proj", "v_proj", "fc1", "out_proj"]),
+                                            ("lfw", 3, ["k_proj", "fc1"])]):
+        vis = CLIPVisionModel(model.config.vision_config)
+        tower(vis).load_state_dict(model.vision_model.state_dict())
+        torch.manual_seed(20 + i)
+        get_peft_model(vis, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                       init_lora_weights=False)).save_pretrained(tmp_path / name)
+    opts = resolve_options(AdditionTask, {"pretrained": str(tmp / "pretrained"), "lora_form": "factors",
+                                          "checkpoints": [f"{n}={tmp_path / n}" for n in ("skdigits", "lfw")],
+                                          "source_options": "max_n=60", "search_n": 16}, "task")
+    AdditionTask.validate(opts)
+    task = AdditionTask(opts, space="per_block", seed=0, cache_dir=str(tmp_path / "cache"))
+    task.setup("cpu")
+    comp, src = task.comp, task.source
+    a, b = src.lora_factors["lfw"]["transformer.resblocks.0.attn.in_proj_weight"]
+    assert a.shape == (3, 32) and b.shape == (96, 3) and not b[:32].any() and not b[64:].any()
+    assert comp.dim == 2 * (2 * 3 + 2 * 2)  # skdigits: in_proj, out_proj, c_fc; lfw: in_proj, c_fc; two layers
+    for i, name in enumerate(["skdigits", "lfw"]):
+        merged = comp.merge(comp.one_hot(i))
+        for k in src.base:
+            want = src.base[k] + src.task_vectors[name][k] if k in src.lora_factors[name] else src.base[k]
+            torch.testing.assert_close(merged[k], want, atol=1e-6, rtol=0)
+    ev = task.evaluate([Candidate(x=comp.isotropic(0.5), grad=True)])[0]
+    assert np.isfinite(ev.loss) and np.abs(ev.grad).max() > 0

@@ -99,14 +99,51 @@ def test_bad_factors_and_spaces_are_one_line_errors():
     base, factors = _factors(T=2)
     with pytest.raises(HarnessError, match="compose in per_block or per_layer, not 'per_task'"):
         FactorComposition(base, factors, ["a", "b"], space="per_task")
-    bad = [factors[0], {"w": factors[1]["w"]}]
-    with pytest.raises(HarnessError, match="adapt different blocks"):
+    bad = [factors[0], {**factors[1], "w": (torch.randn(3, 3), torch.randn(4, 2))}]
+    with pytest.raises(HarnessError, match=r"factors of 'w' in 'b' have shapes A \(3, 3\), B \(4, 2\); expected A \(r, 3\)"):
         FactorComposition(base, bad, ["a", "b"])
-    ranks = [factors[0], {**factors[1], "w": (torch.randn(3, 3), torch.randn(4, 3))}]
-    with pytest.raises(HarnessError, match=r"factors of 'w' have shapes .* one rank r for every task vector"):
-        FactorComposition(base, ranks, ["a", "b"])
     with pytest.raises(HarnessError, match="lacks|base model lacks"):
         FactorComposition(base, [{"nope": factors[0]["w"]}], ["a"])
+
+
+def test_adapters_of_different_ranks_and_blocks_compose_zero_padded():
+    """Adapter a: rank 2 on w and conv; b: rank 3 on w only; c: rank 1 on conv only. Each alone is
+    its own B·A, zero is θ0, coefficients exist only where an adapter touches a block, and the
+    cross terms pair the leading min(r_s, r_t) rank components."""
+    base, two = _factors(T=1)
+    gen = torch.Generator().manual_seed(5)
+    f_b = {"w": (torch.randn(3, 3, generator=gen, dtype=torch.float64), torch.randn(4, 3, generator=gen, dtype=torch.float64))}
+    f_c = {"conv.weight": (torch.randn(1, 3, generator=gen, dtype=torch.float64),
+                           torch.randn(2, 1, generator=gen, dtype=torch.float64))}
+    factors = [two[0], f_b, f_c]
+    comp = FactorComposition(base, factors, ["a", "b", "c"], dtype=torch.float64)
+    assert comp.dim == 2 * 4 and comp.labels == ["a/w.A", "a/w.B", "a/conv.weight.A", "a/conv.weight.B",
+                                                 "b/w.A", "b/w.B", "c/conv.weight.A", "c/conv.weight.B"]
+    zero = comp.merge(np.zeros(comp.dim))
+    assert all(torch.equal(zero[k], base[k]) for k in base)
+    for i, f in enumerate(factors):
+        m = comp.merge(comp.one_hot(i))
+        for k in ("w", "conv.weight"):
+            want = base[k] + (f[k][1] @ f[k][0]).view(base[k].shape) if k in f else base[k]
+            torch.testing.assert_close(m[k], want)
+    # a and b together on w: (B_a + B_b[:, :2]) (A_a + A_b[:2]) + B_b[:, 2:] A_b[2:].
+    x = np.zeros(comp.dim)
+    x[[1, 5]] = 1.0          # λ_B = 1 for a and b on w; λ_A = 1 everywhere (x_A = 0)
+    x[3] = 0.0               # a's conv: λ_B = 0, so conv is c's only if c's λ_B is set
+    x[7] = 1.0               # c's conv
+    w = comp.merge(x)["w"] - base["w"]
+    (a_a, b_a), (a_b, b_b) = two[0]["w"], f_b["w"]
+    torch.testing.assert_close(w, (b_a + b_b[:, :2]) @ (a_a + a_b[:2]) + b_b[:, 2:] @ a_b[2:])
+    conv = comp.merge(x)["conv.weight"] - base["conv.weight"]
+    (a_a, b_a), (a_c, b_c) = two[0]["conv.weight"], f_c["conv.weight"]
+    torch.testing.assert_close(conv.view(2, 3), b_c @ (a_a[:1] + a_c))  # cross term through a's A
+    lam = comp.expand(comp.one_hot(1))
+    assert lam[1, 0].tolist() == [1, 1] and not lam[1, 1].any() and not lam[2].any()
+    layered = FactorComposition(base, factors, ["a", "b", "c"], space="per_layer", dtype=torch.float64)
+    assert layered.dim == 8 and layered.labels[4:] == ["b/w.A", "b/w.B", "c/conv.A", "c/conv.B"]
+    xg = torch.zeros(comp.dim, dtype=torch.float64, requires_grad=True)
+    comp.merge(xg)["w"].sum().backward()
+    assert xg.grad[[1, 5]].abs().min() > 0 and xg.grad[[3, 7]].abs().max() == 0
 
 
 def test_lora_zoo_factors_round_trip_and_runs_compose_them(cache_dir, tmp_path):
