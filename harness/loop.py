@@ -15,19 +15,28 @@ from harness.evaluators import Evaluator, LocalEvaluator
 from harness.results import RunStore, TraceRow
 
 
+def mismatch(searcher, at: int) -> HarnessError:
+    """The error for a resumed run whose searcher proposes something else than its trace recorded."""
+    if not getattr(searcher, "reproducible", True):
+        why = searcher.info.get("why_not", "its proposals do not follow the run's seed")
+        return HarnessError(f"the run cannot resume: {why}, so its recorded evaluations cannot be replayed "
+                            f"(evaluation {at} differs); --rerun starts it over")
+    return HarnessError(f"the trace does not match the searcher's proposal at evaluation {at} "
+                        "(config or code changed since the run started); use --rerun to start it over")
+
+
 class Replay:
     """Answers candidates from an earlier trace, in order, while they match it exactly."""
 
-    def __init__(self, rows: list[TraceRow]):
-        self.rows, self.pos = rows, 0
+    def __init__(self, rows: list[TraceRow], searcher=None):
+        self.rows, self.pos, self.searcher = rows, 0, searcher
 
     def take(self, c: Candidate) -> tuple[Evaluation, float] | None:
         if self.pos >= len(self.rows):
             return None
         row = self.rows[self.pos]
         if not np.array_equal(row.x, np.asarray(c.x, dtype=np.float64)):
-            raise HarnessError(f"the trace does not match the searcher's proposal at evaluation {self.pos + 1} "
-                               "(config or code changed since the run started); use --rerun to start it over")
+            raise mismatch(self.searcher, self.pos + 1)
         self.pos += 1
         return self.evaluation(row), float(row.t)
 
@@ -72,7 +81,7 @@ class Progress:
 
 def search(c: RunConfig, searcher, evaluator: Evaluator, prior: list[TraceRow], state: Progress) -> None:
     """Batch by batch: ask ``--batch-size`` candidates, score them together, tell them together."""
-    replay = Replay(prior)
+    replay = Replay(prior, searcher)
     while state.used < c.budget:
         cands = searcher.ask(min(c.batch_size, c.budget - state.used))[: c.budget - state.used]
         if not cands:
@@ -131,8 +140,7 @@ def search_async(c: RunConfig, searcher, evaluator: Evaluator, prior: list[Trace
             row = rows.popleft()
             cand = outstanding.get(row.cand) if row.cand is not None else None
             if cand is None or not np.array_equal(row.x, np.asarray(cand.x, dtype=np.float64)):
-                raise HarnessError(f"the trace does not match the searcher's proposals at evaluation {state.used + 1} "
-                                   "(config or code changed since the run started); use --rerun to start it over")
+                raise mismatch(searcher, state.used + 1)
             # By identity: candidates hold arrays, so ``==`` (and list.remove) cannot compare them.
             unsent = [u for u in unsent if u is not cand]
             ev, fresh = Replay.evaluation(row), False

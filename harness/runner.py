@@ -118,6 +118,13 @@ def _execute(p: Plan, store: RunStore, log) -> dict:
         _record_setup(record, p, task)
         _check_checkpoints(record, task, log)
         searcher = make_searcher(p, task.space())
+        if not searcher.reproducible:
+            why = searcher.info.get("why_not", "its proposals do not follow the run's seed")
+            if prior:
+                raise HarnessError(f"run {store.run_id} cannot resume: {why}, so its {len(prior)} recorded evaluations "
+                                   "cannot be replayed; --rerun starts it over (a seeded optimiser such as "
+                                   "-s optimizer=CMA can be resumed)")
+            log(f"note: this run is not reproducible from its seed ({why}); a killed run cannot resume")
         evaluator = make_evaluator(p, task)
         record.evaluator = evaluator.describe()
         if prior:

@@ -70,6 +70,15 @@ class _Wrapper(Searcher):
     def _sync(self) -> None:
         self.info = {**(self.inner.info if self.inner is not None else {}), **self.own}
 
+    @property
+    def reproducible(self) -> bool:
+        """The inner searcher's (a wrapper draws only from its seed); True before it exists."""
+        return self.inner.reproducible if self.inner is not None else True
+
+    @reproducible.setter
+    def reproducible(self, value: bool) -> None:  # the base class sets it; a wrapper defers to its inner
+        pass
+
     def ask(self, n):
         out = super().ask(n)
         self._sync()

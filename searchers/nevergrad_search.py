@@ -9,6 +9,11 @@ import numpy as np
 
 from harness.api import Candidate, Evaluation, HarnessError, Searcher, option
 
+# nevergrad optimisers that ignore the parametrisation's random state: CmaFmin2 (which NGOpt picks
+# for small, bounded, sequential problems through MetaModel) calls cma.fmin without a seed, and
+# cma then seeds numpy from the clock.
+CLOCK_SEEDED = ("CmaFmin2",)
+
 
 class NevergradSearcher(Searcher):
     """A nevergrad optimiser (``-s optimizer=NAME``, default NGOpt).
@@ -68,6 +73,16 @@ class NevergradSearcher(Searcher):
                 parametrization=param, budget=budget, num_workers=batch_size)
         self._pending: dict[int, object] = {}  # candidate id → nevergrad's candidate
         self.info = {"optimizer": options.optimizer, "num_workers": batch_size}
+        try:
+            self.info["chosen"] = self._chosen()
+        except Exception:  # introspection only: never fail a run over it
+            self.info["chosen"] = "unknown"
+        unseeded = [m for m in CLOCK_SEEDED if m in self.info["chosen"] or m == options.optimizer]
+        if unseeded:
+            self.reproducible = False
+            self.info["reproducible"] = False
+            self.info["why_not"] = (f"{unseeded[0]} runs the cma package's fmin, which seeds itself from the clock: "
+                                    "its proposals do not follow the run's seed")
 
     def _chosen(self) -> str:
         """The algorithm a meta-optimiser such as NGOpt delegated to (recorded with the run)."""
@@ -89,11 +104,6 @@ class NevergradSearcher(Searcher):
                 c = self.candidate(np.asarray(cand.value, dtype=np.float64))
                 self._pending[c.id] = cand
                 out.append(c)
-        if "chosen" not in self.info:
-            try:
-                self.info["chosen"] = self._chosen()
-            except Exception:  # introspection only: never fail a run over it
-                self.info["chosen"] = "unknown"
         return out
 
     def _tell(self, candidates: list[Candidate], evaluations: list[Evaluation]):

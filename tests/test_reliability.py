@@ -168,6 +168,27 @@ def test_resume_checks_losses_where_proposals_ignore_them(tmp_path):
     one_line_error(harness(*args), "losses changed")
 
 
+def test_a_clock_seeded_optimiser_is_flagged_and_its_resume_refused_without_loss(tmp_path):
+    """NGOpt on a small bounded sequential problem delegates to CmaFmin2, which cma seeds from the
+    clock: the run says it is not reproducible and records so, and resuming it is refused in one
+    line naming why, with the trace left as it was."""
+    args = ["run", "--task", "quadratic", "--searcher", "nevergrad", "--budget", "300", "-t", "dim=5",
+            "--results-dir", str(tmp_path)]
+    r = harness(*args)
+    assert r.returncode == 0 and "not reproducible from its seed (CmaFmin2 runs the cma package's fmin" in r.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["searcher_info"]["reproducible"] is False and "CmaFmin2" in record["searcher_info"]["chosen"]
+    trace = run_dir / "trace.jsonl"
+    trace.write_text("".join(trace.read_text().splitlines(keepends=True)[:5]))
+    (run_dir / "record.json").unlink()
+    before = trace.read_bytes()
+    one_line_error(harness(*args, "--quiet"), "cannot resume: CmaFmin2", "5 recorded evaluations", "--rerun")
+    assert trace.read_bytes() == before and len(before.splitlines()) == 5
+    seeded = harness(*args[:-2], "-s", "optimizer=CMA", "--results-dir", str(tmp_path / "cma"), "--quiet")
+    assert seeded.returncode == 0 and "not reproducible" not in seeded.stderr
+
+
 @pytest.fixture(scope="module")
 def tiny_user_model(tmp_path_factory, tiny_open_clip):
     """The tiny open_clip model's folder and fine-tuned checkpoints for two built-in data sets, one
