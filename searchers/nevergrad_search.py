@@ -100,7 +100,13 @@ class NevergradSearcher(Searcher):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for _ in range(n):
-                cand = self.opt.ask()
+                try:
+                    cand = self.opt.ask()
+                except MemoryError as e:  # e.g. Cobyla's dense (dim × dim) matrices
+                    raise HarnessError(f"nevergrad's {self.info.get('chosen') or self.options.optimizer} ran out of memory "
+                                       f"on {self.space.dim:,} coefficients ({type(e).__name__}); search a smaller space "
+                                       "(--space per_layer, fewer adapter parameters) or pick an optimiser that scales, "
+                                       "e.g. -s optimizer=DiagonalCMA or OnePlusOne") from None
                 c = self.candidate(np.asarray(cand.value, dtype=np.float64))
                 self._pending[c.id] = cand
                 out.append(c)

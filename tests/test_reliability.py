@@ -265,3 +265,18 @@ def test_a_killed_zoo_builds_temporary_file_is_cleaned_up(tmp_path):
     live.write_bytes(b"being written")
     _clean_stale(tmp_path)
     assert not stale.exists() and live.exists()
+
+
+def test_a_nevergrad_optimiser_out_of_memory_is_one_line():
+    """Cobyla builds dense (dim × dim) matrices: on a million coefficients the allocation fails, and
+    the searcher says so in one line with what to do instead of a numpy traceback."""
+    from harness.api import Evaluation, HarnessError, Space
+    from searchers.nevergrad_search import NevergradSearcher
+    s = NevergradSearcher(Space(dim=1_000_000), 10, 1, 0, NevergradSearcher.Options(optimizer="Cobyla"))
+    try:
+        first = s.ask(1)  # the start, before scipy is called
+        s.tell(first, [Evaluation(loss=1.0)])
+        with pytest.raises(HarnessError, match=r"Cobyla ran out of memory on 1,000,000 coefficients .*DiagonalCMA"):
+            s.ask(1)
+    finally:
+        s.close()
