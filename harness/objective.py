@@ -167,6 +167,9 @@ class ComposingTask(Task):
     selects_vectors = False
     # Whether --space norms (norm-layer tuning, no task vector) is a baseline of this task.
     tunes_norms = False
+    # Whether --space lora:R (LoRA fine-tuning of the pre-trained model, a baseline) applies: not where
+    # the task's references and report are built on the composed task vectors (addition, negation).
+    tunes_lora = True
 
     @classmethod
     def check_space(cls, options, space: str) -> None:
@@ -176,6 +179,9 @@ class ComposingTask(Task):
         if space == "norms" and not cls.tunes_norms:
             raise HarnessError(f"--space norms (norm-layer tuning) is a test-time adaptation baseline: use it with "
                                f"--task tta, not {cls.name}")
+        if space.startswith("lora") and not cls.tunes_lora:
+            raise HarnessError(f"--space {space} fine-tunes LoRA adapters of the pre-trained model, a baseline of few_shot "
+                               f"and tta; {cls.name} composes the task vectors (use a per_* space)")
         if options.select and not space.startswith(("per_block", "per_partition")):
             raise HarnessError(f"task option select (informative block selection) needs --space per_block or "
                                f"per_partition:K, not {space}")

@@ -28,6 +28,7 @@ class AdditionTask(ComposingTask):
     """
 
     name = "addition"
+    tunes_lora = False
     description = "task addition: compose all task vectors into one multi-task model (validation → test)"
     headline = "normalized_acc"
     higher_is_better = True

@@ -38,6 +38,7 @@ class NegationTask(ComposingTask):
     """
 
     name = "negation"
+    tunes_lora = False
     description = "task negation: lower a target's accuracy, keep a control's ≥ 95% of zero-shot"
     headline = "target_acc"
     higher_is_better = False

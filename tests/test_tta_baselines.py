@@ -45,6 +45,10 @@ def test_norms_space_is_for_test_time_adaptation():
     with pytest.raises(HarnessError, match="--space norms .* use it with --task tta, not addition"):
         plan(build_config({"task": "addition", "searcher": "gradient", "space": "norms"}))
     assert plan(build_config({"task": "tta", "searcher": "sar"})).config.space == "norms"
+    for task in ("addition", "negation"):  # the LoRA baseline space likewise fine-tunes, it composes nothing
+        with pytest.raises(HarnessError, match=f"--space lora:2 fine-tunes LoRA adapters .*; {task} composes"):
+            plan(build_config({"task": task, "searcher": "gradient", "space": "lora:2"}))
+    assert plan(build_config({"task": "few_shot", "searcher": "gradient", "space": "lora:2"})).config.space == "lora:2"
 
 
 def test_reliable_filter_on_crafted_logits():
