@@ -66,7 +66,7 @@ def test_a_trace_that_does_not_match_is_refused(tmp_path):
     rows[3]["cand"] = 99                                         # a candidate the searcher never asked for
     trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (trace.parent / "record.json").unlink()
-    with pytest.raises(HarnessError, match="does not match the searcher's proposals at evaluation 4"):
+    with pytest.raises(HarnessError, match="does not match the searcher's proposal at evaluation 4"):
         run(cfg, log=lambda m: None)
 
 
