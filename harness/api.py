@@ -168,11 +168,8 @@ class Searcher(Plugin):
         type(self).validate(options)
         self.space, self.budget, self.batch_size, self.seed, self.options = space, budget, batch_size, seed, options
         self.info: dict[str, Any] = {}  # facts worth recording, e.g. the optimiser NGOpt chose
-        # False when the same seed does not give the same proposals (an optimiser seeded from the
-        # clock): the run is not reproducible and a killed run cannot be replayed to resume it.
-        self.reproducible: bool = True
-        self.best_x: np.ndarray = space.start.copy()
-        self.best_loss: float = float("inf")
+        self.reproducible: bool = True  # False: proposals do not follow the seed (no replay, no resume)
+        self.best_x, self.best_loss = space.start.copy(), float("inf")
         self._next_id = 0
 
     def candidate(self, x, **kw) -> Candidate:
