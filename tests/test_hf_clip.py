@@ -291,27 +291,36 @@ def test_a_suite_finds_fusionbench_named_folders_and_parquet_data(hf, tmp_path):
         resolve_source(opts)
 
 
-def test_peft_adapters_compose_in_factor_form(hf, tmp_path):
-    """Two PEFT LoRA adapters (q, v, fc1 and the out projection) load as factors in open_clip's
-    names: each one alone is its dense task vector, q/v share in_proj through a block-diagonal B,
-    and lora_form=factors composes them with their cross terms."""
+def _peft_factor_task(hf, tmp_path, adapters):
+    """A factor-form addition task over PEFT LoRA adapters saved for skdigits and lfw;
+    ``adapters`` is one (seed, rank, target modules) per data set."""
     from peft import LoraConfig, get_peft_model
     from harness.config import resolve_options
-    from harness.lora import FactorComposition
     from atlas_harness_tasks.addition import AdditionTask
     tmp, model, _ = hf
-    for i, name in enumerate(["skdigits", "lfw"]):
+    names = ["skdigits", "lfw"]
+    for name, (seed, r, targets) in zip(names, adapters):
         vis = CLIPVisionModel(model.config.vision_config)
         tower(vis).load_state_dict(model.vision_model.state_dict())
-        torch.manual_seed(10 + i)
-        get_peft_model(vis, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1", "out_proj"],
+        torch.manual_seed(seed)
+        get_peft_model(vis, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
                                        init_lora_weights=False)).save_pretrained(tmp_path / name)
     opts = resolve_options(AdditionTask, {"pretrained": str(tmp / "pretrained"), "lora_form": "factors",
-                                          "checkpoints": [f"{n}={tmp_path / n}" for n in ("skdigits", "lfw")],
+                                          "checkpoints": [f"{n}={tmp_path / n}" for n in names],
                                           "source_options": "max_n=60", "search_n": 16}, "task")
     AdditionTask.validate(opts)
     task = AdditionTask(opts, space="per_block", seed=0, cache_dir=str(tmp_path / "cache"))
     task.setup("cpu")
+    return task
+
+
+def test_peft_adapters_compose_in_factor_form(hf, tmp_path):
+    """Two PEFT LoRA adapters (q, v, fc1 and the out projection) load as factors in open_clip's
+    names: each one alone is its dense task vector, q/v share in_proj through a block-diagonal B,
+    and lora_form=factors composes them with their cross terms."""
+    from harness.lora import FactorComposition
+    qvfo = ["q_proj", "v_proj", "fc1", "out_proj"]
+    task = _peft_factor_task(hf, tmp_path, [(10, 2, qvfo), (11, 2, qvfo)])
     comp, src = task.comp, task.source
     assert isinstance(comp, FactorComposition)
     a, b = src.lora_factors["skdigits"]["transformer.resblocks.0.attn.in_proj_weight"]
@@ -334,23 +343,7 @@ def test_peft_adapters_compose_in_factor_form(hf, tmp_path):
 def test_peft_adapters_of_different_ranks_and_targets_compose(hf, tmp_path):
     """One adapter of rank 2 on q, v, fc1 and the out projection, one of rank 3 on k and fc1: both
     load, each alone is its dense task vector, and coefficients exist only where each adapts."""
-    from peft import LoraConfig, get_peft_model
-    from harness.config import resolve_options
-    from atlas_harness_tasks.addition import AdditionTask
-    tmp, model, _ = hf
-    for i, (name, r, targets) in enumerate([("skdigits", 2, ["q_proj", "v_proj", "fc1", "out_proj"]),
-                                            ("lfw", 3, ["k_proj", "fc1"])]):
-        vis = CLIPVisionModel(model.config.vision_config)
-        tower(vis).load_state_dict(model.vision_model.state_dict())
-        torch.manual_seed(20 + i)
-        get_peft_model(vis, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
-                                       init_lora_weights=False)).save_pretrained(tmp_path / name)
-    opts = resolve_options(AdditionTask, {"pretrained": str(tmp / "pretrained"), "lora_form": "factors",
-                                          "checkpoints": [f"{n}={tmp_path / n}" for n in ("skdigits", "lfw")],
-                                          "source_options": "max_n=60", "search_n": 16}, "task")
-    AdditionTask.validate(opts)
-    task = AdditionTask(opts, space="per_block", seed=0, cache_dir=str(tmp_path / "cache"))
-    task.setup("cpu")
+    task = _peft_factor_task(hf, tmp_path, [(20, 2, ["q_proj", "v_proj", "fc1", "out_proj"]), (21, 3, ["k_proj", "fc1"])])
     comp, src = task.comp, task.source
     a, b = src.lora_factors["lfw"]["transformer.resblocks.0.attn.in_proj_weight"]
     assert a.shape == (3, 32) and b.shape == (96, 3) and not b[:32].any() and not b[64:].any()
