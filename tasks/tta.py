@@ -197,7 +197,8 @@ class TTATask(ComposingTask):
                                       ge=0, le=1)
         temperature: float = option(0.1, "simclr: temperature of the NT-Xent loss", gt=0)
         reliable: float = option(0.0, "entropy: average only over samples whose entropy is below this × ln(classes) "
-                                      "(SAR's reliable-sample filter: 0.4; 0: every sample)", ge=0)
+                                      "(SAR's reliable-sample filter: 0.4; 0: every sample; below 1, since no "
+                                      "entropy exceeds ln(classes))", ge=0, lt=1)
         flip: bool = option(True, "allow horizontal flips in the augmented views (off where mirroring changes "
                                   "the class)")
 

@@ -38,3 +38,14 @@ def test_a_neutral_penalty_leaves_the_run_identity_alone():
         assert run_id(task) == run_id(task, l1=0.0, l2=0.0) != run_id(task, l1=0.1)
     assert run_id("tta") == run_id("tta", reliable=0.0)
     assert run_id("tta", objective="entropy") != run_id("tta", objective="entropy", reliable=0.4)
+
+
+def test_a_reliable_margin_that_keeps_every_sample_is_refused():
+    """No entropy exceeds ln(classes), so a margin of 1 or more would filter nothing while the
+    record claims SAR's filter: refused in one line at plan time."""
+    from harness.api import HarnessError
+    from harness.config import build_config
+    with pytest.raises(HarnessError, match=r"reliable.*1") as e:
+        plan(build_config({"task": "tta", "searcher": "nevergrad", "task_options": {"reliable": 1.0}}))
+    assert "\n" not in str(e.value)
+    plan(build_config({"task": "tta", "searcher": "nevergrad", "task_options": {"reliable": 0.99}}))
