@@ -49,6 +49,7 @@ from harness.api import Candidate, HarnessError, Source  # noqa: E402
 from harness.config import RunConfig  # noqa: E402
 from harness.engines import check_device  # noqa: E402
 from harness.engines.local import ACC_ATOL, LOSS_RTOL  # noqa: E402
+from harness.objective import WeightedSet  # noqa: E402
 from harness.problem import make_task, plan  # noqa: E402
 from harness.sources.base import ModelSource, freeze, tail_parameters  # noqa: E402
 
@@ -206,6 +207,23 @@ def chunk_rows(task, cands) -> tuple[dict, dict]:
     return note, r
 
 
+def probe_rows(task, n: int, images: int = 16) -> tuple[dict, dict]:
+    """``dfo-gn``'s probes (one coefficient each, spread over the blocks) around a kept anchor, on
+    the first ``images`` search images of one data set (a few-shot search set, smaller than a
+    chunk): scored one by one, then together (the prefix cache's shared passes), timed."""
+    eng, dim, s = task.engine, task.comp.dim, task.search
+    data = WeightedSet([(s.names[0], s.inputs[0][:images], s.labels[0][:images], 1.0)])
+    x0 = np.zeros(dim)
+    probes = [Candidate(x=x0 + 0.05 * np.eye(dim)[i], outputs=True) for i in np.linspace(0, dim - 1, n).round().astype(int)]
+    out = []
+    for together in (False, True):
+        eng.score([Candidate(x=x0, outputs=True, anchor=True)], data)  # kept: the probes start from it
+        t0 = time.perf_counter()
+        evs = eng.score(probes, data) if together else [eng.score([c], data)[0] for c in probes]
+        out.append({"status": "ok", "rate": n / (time.perf_counter() - t0), "losses": [e.loss for e in evs]})
+    return out[0], out[1]
+
+
 @contextlib.contextmanager
 def strict_fp32():
     """TF32 off for cuDNN convolutions and cuBLAS matmuls (plain flags; harmless without a GPU)."""
@@ -346,6 +364,9 @@ def main(argv=None) -> int:
     chunk_note, chunk_res = chunk_rows(runs[device][1], cands[batches[0]])
     base = res[device, batches[0], "sequential"]
     check(f"{device} eval_chunk {chunk_note.get('chunk')} vs chunk {args.chunk}, batch {batches[0]}", chunk_res, base)
+    n_probes = 2 * batches[-1]
+    alone, shared = probe_rows(runs[device][1], n_probes)
+    check(f"{device} {n_probes} probes together vs one by one", shared, alone)
     seen = [x for r in res.values() for x in r.get("losses", [])]
     print(f"\nloss check: the same candidates on two paths; max |loss difference| <= {args.tol:g} (absolute) passes; "
           f"losses of {min(seen, default=0):.3f} .. {max(seen, default=0):.3f}")
@@ -361,6 +382,8 @@ def main(argv=None) -> int:
                  else f"set to {chunk_note.get('chunk')} images")
         print(f"evaluation chunk (-t eval_chunk): {sized}; {chunk_res['rate'] / base['rate']:.2f}x the evals/s of chunk "
               f"{args.chunk}; peak {chunk_res['peak']}")
+    print(f"dfo-gn probes from a kept anchor ({n_probes}, on 16 images): one by one {alone['rate']:.1f} evals/s, "
+          f"together {shared['rate']:.1f} evals/s ({shared['rate'] / alone['rate']:.2f}x)")
 
     big, counts, gpus = batches[-1], [], 0.0
     if ngpu >= 2 and device.startswith("cuda"):

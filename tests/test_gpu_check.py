@@ -90,7 +90,7 @@ def test_loss_checks_pass_within_the_stated_tolerance(full):
     want += ["cpu sequential vs cpu-ref sequential (strict fp32)", "cpu population vs cpu-ref sequential (strict fp32)",
              "cpu gradient vs cpu-ref gradient (strict fp32, relative)",
              "ray 1 worker(s) vs cpu sequential, batch 4", "ray 2 worker(s) vs cpu sequential, batch 4",
-             "cpu eval_chunk 64 vs chunk 0, batch 2"]
+             "cpu eval_chunk 64 vs chunk 0, batch 2", "cpu 8 probes together vs one by one"]
     assert set(checks) == set(want)
     for name, (diff, tol, status) in checks.items():
         assert status == "PASS" and 0 <= diff <= tol, name
@@ -99,7 +99,12 @@ def test_loss_checks_pass_within_the_stated_tolerance(full):
     assert checks["cpu sequential vs cpu-ref sequential (strict fp32)"][0] == 0
     assert checks["cpu gradient vs cpu-ref gradient (strict fp32, relative)"][0] == 0
     assert "max |loss difference| <= 0.0001 (absolute) passes" in full
-    assert re.search(r"^PASS: 10 PASS, 0 FAIL, 0 SKIPPED, 0 INFO of 10 checks; wall time \d+\.\d s$", full, re.M)
+    assert re.search(r"^PASS: 11 PASS, 0 FAIL, 0 SKIPPED, 0 INFO of 11 checks; wall time \d+\.\d s$", full, re.M)
+    # dfo-gn's probes from a kept anchor, one by one and in shared passes: the same losses, both timed.
+    assert checks["cpu 8 probes together vs one by one"][0] <= 1e-4
+    probes = re.search(r"^dfo-gn probes from a kept anchor \(8, on 16 images\): one by one (\S+) evals/s, together "
+                       r"(\S+) evals/s \((\d+\.\d\d)x\)$", full, re.M)
+    assert probes and float(probes.group(1)) > 0 and float(probes.group(2)) > 0
     # The evaluation chunk: set (the automatic sizing is CUDA-only, and says it was not tested).
     assert re.search(r"^evaluation chunk \(-t eval_chunk\): set to 64 images; \d+\.\d\dx the evals/s of chunk 0", full, re.M)
     assert any(line.startswith("NOT TESTED: automatic evaluation chunk") for line in full.splitlines())
@@ -126,7 +131,7 @@ def test_plain_cpu_form_as_ci_runs_it(gpu_check, capsys):
     assert set(rows) == {("cpu", b, p) for b in (2, 4) for p in ("sequential", "population")}
     assert all(r["rate"] > 0 for r in rows.values())
     checks = _checks(out)
-    assert len(checks) == 3 and all(s == "PASS" and d <= 1e-4 for d, _, s in checks.values())
+    assert len(checks) == 4 and all(s == "PASS" and d <= 1e-4 for d, _, s in checks.values())
     assert "NOT TESTED: device vs CPU losses and gradients (device is cpu; --with-cpu runs that code on two CPU tasks)" in out
     assert "SKIPPED: Ray GPU scaling needs 2+ GPUs, found 0" in out
 
@@ -149,7 +154,7 @@ def test_a_disagreeing_path_fails_the_check_and_the_exit_code(gpu_check, capsys,
     assert checks["cpu population vs cpu sequential, batch 2"][2] == "FAIL"
     assert checks["cpu population vs cpu-ref sequential (strict fp32)"][2] == "FAIL"
     assert checks["cpu sequential vs cpu-ref sequential (strict fp32)"][2] == "PASS"
-    assert re.search(r"^FAIL: 3 PASS, 5 FAIL, 0 SKIPPED, 0 INFO of 8 checks", out, re.M)
+    assert re.search(r"^FAIL: 4 PASS, 5 FAIL, 0 SKIPPED, 0 INFO of 9 checks", out, re.M)
 
 
 def test_cuda_without_a_gpu_is_a_one_line_error_exit_2():

@@ -108,6 +108,50 @@ def test_probes_from_the_kept_anchor_score_like_the_full_forward(cache_dir, sour
     assert got[1].loss != got[0].loss and got[2].loss != got[0].loss and got[4].loss == got[0].loss
 
 
+@pytest.mark.parametrize("source", ["effnet", "tiny-clip"])
+def test_probes_scored_together_share_passes_and_score_like_one_by_one(cache_dir, source):
+    """A batch of probes (dfo-gn with --batch-size) runs each probe's changed stage alone, then the
+    later stages once for several probes: the same scores as one candidate at a time."""
+    task = build(cache_dir, source)
+    dim = task.space().dim
+    anchor = np.random.default_rng(1).uniform(-0.3, 0.6, dim)
+    probes = []
+    for i in range(dim):
+        x = anchor.copy()
+        x[i] += 0.05
+        probes.append(x)
+    first = LocalEvaluator(task).evaluate([Candidate(x=anchor, outputs=True, anchor=True)])[0]
+    alone = [LocalEvaluator(task).evaluate([Candidate(x=x, outputs=True)])[0] for x in probes]
+    stats = task.engine.prefix.stats
+    assert "batched" not in stats and stats["reused"] > 0
+    reused, skipped = stats["reused"], stats["stages_skipped"]
+    together = LocalEvaluator(task).evaluate([Candidate(x=x, outputs=True) for x in probes])
+    for a, t in zip(alone, together):
+        assert t.loss == pytest.approx(a.loss, rel=1e-6, abs=1e-7) and t.metrics == a.metrics
+        np.testing.assert_allclose(t.outputs.flat(), a.outputs.flat(), rtol=1e-5, atol=1e-5)
+    # the same probes start from the kept state, in fewer passes than probes
+    assert stats["reused"] - reused == reused and stats["stages_skipped"] - skipped == skipped
+    assert 0 < stats["batched"] < reused
+    assert first.loss != together[-1].loss
+    assert task.engine.prefix.batch_checked and "batch_off" not in stats
+
+
+def test_batched_probes_that_differ_past_rounding_turn_batching_off(cache_dir, monkeypatch):
+    task = build(cache_dir)
+    cache = task.engine.prefix
+    dim = task.space().dim
+    anchor = np.full(dim, 0.1)
+    probes = [anchor + 0.05 * np.eye(dim)[i] for i in range(dim - 4, dim)]
+    LocalEvaluator(task).evaluate([Candidate(x=anchor, outputs=True, anchor=True)])
+    alone = [LocalEvaluator(task).evaluate([Candidate(x=x, outputs=True)])[0] for x in probes]
+    stage = cache._run_stage
+    off = lambda st: st * 1.01 if torch.is_tensor(st) else (off(st[0]), *st[1:])  # a 1 % error in every chunk
+    monkeypatch.setattr(cache, "_run_stage", lambda *a: [off(st) for st in stage(*a)])
+    together = LocalEvaluator(task).evaluate([Candidate(x=x, outputs=True) for x in probes])
+    assert cache.stats["batch_off"] and not cache.batchable
+    assert [t.loss for t in together] == [a.loss for a in alone]  # scored one by one instead
+
+
 def test_gradients_other_inputs_and_unstaged_tails_take_the_full_forward(cache_dir):
     task = build(cache_dir)
     eng = task.engine
@@ -144,6 +188,18 @@ def test_dfo_gn_runs_the_same_with_and_without_the_cache(cache_dir, tmp_path):
     used = runs["auto"].record["task_info"]["prefix_cache"]
     # Every probe but those of the first convolution (one per task vector) starts from the anchor.
     assert used["kept"] >= 1 and used["reused"] >= 58 and "prefix_cache" not in (runs["off"].record["task_info"] or {})
+
+
+def test_dfo_gn_with_a_batch_of_probes_traces_the_one_by_one_run(cache_dir, tmp_path):
+    runs = {}
+    for b in (1, 40):
+        runs[b] = harness.run("addition", searcher="dfo-gn", space="per_block", seed=0, budget=64, batch_size=b,
+                              results_dir=str(tmp_path / str(b)), cache_dir=cache_dir, quiet=True,
+                              task_options={"source": "effnet", "source_options": EFFNET, "search_n": 16})
+    a, b = (runs[k].trace for k in (1, 40))
+    np.testing.assert_allclose(a["loss"].to_numpy(), b["loss"].to_numpy(), rtol=1e-6)
+    assert runs[1].score == pytest.approx(runs[40].score, abs=1e-6)
+    assert runs[40].record["task_info"]["prefix_cache"]["batched"] > 0
 
 
 def test_bad_values_are_refused_before_anything_runs():

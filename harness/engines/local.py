@@ -256,14 +256,16 @@ class LocalEngine(Engine):
                 loss = loss + regularizer(xt)
             return package(loss, wsum, xt, c.grad, {"acc": acc})
 
-    def _with_outputs(self, c: Candidate, params, xt, data, wsum: float, regularizer=None) -> Evaluation:
+    def _with_outputs(self, c: Candidate, params, xt, data, wsum: float, regularizer=None, z=None) -> Evaluation:
         """:meth:`weighted_ce` of ``c`` on the whole of ``data`` with its logits attached
-        (:class:`harness.outputs.Outputs`, whose loss formula gives the same loss)."""
+        (:class:`harness.outputs.Outputs`, whose loss formula gives the same loss); from the
+        tail's features ``z`` where they are already known."""
         if regularizer is not None:
             raise HarnessError("a candidate's outputs were asked for, but this loss has a term on the coefficients "
                                "(l1/l2) that the outputs do not carry; set the penalty to 0")
         names, xs, ys, ws = data.part(None)
-        logits = self.per_sample_logits(params, names, xs, c)
+        logits = (self.per_sample_logits(params, names, xs, c) if z is None
+                  else logits_from_features(self.source, z, names, xs))
         loss, acc = _weighted_means(*ce_from_logits(logits, ys), ws, wsum)
         ev = package(loss, wsum, xt, c.grad, {"acc": acc})
         ev.outputs = outputs_of(logits, ys, ws)
@@ -299,6 +301,9 @@ class LocalEngine(Engine):
         if first is not None and not cands[0].grad and not cands[0].outputs and regularizer is None:
             # The check already scored the first candidate: reuse it rather than score it again.
             return [first] + self.score(cands[1:], data, shard, regularizer)
+        if (len(cands) > 1 and shard is None and regularizer is None and self._prefix_on()
+                and all(c.outputs and not c.grad for c in cands) and any(len(y) for y in data.part(None)[2])):
+            return self._probes(cands, data)
         # A linearised forward (a JVP) has no population pass: candidates go one after another.
         plain = (len(cands) < 2 or self.options.population == "off" or regularizer is not None
                  or any(c.grad or c.outputs for c in cands) or self.source.linearized)
@@ -321,6 +326,27 @@ class LocalEngine(Engine):
             self._vmap_faster, note = False, {"vmap_error": f"{type(e).__name__}: {e}"[:200]}
         self.info["population"] = {**note, "chosen": "vmap" if self._vmap_faster else "sequential"}
         return seq + self.score(cands[len(trial):], data, shard)
+
+    def _probes(self, cands: list[Candidate], data) -> list[Evaluation]:
+        """Candidates asking for outputs (``dfo-gn``'s probes) in order: an anchor alone (it is
+        kept), runs of the others from the kept state in shared passes where the prefix cache can
+        (:meth:`PrefixCache.reuse_batch`), one by one otherwise."""
+        names, xs, ys, ws = data.part(None)
+        x, wsum, out, run = torch.cat([x for x in xs if len(x)]), scalar(sum(w.sum() for w in ws)), [], []
+        for c in [*cands, None]:
+            if c is not None and not c.anchor:
+                run.append(c)
+                continue
+            with torch.no_grad(), self.autocast():
+                ps = [self.params(r.x, False) for r in run]
+                # a pass of at most a chunk's images (a source without chunks: 256 at most)
+                zs = self.prefix.reuse_batch([p for p, _ in ps], x, self._amp, self.source.chunk_size or max(len(x), 256))
+                out += [self.weighted_ce(r, data) if z is None else self._with_outputs(r, p, xt, data, wsum, z=z)
+                        for r, (p, xt), z in zip(run, ps, zs)]
+            run = []
+            if c is not None:
+                out.append(self.weighted_ce(c, data))
+        return out
 
     def accuracy(self, x, ds: str, split: str = "test") -> float:
         self.size_chunk(lambda: next(iter(self.source.batches(ds, split, 16)), None))
