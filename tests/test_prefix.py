@@ -9,6 +9,7 @@ import torch
 import harness
 from harness.api import Candidate
 from harness.config import resolve_options
+import harness.engines.prefix as prefix_module
 from harness.engines.prefix import PrefixCache, _Chain, stages_of
 from harness.evaluators import LocalEvaluator
 from harness.registry import load
@@ -136,7 +137,8 @@ def test_probes_scored_together_share_passes_and_score_like_one_by_one(cache_dir
     assert task.engine.prefix.batch_checked and "batch_off" not in stats
 
 
-def test_batched_probes_that_differ_past_rounding_turn_batching_off(cache_dir, monkeypatch):
+@pytest.mark.parametrize("fault", ["differs", "fails"])
+def test_batched_probes_that_differ_past_rounding_or_fail_turn_batching_off(cache_dir, monkeypatch, fault):
     task = build(cache_dir)
     cache = task.engine.prefix
     dim = task.space().dim
@@ -146,9 +148,15 @@ def test_batched_probes_that_differ_past_rounding_turn_batching_off(cache_dir, m
     alone = [LocalEvaluator(task).evaluate([Candidate(x=x, outputs=True)])[0] for x in probes]
     stage = cache._run_stage
     off = lambda st: st * 1.01 if torch.is_tensor(st) else (off(st[0]), *st[1:])  # a 1 % error in every chunk
-    monkeypatch.setattr(cache, "_run_stage", lambda *a: [off(st) for st in stage(*a)])
+    if fault == "differs":
+        monkeypatch.setattr(cache, "_run_stage", lambda *a: [off(st) for st in stage(*a)])
+    else:  # e.g. states that do not hold the images first
+        def fail(states):
+            raise RuntimeError("Sizes of tensors must match")
+        monkeypatch.setattr(prefix_module, "_cat", fail)
     together = LocalEvaluator(task).evaluate([Candidate(x=x, outputs=True) for x in probes])
-    assert cache.stats["batch_off"] and not cache.batchable
+    assert cache.stats["batch_off"].startswith("batched probes differ" if fault == "differs" else "shared passes failed")
+    assert not cache.batchable
     assert [t.loss for t in together] == [a.loss for a in alone]  # scored one by one instead
 
 

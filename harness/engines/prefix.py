@@ -25,7 +25,8 @@ concatenated along the batch, up to a chunk's worth of images per pass. This rem
 overhead that dominates a probe on few images, and fills a GPU. A batch of other shapes gives the
 same values only up to float rounding, so the first batched pass is compared with the one-by-one
 path (relative difference at most 1e-4) and on a larger difference batching turns itself off
-for the run (recorded).
+for the run (recorded), as it does when a pass fails. A tail's ``stages()`` states must hold the
+images along their first dimension (a tensor, or a tuple of tensors and None) to be batched.
 """
 from __future__ import annotations
 
@@ -159,7 +160,23 @@ class PrefixCache:
                 out[i] = k.z.clone()
             elif first == last and first > 0:
                 groups.setdefault(first, []).append(i)
-        per = max(1, images // max(len(x), 1))
+        try:
+            self._passes(params, groups, out, max(1, images // max(len(x), 1)))
+        except RuntimeError as e:  # e.g. a tail whose states do not hold the images first: one by one
+            self.batchable, self.stats["batch_off"] = False, f"shared passes failed: {type(e).__name__}: {e}"[:200]
+            return [None] * len(params)
+        for i in range(len(out)):
+            if out[i] is not None:
+                out[i] = torch.cat(out[i]) if isinstance(out[i], list) else out[i]
+                self.stats["reused"] += 1
+        if not self.batch_checked:
+            self._check_batch(params, out, x, amp)
+        return out
+
+    def _passes(self, params, groups: dict, out: list, per: int) -> None:
+        """Each group's candidates (changing stage s only), ``per`` at a time: stage s alone per
+        candidate, then the later stages once for all of them; features appended to ``out``."""
+        k = self.kept
         for s, idx in groups.items():
             for lo in range(0, len(idx), per):
                 part = idx[lo:lo + per]
@@ -172,13 +189,6 @@ class PrefixCache:
                         out[i] = (out[i] or []) + [z[j * n[c]:(j + 1) * n[c]].float()]
                 self.stats["batched"] = self.stats.get("batched", 0) + 1
                 self.stats["stages_skipped"] += s * len(part)
-        for i in range(len(out)):
-            if out[i] is not None:
-                out[i] = torch.cat(out[i]) if isinstance(out[i], list) else out[i]
-                self.stats["reused"] += 1
-        if not self.batch_checked:
-            self._check_batch(params, out, x, amp)
-        return out
 
     def _run_stage(self, params, states, s) -> list:
         return functional_forward(self._chain, {f"tail.{n}": v for n, v in params.items()}, states, s, None, s + 1)
