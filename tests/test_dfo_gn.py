@@ -107,6 +107,13 @@ def test_tasks_without_outputs_are_refused_before_anything_runs():
         plan(RunConfig(task="addition", searcher="dfo-gn", searcher_options={"radius": 2.0}))
     with pytest.raises(HarnessError, match="screen"):
         plan(RunConfig(task="addition", searcher="dfo-gn", searcher_options={"screen": 0.25}))
+    # Finite differences of h = 0.05 are below bf16's rounding of the logits.
+    for task in ("addition", "few_shot", "negation"):
+        with pytest.raises(HarnessError, match="differences of nearby candidates, which bf16 rounding swamps; "
+                                               "use -t precision=fp32"):
+            plan(RunConfig(task=task, searcher="dfo-gn", task_options={"precision": "bf16"}))
+    plan(RunConfig(task="few_shot", searcher="dfo-gn", task_options={"precision": "fp32"}))
+    plan(RunConfig(task="few_shot", searcher="nevergrad", task_options={"precision": "bf16"}))
 
 
 def test_the_command_line_refuses_a_task_without_outputs_in_one_line(tmp_path):

@@ -137,6 +137,22 @@ def test_probes_scored_together_share_passes_and_score_like_one_by_one(cache_dir
     assert task.engine.prefix.batch_checked and "batch_off" not in stats
 
 
+def test_probes_together_under_autocast_score_like_one_by_one(cache_dir):
+    """Under -t precision=bf16 only the tail runs in bf16, in shared passes as one by one: the
+    heads and losses stay fp32 on both paths."""
+    task = build(cache_dir, precision="bf16")
+    dim = task.space().dim
+    anchor = np.random.default_rng(1).uniform(-0.3, 0.6, dim)
+    probes = [anchor + 0.05 * np.eye(dim)[i] for i in range(dim)]
+    LocalEvaluator(task).evaluate([Candidate(x=anchor, outputs=True, anchor=True)])
+    assert task.engine.info["precision"]["used"] == "bf16"
+    alone = [LocalEvaluator(task).evaluate([Candidate(x=x, outputs=True)])[0] for x in probes]
+    together = LocalEvaluator(task).evaluate([Candidate(x=x, outputs=True) for x in probes])
+    assert task.engine.prefix.stats["batched"] > 0
+    for a, t in zip(alone, together):
+        assert t.loss == pytest.approx(a.loss, rel=1e-6) and t.outputs.flat().dtype == a.outputs.flat().dtype
+
+
 @pytest.mark.parametrize("fault", ["differs", "fails"])
 def test_batched_probes_that_differ_past_rounding_or_fail_turn_batching_off(cache_dir, monkeypatch, fault):
     task = build(cache_dir)

@@ -337,10 +337,12 @@ class LocalEngine(Engine):
             if c is not None and not c.anchor:
                 run.append(c)
                 continue
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad():
                 ps = [self.params(r.x, False) for r in run]
-                # a pass of at most a chunk's images (a source without chunks: 256 at most)
-                zs = self.prefix.reuse_batch([p for p, _ in ps], x, self._amp, self.source.chunk_size or max(len(x), 256))
+                with self.autocast():  # the tail only, as in features(): heads and losses stay fp32
+                    # a pass of at most a chunk's images (a source without chunks: 256 at most)
+                    zs = self.prefix.reuse_batch([p for p, _ in ps], x, self._amp,
+                                                 self.source.chunk_size or max(len(x), 256))
                 out += [self.weighted_ce(r, data) if z is None else self._with_outputs(r, p, xt, data, wsum, z=z)
                         for r, (p, xt), z in zip(run, ps, zs)]
             run = []
