@@ -47,12 +47,13 @@ class Outputs:
             n, k = np.shape(z)
             part = flat[..., start:start + n * k].reshape(*flat.shape[:-1], n, k)
             start += n * k
-            wt = torch.as_tensor(np.asarray(w), dtype=flat.dtype)
+            # Copies: arrays that came back from a Ray worker are read-only, which torch warns about.
+            wt = torch.as_tensor(np.array(w), dtype=flat.dtype)
             if y is None:  # residuals
                 total = total + ((part ** 2).sum(-1) * wt).sum(-1)
                 accs.append(None)
                 continue
-            yt = torch.as_tensor(np.asarray(y), dtype=torch.long).expand(*part.shape[:-1])
+            yt = torch.as_tensor(np.array(y), dtype=torch.long).expand(*part.shape[:-1])
             ce = -part.log_softmax(-1).gather(-1, yt.unsqueeze(-1)).squeeze(-1)
             if cap is not None:
                 ce = -ce.clamp(max=cap)

@@ -168,3 +168,21 @@ def test_refresh_probes_again_only_the_coefficients_that_moved_most():
     assert len(probed) == 4 and set(probed) == set(np.argsort(-step, kind="stable")[:4])  # ceil(0.34 · 9)
     # anchors and trial steps are marked for the engine to keep; probes start from them
     assert all(c.anchor == (k != "probe") for k, _, c in asked)
+
+
+def test_outputs_back_from_a_ray_worker_score_without_a_warning():
+    """Arrays deserialised from a Ray worker are read-only; scoring them must not make torch warn
+    (one warning per probe on stderr) and must give the same loss."""
+    import warnings
+
+    from harness.outputs import Outputs
+    rng = np.random.default_rng(0)
+    z, y, w = rng.normal(size=(4, 3)), np.array([0, 1, 2, 1]), np.full(4, 0.25)
+    writable = Outputs(logits=[z], labels=[y], weights=[w])
+    for a in (y, w):
+        a.setflags(write=False)
+    read_only = Outputs(logits=[z], labels=[y], weights=[w])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = float(read_only.loss(torch.as_tensor(read_only.flat())))
+    assert got == float(writable.loss(torch.as_tensor(writable.flat())))
