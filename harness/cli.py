@@ -92,7 +92,39 @@ def _run_config(args):
     flags["task_options"] = _pairs(args.task_options, "-t")
     if args.data_root is not None:
         flags["task_options"] = {**(flags["task_options"] or {}), "data_root": args.data_root}
+    if getattr(args, "resume", None):
+        flags = _with_recorded(flags)
     return build_config(flags)
+
+
+def _with_recorded(flags: dict) -> dict:
+    """``--resume RUN_ID``: the run's recorded settings, under the flags given on this command
+    (execution flags such as --workers; any other that differs is refused by the runner)."""
+    import json
+
+    from harness.config import EXECUTION_FIELDS, RunConfig
+    from harness.results import RunStore
+    store = RunStore(flags.get("results_dir") or RunConfig().results_dir, flags["resume"])
+    recorded = None
+    for path, key in ((store.dir / "config.json", None), (store.record_path, "config")):
+        try:
+            data = json.loads(path.read_text())
+            recorded = data if key is None else data.get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(recorded, dict):
+            break
+    if not isinstance(recorded, dict):
+        return flags  # nothing recorded: the runner says so in one line
+    merged = {k: v for k, v in recorded.items() if k not in EXECUTION_FIELDS}
+    for plugin in ("searcher", "task"):  # another plugin named: the recorded one's options do not apply
+        if flags.get(plugin) not in (None, recorded.get(plugin)):
+            merged.pop(f"{plugin}_options", None)
+    for k, v in flags.items():
+        if v is None:
+            continue
+        merged[k] = {**merged.get(k, {}), **v} if k in ("searcher_options", "task_options") else v
+    return merged
 
 
 def cmd_run(args) -> int:

@@ -48,7 +48,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", dest="cache_dir", help=CACHE_HELP)
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     p.add_argument("--rerun", action="store_true", default=None, help="run again even if this run is already complete")
-    p.add_argument("--resume", metavar="RUN_ID", help="resume this run id (the same command resumes by itself)")
+    p.add_argument("--resume", metavar="RUN_ID", help="resume this run id with its recorded settings (the same command also resumes by itself)")
     p.add_argument("--trust-checkpoints", dest="trust_checkpoints", action="store_true", help=TRUST_HELP)
 
 

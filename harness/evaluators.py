@@ -34,6 +34,8 @@ def reduce_shards(parts: list[Evaluation]) -> Evaluation:
     if any(not p.ok for p in parts):
         bad = next(p for p in parts if not p.ok)
         return Evaluation(loss=PENALTY, weight=total, ok=False, error=bad.error)
+    if not total:  # e.g. no sample passed tta's reliable filter on any shard: a mean over nothing
+        return Evaluation(loss=PENALTY, weight=0.0, ok=False, error="every shard weighs 0: the mean is over no sample")
     loss = sum(p.loss * p.weight for p in parts) / total
     grad = None
     if all(p.grad is not None for p in parts):

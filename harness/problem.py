@@ -50,7 +50,7 @@ def plan(cfg: RunConfig) -> Plan:
         raise HarnessError(f"searcher '{cfg.searcher}' models the task's outputs, which task '{cfg.task}' does not "
                            "return with these options (addition with objective=ce, few_shot without a joint adapter, "
                            "negation; each without an l1/l2 term)")
-    if searcher_cls.needs_outputs and getattr(t_opts, "precision", "fp32") != "fp32":
+    if searcher_cls.needs_outputs and getattr(t_opts, "precision", "fp32") in ("bf16", "fp16"):
         raise HarnessError(f"searcher '{cfg.searcher}' models the task's outputs from differences of nearby "
                            f"candidates, which {t_opts.precision} rounding swamps; use -t precision=fp32")
     if w_opts.screen < 1 and (searcher_cls.needs_gradient or searcher_cls.reference or searcher_cls.needs_outputs):

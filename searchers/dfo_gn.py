@@ -49,7 +49,8 @@ class DfoGnSearcher(Searcher):
                                    "at its edge)", gt=0)
         radius: float = option(0.5, "initial trust-region radius (max-norm of a step)", gt=0)
         max_radius: float = option(1.5, "largest trust-region radius", gt=0)
-        inner_steps: int = option(300, "projected Adam steps minimising the modelled loss in each trust region", ge=1)
+        inner_steps: int = option(300, "projected Adam steps minimising the modelled loss in each trust region", ge=1,
+                                  le=100_000)
         region: str = option("box", "shape of the trust region: box (max-norm: every coefficient may move by the "
                                     "radius) or ball (Euclidean norm: the whole step is at most the radius, which "
                                     "keeps many-coefficient steps on few samples small)", choices=("box", "ball"))

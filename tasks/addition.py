@@ -39,8 +39,8 @@ class AdditionTask(ComposingTask):
         datasets: list[str] = option(help="data sets whose task vectors are composed and scored "
                                           "(empty: every data set of the source with a task vector)",
                                      default_factory=list)
-        search_n: int = option(64, "search-set images per data set, a fixed seeded subset of the searched split (0: all of it)")
-        batch_size: int = option(32, "images per data set in a gradient step's random mini-batch")
+        search_n: int = option(64, "search-set images per data set, a fixed seeded subset of the searched split (0: all of it)", ge=0)
+        batch_size: int = option(32, "images per data set in a gradient step's random mini-batch", ge=1)
         l1: float = option(0.0, "weight of an L1 penalty l1 × mean|λ| on the coefficients, added to the search loss "
                                 "(0: none)", ge=0)
         l2: float = option(0.0, "weight of an L2 penalty l2 × mean λ² on the coefficients, added to the search loss "

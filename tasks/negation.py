@@ -48,16 +48,16 @@ class NegationTask(ComposingTask):
     class Options(ComposeOptions):
         target: str = option("cvdigits", "data set to forget: its task vector is negated")
         control: str = option("fashion", "data set whose accuracy must stay at least floor × its zero-shot accuracy")
-        search_n: int = option(128, "target validation images in the search set, a fixed seeded subset (0: all)")
+        search_n: int = option(128, "target validation images in the search set, a fixed seeded subset (0: all)", ge=0)
         control_n: int = option(0, "control images in the search set, a fixed seeded subset of its pool "
                                    "(0: the whole pool)", ge=0)
         control_split: str = option("train+val", "the control's pool: its val split, or train and val together",
                                     choices=("val", "train+val"))
         margin: float = option(0.02, "the search penalises control accuracy below (floor + margin) × zero-shot, "
                                      "so that the floor holds on test", ge=0, lt=1)
-        batch_size: int = option(64, "images per data set in a gradient step's random mini-batch")
+        batch_size: int = option(64, "images per data set in a gradient step's random mini-batch", ge=1)
         cap: float = option(1.0, "each target sample's cross-entropy is capped at cap × log(classes) "
-                                 "(cap 1: a uniform guess)")
+                                 "(cap 1: a uniform guess)", gt=0)
         floor: float = option(0.95, "constraint: test control accuracy ≥ floor × its zero-shot accuracy "
                                     "(a run that breaks it is not ranked)", gt=0, le=1)
         l1: float = option(0.0, "weight of an L1 penalty l1 × mean|λ| on the coefficients, added to the search loss "
@@ -65,7 +65,7 @@ class NegationTask(ComposingTask):
         l2: float = option(0.0, "weight of an L2 penalty l2 × mean λ² on the coefficients, added to the search loss "
                                 "(0: none)", ge=0)
         penalty: float = option(100.0, "search-loss penalty per unit of control accuracy below "
-                                       "(floor + margin) × zero-shot")
+                                       "(floor + margin) × zero-shot", ge=0)
 
     @classmethod
     def validate(cls, options):

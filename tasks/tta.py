@@ -24,6 +24,9 @@ OBJECTIVES = ("ufm", "entropy", "im", "simclr")
 # How UFM turns the weak view's probabilities p into soft pseudo-labels, with s = ``sharpen``
 # (see :func:`sharpen`): the paper's temperature, and the two released branches' variants.
 SHARPEN_MODES = ("temperature", "power", "scale")
+# A whole-set score under SAR's filter with no reliable sample is a mean over nothing: failed, not 0
+# (0 would be the best loss, and the search would prefer the most uncertain model).
+NO_RELIABLE = "no sample's entropy is below reliable × ln(classes): the filtered mean is over no sample"
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -198,9 +201,17 @@ class TTATask(ComposingTask):
         temperature: float = option(0.1, "simclr: temperature of the NT-Xent loss", gt=0)
         reliable: float = option(0.0, "entropy: average only over samples whose entropy is below this × ln(classes) "
                                       "(SAR's reliable-sample filter: 0.4; 0: every sample; below 1, since no "
-                                      "entropy exceeds ln(classes))", ge=0, lt=1)
+                                      "entropy exceeds ln(classes); a whole-set score with no such sample fails)",
+                                 ge=0, lt=1)
         flip: bool = option(True, "allow horizontal flips in the augmented views (off where mirroring changes "
                                   "the class)")
+
+    @classmethod
+    def validate(cls, options):
+        super().validate(options)
+        if options.reliable and options.objective != "entropy":
+            raise HarnessError(f"task option reliable filters the entropy objective's samples (SAR); objective "
+                               f"'{options.objective}' does not use it: drop -t reliable or use -t objective=entropy")
 
     def prepare(self):
         src, o = self.load_source(), self.options
@@ -327,6 +338,9 @@ class TTATask(ComposingTask):
                         wsum = float(keep.sum()) if len(idx) else 0.0
                         # Recorded as the reliable fraction of the samples scored (metrics are divided by wsum).
                         metrics = {"reliable": wsum * wsum / len(idx)} if len(idx) else {}
+                        if not wsum and c.batch is None and shard is None:  # a mean over no sample
+                            out.append(Evaluation(loss=float("inf"), ok=False, error=NO_RELIABLE))
+                            continue
                     else:  # each sample weighs 1 / batch size: a shard's weight is its share of the batch
                         num = _entropy(self._logits(params, self.clean[idx])).sum() / len(batch) if len(idx) else 0
                         wsum, metrics = len(idx) / len(batch), {}

@@ -46,6 +46,6 @@ def test_a_reliable_margin_that_keeps_every_sample_is_refused():
     from harness.api import HarnessError
     from harness.config import build_config
     with pytest.raises(HarnessError, match=r"reliable.*1") as e:
-        plan(build_config({"task": "tta", "searcher": "nevergrad", "task_options": {"reliable": 1.0}}))
+        plan(build_config({"task": "tta", "searcher": "nevergrad", "task_options": {"objective": "entropy", "reliable": 1.0}}))
     assert "\n" not in str(e.value)
-    plan(build_config({"task": "tta", "searcher": "nevergrad", "task_options": {"reliable": 0.99}}))
+    plan(build_config({"task": "tta", "searcher": "nevergrad", "task_options": {"objective": "entropy", "reliable": 0.99}}))

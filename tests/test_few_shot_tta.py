@@ -209,6 +209,25 @@ def test_im_objective_is_entropy_minus_entropy_of_the_mean(cache_dir, tta_tasks)
     assert task.evaluate([Candidate(x=x)], shard=(0, 2))[0].loss == pytest.approx(want, abs=1e-5)
 
 
+def test_a_reliable_filter_that_keeps_no_sample_fails_the_score_instead_of_scoring_zero(cache_dir):
+    """A mean over no sample is not a loss of 0 (the best loss: the search would then prefer the
+    most uncertain model); whole-set scores fail, shards that all weigh 0 reduce to a failure."""
+    from atlas_harness_tasks.tta import NO_RELIABLE
+    from harness.evaluators import LocalEvaluator, reduce_shards
+    task = _task(TTATask, cache_dir, objective="entropy", reliable=1e-9, **TTA)
+    x = np.zeros(task.space().dim)
+    ev = LocalEvaluator(task).evaluate([Candidate(x=x)])[0]
+    assert not ev.ok and ev.error == NO_RELIABLE and ev.loss == 1e3
+    shards = [task.evaluate([Candidate(x=x)], shard=(i, 2))[0] for i in range(2)]
+    assert all(s.ok and s.weight == 0 for s in shards)
+    red = reduce_shards(shards)
+    assert not red.ok and "weighs 0" in red.error
+    step = task.evaluate([Candidate(x=x, grad=True, batch=3)])[0]  # a mini-batch step without one: no update
+    assert step.ok and step.loss == 0 and not np.any(step.grad)
+    kept = _task(TTATask, cache_dir, objective="entropy", reliable=0.99, **TTA)
+    assert LocalEvaluator(kept).evaluate([Candidate(x=x)])[0].ok
+
+
 @pytest.mark.parametrize("objective", ["entropy", "im", "simclr", "ufm"])
 def test_tta_gradient_run_through_the_runner(cache_dir, tmp_path, tta_tasks, objective):
     """A short gradient run lowers the entropy and SimCLR objectives on the search set. UFM's targets

@@ -90,6 +90,32 @@ def test_resume_ids_are_checked_and_change_nothing(tmp_path):
     assert not (tmp_path.parent / "x").exists()
 
 
+def test_resume_with_only_the_run_id_continues_the_recorded_run(tmp_path):
+    """`run --resume RUN_ID` alone takes the run's recorded settings: a killed run ends with the
+    trace of an uninterrupted one."""
+    import signal
+    import time
+    ref_dir, res = tmp_path / "ref", tmp_path / "res"
+    assert harness(*quad(ref_dir, "-t", "delay=0.02", budget="60")).returncode == 0
+    p = start(quad(res, "-t", "delay=0.02", budget="60"))
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        traces = list((res / "runs").glob("*/trace.jsonl")) if (res / "runs").exists() else []
+        if traces and len(traces[0].read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    (run_id,) = [d.name for d in (res / "runs").iterdir()]
+    assert 10 <= len(rows(res)) < 60
+    again = harness("run", "--resume", run_id, "--results-dir", str(res), "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert [(r["i"], r["loss"]) for r in rows(res)] == [(r["i"], r["loss"]) for r in rows(ref_dir)]
+    # a flag that changes the run is still refused
+    one_line_error(harness("run", "--resume", run_id, "--results-dir", str(res), "--budget", "70", "--quiet"),
+                   "different config", "budget")
+
+
 def test_bad_values_are_one_line_errors_and_create_nothing(tmp_path):
     res = tmp_path / "res"
     cases = [(("--seed", "-1"), "--seed"), (("--seed", "99999999999999999999999"), "--seed"),
