@@ -166,13 +166,16 @@ def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
-def resolve_options(plugin_cls, given: dict[str, Any], kind: str):
-    """Build ``plugin_cls.Options`` from ``given``; unknown keys and bad values are errors."""
+def resolve_options(plugin_cls, given: dict[str, Any], kind: str, also: tuple = ()):
+    """Build ``plugin_cls.Options`` from ``given``; unknown keys and bad values are errors (naming
+    the valid ones, and ``also``: keys taken elsewhere, such as the searcher wrappers')."""
     fields = plugin_cls.option_fields()
     hints = typing.get_type_hints(plugin_cls.Options)
     unknown = sorted(set(given) - set(fields))
     if unknown:
         valid = ", ".join(fields) or "(this plugin takes no options)"
+        if also:
+            valid += f"; and the harness's: {', '.join(also)}"
         raise HarnessError(f"unknown {kind} option '{unknown[0]}' for {plugin_cls.name or plugin_cls.__name__}; valid: {valid}")
     kwargs = {k: coerce(v, hints[k], f"{kind} option '{k}'") for k, v in given.items()}
     return plugin_cls.Options(**kwargs)

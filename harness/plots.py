@@ -85,7 +85,11 @@ def curves(results_dir: str | Path, task: str | None = None, searcher: str | Non
     labels = labels or {}
     out: dict[str, list[pd.DataFrame]] = {}
     for run_dir, rec in select(records, task, searcher, family_prefix):
-        pts = _points(read_jsonl(run_dir / "trace.jsonl", warn=False))
+        rows = read_jsonl(run_dir / "trace.jsonl", warn=False)
+        if len(rows) < rec.get("evaluations", 0):  # torn or corrupt lines: the curve is partial
+            print(f"warning: the trace of run {run_dir.name} holds {len(rows)} of its {rec['evaluations']} "
+                  "evaluations (torn or corrupt lines); its curve is partial", file=sys.stderr)
+        pts = _points(rows)
         if not pts:
             continue
         fam, tf = family(rec), transform(rec)

@@ -42,7 +42,8 @@ def plan(cfg: RunConfig) -> Plan:
     own = searcher_cls.option_fields()
     w_given = {k: v for k, v in cfg.searcher_options.items() if k in Wrappers.option_fields() and k not in own}
     s_given = {k: v for k, v in cfg.searcher_options.items() if k not in w_given}
-    s_opts = resolve_options(searcher_cls, s_given, "searcher")
+    s_opts = resolve_options(searcher_cls, s_given, "searcher",
+                             also=tuple(k for k in Wrappers.option_fields() if k not in own))
     registry.validate("searcher", searcher_cls, s_opts)
     w_opts = resolve_options(Wrappers, w_given, "searcher")
     Wrappers.validate(w_opts)

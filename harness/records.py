@@ -105,8 +105,9 @@ def check_record(rec) -> dict:
 def read_records(results_dir: str | Path, complete_only: bool = True, warn: bool = True) -> list[tuple[Path, dict]]:
     """``(run folder, record)`` for every usable run record under ``results_dir/runs``, by folder name.
 
-    Folders without a ``record.json`` (a run that is starting, a stray folder) and hidden folders
-    (``.ipynb_checkpoints``) are passed over in silence; so are records of runs that are not
+    Folders without a ``record.json`` (a stray folder) and hidden folders (``.ipynb_checkpoints``)
+    are passed over in silence, unless they hold a trace (one warning line: a run records itself
+    before its first evaluation); so are records of runs that are not
     complete when ``complete_only``. A record that cannot be used — not a file, empty, truncated,
     not JSON, or a field :func:`check_record` refuses — is reported in one warning line on stderr
     naming its path and the reason (``warn=False``: silently) and left out; it is never changed.
@@ -123,7 +124,13 @@ def read_records(results_dir: str | Path, complete_only: bool = True, warn: bool
     for d in folders:
         path = d / "record.json"
         try:
-            if d.name.startswith(".") or not d.is_dir() or not (path.exists() or path.is_symlink()):
+            if d.name.startswith(".") or not d.is_dir():
+                continue
+            if not (path.exists() or path.is_symlink()):
+                # A run writes its record before its first evaluation: a trace without one is damage.
+                if (d / "trace.jsonl").is_file() and (d / "trace.jsonl").stat().st_size and warn:
+                    print(f"warning: skipped run folder {_printable(d)}: it has a trace but no record.json",
+                          file=sys.stderr)
                 continue
             if not path.is_file():
                 raise BadRecord("it is not a file")

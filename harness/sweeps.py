@@ -161,7 +161,10 @@ def plan_sweep(spec: dict) -> tuple[list[RunConfig], dict[str, str]]:
         if k not in taken:
             raise HarnessError(f"unknown task option '{k}' in {sources.get(k, 'the sweep task_options')}: no task of "
                                f"this sweep ({', '.join(spec['tasks'])}) takes it; valid: {', '.join(sorted(taken))}")
-    out, labels = [], {}
+    twice = sorted({t for t in spec["tasks"] if spec["tasks"].count(t) > 1})
+    if twice:
+        raise HarnessError(f"sweep tasks list {twice[0]!r} twice; list each task once")
+    out, labels, seen = [], {}, {}
     for task in spec["tasks"]:
         topts = {k: v for k, v in spec["task_options"].items() if k in fields[task]}
         for n, s in enumerate(spec["searchers"], 1):
@@ -179,9 +182,13 @@ def plan_sweep(spec: dict) -> tuple[list[RunConfig], dict[str, str]]:
                                     task_options={**topts, **(s.get("task_options") or {})},
                                     results_dir=spec["results_dir"], cache_dir=spec["cache_dir"],
                                     workers=spec["workers"], quiet=spec["quiet"], device=spec.get("device") or "cpu")
-                    key = plan(cfg).config.key()  # fail on a typo before hours of runs, not after
+                    planned = plan(cfg).config  # fail on a typo before hours of runs, not after
+                    key = planned.key()
                 except HarnessError as e:
                     raise HarnessError(f"{where}: {e}") from None
+                if (first := seen.setdefault(planned.run_id(), where)) != where:  # one run, two rows
+                    raise HarnessError(f"{where} is the same run as {first.split(', task')[0]} (identical settings, "
+                                       "seed " f"{seed}); give it other settings or drop it")
                 if s.get("label"):
                     labels.setdefault(key, s["label"])
                 out.append(cfg)

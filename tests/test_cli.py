@@ -19,7 +19,7 @@ def harness(*args, cwd=None, env=None, timeout=240):
 @pytest.mark.parametrize("args, expect", [
     (["run", "--searcher", "nope"], "unknown searcher 'nope'; valid searchers: "),
     (["run", "--task", "nope", "--searcher", "random"], "unknown task 'nope'; valid tasks: "),
-    (["run", "--task", "quadratic", "-s", "foo=1"], "unknown searcher option 'foo' for nevergrad; valid: optimizer"),
+    (["run", "--task", "quadratic", "-s", "foo=1"], "unknown searcher option 'foo' for nevergrad; valid: optimizer, bound, l1; and the harness's: warm, screen, finalists"),
     (["run", "--task", "quadratic", "-t", "dim=abc"], "task option 'dim' must be int, got 'abc'"),
     (["run", "--task", "quadratic", "--budget", "ten"], "argument --budget: invalid int value"),
     (["run", "--task", "quadratic", "-s", "optimizer=NGOptt"], "unknown nevergrad optimizer 'NGOptt'"),

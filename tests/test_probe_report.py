@@ -463,6 +463,23 @@ def test_a_sweep_refuses_an_unknown_task_option_like_run_does(tmp_path, capsys):
     assert not res.exists()
 
 
+def test_a_sweep_listing_one_run_twice_is_refused_before_anything_runs(tmp_path, capsys):
+    """Two entries of identical settings (under two labels) were one run counted twice ("2/2 runs
+    complete" for one run, one label silently lost); a task listed twice gave duplicate rows."""
+    res = tmp_path / "res"
+    data = _sweep(res)
+    data["searchers"].append({**data["searchers"][0], "label": "other"})
+    f = _sweep_file(tmp_path / "s.toml", data)
+    assert cli.main(["sweep", "--file", str(f)]) == 2
+    assert capsys.readouterr().err == ("error: sweep [[searchers]] entry 2 ('random'), task quadratic is the same run "
+                                       "as sweep [[searchers]] entry 1 ('random') (identical settings, seed 0); give it "
+                                       "other settings or drop it\n")
+    data = {**_sweep(res), "tasks": ["quadratic", "quadratic"]}
+    assert cli.main(["sweep", "--file", str(_sweep_file(tmp_path / "t.toml", data))]) == 2
+    assert capsys.readouterr().err == "error: sweep tasks list 'quadratic' twice; list each task once\n"
+    assert not res.exists()
+
+
 def test_a_sweep_label_names_its_rows(tmp_path, capsys):
     res = tmp_path / "res"
     data = _sweep(res)

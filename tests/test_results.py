@@ -97,6 +97,29 @@ def test_corrupt_lines_and_records_are_reported_and_skipped(tmp_path, capsys):
     assert "unreadable run record" in capsys.readouterr().err
 
 
+def test_a_torn_trace_and_a_trace_without_its_record_are_reported(tmp_path, capsys):
+    """A complete run whose trace was cut mid-line still ranks (its record is whole), but its
+    curve is said to be partial; a folder with a trace and no record is named, not skipped silently."""
+    import shutil
+
+    from harness.plots import curves
+    for seed in (0, 1):
+        run(RunConfig(task="quadratic", searcher="random", budget=10, seed=seed, results_dir=str(tmp_path), quiet=True),
+            log=lambda m: None)
+    first, second = sorted((tmp_path / "runs").iterdir())
+    trace = first / "trace.jsonl"
+    trace.write_bytes(trace.read_bytes()[: len(trace.read_bytes()) // 2])  # cut mid-line
+    shutil.copytree(second, tmp_path / "runs" / "orphan")
+    (tmp_path / "runs" / "orphan" / "record.json").unlink()
+    capsys.readouterr()
+    assert leaderboard(tmp_path)["n"].tolist() == [2]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "skipped run folder" in err and "orphan" in err and "no record.json" in err
+    curves(tmp_path)
+    err = capsys.readouterr().err
+    assert f"the trace of run {first.name} holds" in err and "of its 10 evaluations" in err and "partial" in err
+
+
 def test_results_dir_that_is_a_file_is_one_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
