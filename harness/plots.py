@@ -85,10 +85,11 @@ def curves(results_dir: str | Path, task: str | None = None, searcher: str | Non
     labels = labels or {}
     out: dict[str, list[pd.DataFrame]] = {}
     for run_dir, rec in select(records, task, searcher, family_prefix):
-        rows = read_jsonl(run_dir / "trace.jsonl", warn=False)
-        if len(rows) < rec.get("evaluations", 0):  # torn or corrupt lines: the curve is partial
+        path = run_dir / "trace.jsonl"
+        rows = read_jsonl(path, warn=False)  # a trace that is not a file is reported by read_jsonl itself
+        if len(rows) < rec.get("evaluations", 0) and (path.is_file() or not path.exists()):  # torn: partial
             print(f"warning: the trace of run {run_dir.name} holds {len(rows)} of its {rec['evaluations']} "
-                  "evaluations (torn or corrupt lines); its curve is partial", file=sys.stderr)
+                  "evaluations (torn, corrupt or missing lines); its curve is partial", file=sys.stderr)
         pts = _points(rows)
         if not pts:
             continue
