@@ -42,6 +42,8 @@ NEUTRAL_FOR_TASK: dict[str, dict[str, Any]] = {
     "few_shot": {"adapter": "none", "adapter_mode": "sequential", "adapter_steps": 300, "adapter_lr": 1e-3,
                  "adapter_scale": 0.01, "tip_alpha": 1.0, "tip_beta": 5.5, "fraction": 0.0,
                  "tip_search": False, "lpp_solver": "adam"}}
+# The same for searchers' options (``es``'s ``minibatch`` defaults to true and is not neutral).
+NEUTRAL_FOR_SEARCHER: dict[str, dict[str, Any]] = {"dfo-gn": {"minibatch": False}}
 
 
 @dataclass
@@ -82,7 +84,9 @@ class RunConfig:
         Options of :data:`NEUTRAL` at their neutral value are left out of it."""
         ident = {k: v for k, v in self.identity().items() if k != "seed"}
         for group, neutral in NEUTRAL.items():
-            neutral = {**neutral, **(NEUTRAL_FOR_TASK.get(self.task, {}) if group == "task_options" else {})}
+            own = NEUTRAL_FOR_TASK.get(self.task, {}) if group == "task_options" else \
+                NEUTRAL_FOR_SEARCHER.get(self.searcher, {})
+            neutral = {**neutral, **own}
             ident[group] = {k: v for k, v in ident[group].items() if not (k in neutral and v == neutral[k])}
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
 

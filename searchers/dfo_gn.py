@@ -61,12 +61,19 @@ class DfoGnSearcher(Searcher):
         refresh: float = option(1.0, "share of the coefficients probed again in each round after the first: those "
                                      "that moved most since their last probe; the others keep their columns of the "
                                      "model from earlier rounds (1: probe all, the full round)", gt=0, le=1)
+        minibatch: bool = option(False, "score each round (anchor, probes, trial steps) on a fresh mini-batch of the "
+                                        "task's batch_size samples, seeded per round, and the answer on the whole "
+                                        "search set with the budget's last evaluation (false: every candidate on "
+                                        "the whole search set)")
 
     @classmethod
     def validate(cls, options):
         if options.radius > options.max_radius:
             raise HarnessError(f"searcher option radius ({options.radius}) must be at most max_radius "
                                f"({options.max_radius})")
+        if options.minibatch and options.refresh < 1:
+            raise HarnessError("searcher option refresh < 1 keeps model columns from earlier rounds, which were "
+                               "measured on other mini-batches; with minibatch=true set refresh=1")
 
     def __init__(self, space, budget, batch_size, seed, options):
         super().__init__(space, budget, batch_size, seed, options)
@@ -83,6 +90,8 @@ class DfoGnSearcher(Searcher):
         self.info = {"rounds": 0, "trials": 0, "accepted": 0, "radius": self.radius}
         self.J_prev = None  # the last round's model, whose columns refresh < 1 keeps
         self.moved = np.zeros(space.dim)  # how far each coefficient moved since its last probe
+        self.round_batch = None  # the mini-batch seed of this round (minibatch=true)
+        self.asked = 0
         self._start_round()
 
     # ------------------------------------------------------------------ the rounds
@@ -91,6 +100,9 @@ class DfoGnSearcher(Searcher):
         """Queue the anchor (when its outputs are not known yet) and one probe per coordinate."""
         self.J = None
         self.queue = []
+        if self.options.minibatch:  # a new mini-batch: the anchor is scored again on it
+            self.round_batch = self.seed * 1_000_003 + self.info["rounds"]
+            self.anchor_out = None
         if self.anchor_out is None:
             self.queue.append(("anchor", -1, self.anchor.copy()))
         dim = self.space.dim
@@ -150,6 +162,12 @@ class DfoGnSearcher(Searcher):
         return np.clip(self.anchor + best_s.numpy(), self.lower, self.upper)
 
     def _ask(self, n):
+        left = self.budget - self.asked
+        if self.options.minibatch:
+            if left <= 1:  # the budget's last evaluation: the answer on the whole search set
+                self.asked += 1
+                return [self.candidate(self.anchor.copy())]
+            n = min(n, left - 1)
         if self.queue:
             batch, self.queue = self.queue[:n], self.queue[n:]
         else:
@@ -160,13 +178,17 @@ class DfoGnSearcher(Searcher):
             batch = [("trial", -1, self._trial())]
         out = []
         for kind, i, x in batch:
-            c = self.candidate(x, outputs=True, anchor=kind != "probe")  # probes start from the anchor's activations
+            # Probes start from the anchor's activations.
+            c = self.candidate(x, outputs=True, anchor=kind != "probe", batch=self.round_batch)
             self.waiting[c.id] = (kind, i)
             out.append(c)
+        self.asked += len(out)
         return out
 
     def _tell(self, candidates: list[Candidate], evaluations: list[Evaluation]):
         for c, e in zip(candidates, evaluations):
+            if c.id not in self.waiting:  # the answer's whole-set score (minibatch): tracked by tell
+                continue
             kind, i = self.waiting.pop(c.id)
             if e.ok and e.outputs is None:
                 raise HarnessError("searcher dfo-gn asked for the task's outputs and got none: the task does not "
@@ -202,3 +224,9 @@ class DfoGnSearcher(Searcher):
             if not accepted:
                 self.radius = self.options.radius / 4
             self._start_round()
+
+    def _recommend(self) -> np.ndarray:
+        # With mini-batches only the answer is scored on the whole set; before that, the anchor.
+        if self.options.minibatch and not np.isfinite(self.best_loss):
+            return self.anchor.copy()
+        return self.best_x.copy()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -186,3 +187,23 @@ def test_outputs_back_from_a_ray_worker_score_without_a_warning():
         warnings.simplefilter("error")
         got = float(read_only.loss(torch.as_tensor(read_only.flat())))
     assert got == float(writable.loss(torch.as_tensor(writable.flat())))
+
+
+def test_minibatch_rounds_share_a_batch_and_the_answer_is_scored_on_the_whole_set(tmp_path, cache_dir):
+    opts = {"source": "tiny-clip", "source_options": SMALL_ZOO, "target": "skdigits", "shots": 4, "batch_size": 8}
+    run = harness.run("few_shot", "dfo-gn", space="per_task", budget=30, seed=3, task_options=opts,
+                      searcher_options={"minibatch": True}, results_dir=str(tmp_path), cache_dir=cache_dir)
+    assert run.status == "complete" and run.evaluations == 30
+    trace = run.trace
+    batches = trace["batch"].to_numpy()
+    # every evaluation but the last is on a round's mini-batch; a round's anchor, probes and trials share it
+    assert pd.isna(batches[-1]) and not pd.isna(batches[:-1]).any()
+    used = set(batches[:-1])  # (the searcher's count includes a round queued when the budget ran out)
+    assert len(used) >= 3 and used == {3 * 1_000_003 + r for r in range(len(used))}
+    assert list(batches[:-1]) == sorted(batches[:-1])
+    # the answer is the last anchor, scored on the whole search set; the run's loss is that score
+    assert np.allclose(trace["x"].iloc[-1], run.coefficients["x"])
+    assert run.record["best_search_loss"] == pytest.approx(trace["loss"].iloc[-1])
+    with pytest.raises(HarnessError, match="refresh < 1.*minibatch=true"):
+        harness.run("few_shot", "dfo-gn", budget=30, task_options=opts,
+                    searcher_options={"minibatch": True, "refresh": 0.5}, results_dir=str(tmp_path))
