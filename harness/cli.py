@@ -105,15 +105,12 @@ def _with_recorded(flags: dict) -> dict:
     from harness.config import EXECUTION_FIELDS, RunConfig
     from harness.results import RunStore
     store = RunStore(flags.get("results_dir") or RunConfig().results_dir, flags["resume"])
-    recorded = None
-    for path, key in ((store.dir / "config.json", None), (store.record_path, "config")):
-        try:
-            data = json.loads(path.read_text())
-            recorded = data if key is None else data.get(key)
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(recorded, dict):
-            break
+    try:
+        recorded = json.loads((store.dir / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        recorded = None
+    if not isinstance(recorded, dict):  # no config.json: the record's copy of it
+        recorded = (store.record() or {}).get("config")
     if not isinstance(recorded, dict):
         return flags  # nothing recorded: the runner says so in one line
     merged = {k: v for k, v in recorded.items() if k not in EXECUTION_FIELDS}

@@ -343,8 +343,8 @@ class LocalEngine(Engine):
                     # a pass of at most a chunk's images (a source without chunks: 256 at most)
                     zs = self.prefix.reuse_batch([p for p, _ in ps], x, self._amp,
                                                  self.source.chunk_size or max(len(x), 256))
-                out += [self.weighted_ce(r, data) if z is None else self._with_outputs(r, p, xt, data, wsum, z=z)
-                        for r, (p, xt), z in zip(run, ps, zs)]
+                # z None: this probe could not share a pass; scored alone from its merged weights
+                out += [self._with_outputs(r, p, xt, data, wsum, z=z) for r, (p, xt), z in zip(run, ps, zs)]
             run = []
             if c is not None:
                 out.append(self.weighted_ce(c, data))
