@@ -221,14 +221,14 @@ class Task(Plugin, ABC):
 
     headline: ClassVar[str] = "score"
     higher_is_better: ClassVar[bool] = True
-    # What learning on it reads (leaderboard): "labelled validation", "few labelled train shots", "unlabelled test".
-    data: ClassVar[str] = "none"
+    data: ClassVar[str] = "none"  # what learning reads: "labelled validation", "few labelled train shots", ...
 
     @classmethod
     def data_for(cls, options) -> str:
         """:attr:`data` for these options (a task whose objective can change what it reads overrides it)."""
         return cls.data
     composes: ClassVar[bool] = False  # composes task vectors (so ``--space`` applies, checked up front)
+    minibatch_outputs: ClassVar[bool] = False  # Outputs also for candidates on a mini-batch (no whole-set term)
 
     @classmethod
     def returns_outputs(cls, options) -> bool:

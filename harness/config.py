@@ -238,3 +238,5 @@ def check_config(cfg: RunConfig) -> None:
                            "(or leave it out for the searcher's default)")
     if not str(cfg.results_dir).strip():
         raise HarnessError("--results-dir is empty; give a folder (default: results)")
+    if cfg.resume is not None and not str(cfg.resume).strip():
+        raise HarnessError("--resume is empty; give the id of a recorded run (its folder under runs/)")

@@ -51,6 +51,10 @@ def plan(cfg: RunConfig) -> Plan:
         raise HarnessError(f"searcher '{cfg.searcher}' models the task's outputs, which task '{cfg.task}' does not "
                            "return with these options (addition with objective=ce, few_shot without a joint adapter, "
                            "negation; each without an l1/l2 term)")
+    if searcher_cls.needs_outputs and getattr(s_opts, "minibatch", False) and not task_cls.minibatch_outputs:
+        raise HarnessError(f"searcher option minibatch=true models the task's outputs on mini-batches, which task "
+                           f"'{cfg.task}' returns only on its whole search set (tasks that return them: addition, "
+                           "few_shot); set minibatch=false")
     if searcher_cls.needs_outputs and getattr(t_opts, "precision", "fp32") in ("bf16", "fp16"):
         raise HarnessError(f"searcher '{cfg.searcher}' models the task's outputs from differences of nearby "
                            f"candidates, which {t_opts.precision} rounding swamps; use -t precision=fp32")

@@ -133,7 +133,14 @@ class WarmStart(_Wrapper):
         self.inner.tell(candidates, evaluations)
 
     def _recommend(self):
-        return self._line_best() if self.inner is None else self.inner.recommend()
+        if self.inner is None:
+            return self._line_best()
+        if not self.line:
+            return self.inner.recommend()
+        # The line's best stands when no whole-set score of the inner search beat it (an inner
+        # searcher that scores only its answer on the whole set may end above the line).
+        line = min((t[0] for t in self.scores if np.isfinite(t[0])), default=np.inf)
+        return self._line_best() if line <= self.inner.best_loss else self.inner.recommend()
 
 
 class Screen(_Wrapper):

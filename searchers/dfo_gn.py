@@ -46,7 +46,7 @@ class DfoGnSearcher(Searcher):
     @dataclass
     class Options:
         step: float = option(0.05, "finite-difference step h of each probe λ + h·e_i (towards the box's inside "
-                                   "at its edge)", gt=0)
+                                   "at its edge, at most the room the box leaves)", ge=1e-6)
         radius: float = option(0.5, "initial trust-region radius (max-norm of a step)", gt=0)
         max_radius: float = option(1.5, "largest trust-region radius", gt=0)
         inner_steps: int = option(300, "projected Adam steps minimising the modelled loss in each trust region", ge=1,
@@ -62,9 +62,9 @@ class DfoGnSearcher(Searcher):
                                      "that moved most since their last probe; the others keep their columns of the "
                                      "model from earlier rounds (1: probe all, the full round)", gt=0, le=1)
         minibatch: bool = option(False, "score each round (anchor, probes, trial steps) on a fresh mini-batch of the "
-                                        "task's batch_size samples, seeded per round, and the answer on the whole "
-                                        "search set with the budget's last evaluation (false: every candidate on "
-                                        "the whole search set)")
+                                        "task's batch_size samples, seeded per round; the start and the answer (the "
+                                        "budget's first and last evaluations) on the whole search set, and the "
+                                        "better of them is recommended (false: every candidate on the whole set)")
 
     @classmethod
     def validate(cls, options):
@@ -111,9 +111,9 @@ class DfoGnSearcher(Searcher):
             coords = sorted(np.argsort(-self.moved, kind="stable")[:int(np.ceil(self.options.refresh * dim))])
         self.moved[list(coords)] = 0
         for i in coords:
-            h = self.options.step
-            if self.anchor[i] + h > self.upper[i]:
-                h = -h
+            h, up, down = self.options.step, self.upper[i] - self.anchor[i], self.anchor[i] - self.lower[i]
+            if h > up:  # towards the box's inside; never further than the box leaves room for
+                h = -min(h, down) if down >= up else up
             x = self.anchor.copy()
             x[i] += h
             self.steps[i] = h
@@ -164,7 +164,9 @@ class DfoGnSearcher(Searcher):
     def _ask(self, n):
         left = self.budget - self.asked
         if self.options.minibatch:
-            if left <= 1:  # the budget's last evaluation: the answer on the whole search set
+            # The start and the answer (the budget's last evaluation) are scored on the whole
+            # search set, so the answer recommended is never worse there than the start.
+            if left <= 1 or (self.asked == 0 and left > 2):
                 self.asked += 1
                 return [self.candidate(self.anchor.copy())]
             n = min(n, left - 1)
@@ -173,8 +175,9 @@ class DfoGnSearcher(Searcher):
         else:
             if self.J is None:  # every probe told: build the model
                 base = self.anchor_out.flat()
-                self.J = np.stack([(self.probed[i] - base) / self.steps[i] if i in self.probed else self.J_prev[i]
-                                   for i in range(self.space.dim)])
+                self.J = np.stack([(self.probed[i] - base) / self.steps[i] if self.steps.get(i) and i in self.probed
+                                   else self.J_prev[i] if self.J_prev is not None and i not in self.probed
+                                   else np.zeros_like(base) for i in range(self.space.dim)])
             batch = [("trial", -1, self._trial())]
         out = []
         for kind, i, x in batch:

@@ -52,6 +52,8 @@ class AdditionTask(ComposingTask):
     def data_for(cls, options) -> str:
         return "unlabelled test" if options.objective == "entropy" else cls.data
 
+    minibatch_outputs = True
+
     @classmethod
     def returns_outputs(cls, options) -> bool:
         return options.objective == "ce" and not options.l1 and not options.l2

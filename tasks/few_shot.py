@@ -219,6 +219,8 @@ class FewShotTask(ComposingTask):
         idx = self.minibatch(len(y), self.options.batch_size, torch.Generator().manual_seed(seed))
         return WeightedSet([(self.options.target, x[idx], y[idx], 1.0)])
 
+    minibatch_outputs = True
+
     @classmethod
     def returns_outputs(cls, options) -> bool:
         # The joint adapter's logits are not the head's; an L1 term is not a function of the logits.

@@ -196,14 +196,33 @@ def test_minibatch_rounds_share_a_batch_and_the_answer_is_scored_on_the_whole_se
     assert run.status == "complete" and run.evaluations == 30
     trace = run.trace
     batches = trace["batch"].to_numpy()
-    # every evaluation but the last is on a round's mini-batch; a round's anchor, probes and trials share it
-    assert pd.isna(batches[-1]) and not pd.isna(batches[:-1]).any()
-    used = set(batches[:-1])  # (the searcher's count includes a round queued when the budget ran out)
+    # the start and the answer are scored on the whole search set (the budget's first and last evaluations);
+    # every other on a round's mini-batch, shared by the round's anchor, probes and trials
+    assert pd.isna(batches[0]) and pd.isna(batches[-1]) and not pd.isna(batches[1:-1]).any()
+    assert np.allclose(trace["x"].iloc[0], trace["x"].iloc[1])  # the first round's anchor is the start
+    used = set(batches[1:-1])  # (the searcher's count includes a round queued when the budget ran out)
     assert len(used) >= 3 and used == {3 * 1_000_003 + r for r in range(len(used))}
-    assert list(batches[:-1]) == sorted(batches[:-1])
-    # the answer is the last anchor, scored on the whole search set; the run's loss is that score
-    assert np.allclose(trace["x"].iloc[-1], run.coefficients["x"])
-    assert run.record["best_search_loss"] == pytest.approx(trace["loss"].iloc[-1])
+    assert list(batches[1:-1]) == sorted(batches[1:-1])
+    # the answer is the better of the two whole-set scores; the run's loss is its score
+    best = 0 if trace["loss"].iloc[0] < trace["loss"].iloc[-1] else len(trace) - 1
+    assert np.allclose(trace["x"].iloc[best], run.coefficients["x"])
+    assert run.record["best_search_loss"] == pytest.approx(trace["loss"].iloc[best])
+    for task, extra in (("negation", {}), ("quadratic", {})):  # outputs on the whole search set only
+        with pytest.raises(HarnessError, match=f"minibatch=true .*task '{task}' returns only on its whole"):
+            plan(RunConfig(task=task, searcher="dfo-gn", searcher_options={"minibatch": True}, task_options=extra))
     with pytest.raises(HarnessError, match="refresh < 1.*minibatch=true"):
         harness.run("few_shot", "dfo-gn", budget=30, task_options=opts,
                     searcher_options={"minibatch": True, "refresh": 0.5}, results_dir=str(tmp_path))
+
+
+def test_probes_stay_in_the_box_whatever_the_step():
+    from atlas_harness_searchers.dfo_gn import DfoGnSearcher
+    from harness.api import Space
+    space = Space(dim=3, lower=np.full(3, -1.0), upper=np.full(3, 1.0), start=np.array([0.97, -0.9, 0.0]))
+    for step, want in ((0.05, [-0.05, 0.05, 0.05]), (5.0, [-1.97, 1.9, -1.0])):
+        s = DfoGnSearcher(space, 50, 4, 0, resolve_options(DfoGnSearcher, {"step": step}, "searcher"))
+        probes = [c.x for c in s.ask(4)[1:]]
+        assert np.allclose(np.stack(probes) - space.start, np.diag(want))  # the most room the box leaves
+        assert all(((p >= space.lower) & (p <= space.upper)).all() for p in probes)
+    with pytest.raises(HarnessError, match="step must be >= 1e-06, got 1e-300"):
+        plan(RunConfig(task="quadratic", searcher="dfo-gn", searcher_options={"step": 1e-300}))

@@ -116,6 +116,28 @@ def test_resume_with_only_the_run_id_continues_the_recorded_run(tmp_path):
                    "different config", "budget")
 
 
+def test_resume_without_readable_settings_is_refused_and_touches_nothing(tmp_path):
+    """A run whose record.json and config.json are both unreadable resumes only under a command
+    whose settings hash to its id; `--resume RUN_ID` alone (or "") is refused in one line."""
+    res = tmp_path / "res"
+    one_line_error(harness("run", "--resume", "", "--results-dir", str(res), "--quiet"), "--resume is empty")
+    assert harness(*quad(res, budget="20")).returncode == 0
+    (run_dir,) = list((res / "runs").iterdir())
+    (run_dir / "record.json").write_text("[]")
+    (run_dir / "config.json").write_text("\n")
+    before = snapshot(res)
+    r = harness("run", "--resume", run_dir.name, "--results-dir", str(res), "--quiet")
+    lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("warning: unreadable run record")]
+    one_line_error(subprocess.CompletedProcess(r.args, r.returncode, r.stdout, "\n".join(lines)),
+                   "no readable record.json or config.json")
+    assert snapshot(res) == before
+    # its own command proves the settings (the id is their hash): it rebuilds the record from the trace
+    again = harness(*quad(res, budget="20"), "--resume", run_dir.name)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((run_dir / "record.json").read_text())["status"] == "complete"
+    assert len(rows(res)) == 20
+
+
 def test_bad_values_are_one_line_errors_and_create_nothing(tmp_path):
     res = tmp_path / "res"
     cases = [(("--seed", "-1"), "--seed"), (("--seed", "99999999999999999999999"), "--seed"),

@@ -90,3 +90,32 @@ def test_validate_runs_once_in_the_base_class():
     cls = registry.load("searcher", "task-arithmetic")
     with pytest.raises(HarnessError, match=r"hi must be >= lo \(1.0\), got 0.0"):
         cls(Space(dim=2), 10, 1, 0, cls.Options(lo=1.0, hi=0.0))
+
+
+def test_warm_start_keeps_the_line_best_unless_the_inner_search_scores_better_on_the_whole_set():
+    from harness.wrappers import WarmStart
+
+    class Away(Searcher):
+        """Asks given points; recommends the last one asked, whatever it scored (as a searcher that
+        scores only its answer on the whole set does)."""
+        name = "away"
+        plan: list = []
+
+        def _ask(self, n):
+            out, Away.plan[:] = Away.plan[:n], Away.plan[n:]
+            self.last = out[-1].x
+            return out
+
+        def _recommend(self):
+            return self.last.copy()
+
+    space = Space(dim=2, lower=np.full(2, -1.0), upper=np.full(2, 1.0), start=np.zeros(2))
+    w = WarmStart(lambda sp, b: Away(sp, b, 2, 0, Away.Options()), space, 10, 2, 0, k=3)
+    line = w.ask(3)  # 0, 0.5, 1 along the line; 0.5 scores best (0.2)
+    w.tell(line, [Evaluation(loss=0.2 + abs(float(c.x[0]) - 0.5)) for c in line])
+    Away.plan[:] = [Candidate(x=np.full(2, -1.0), batch=7), Candidate(x=np.full(2, 1.0))]
+    w.tell(inner := w.ask(2), [Evaluation(loss=0.0), Evaluation(loss=9.0)])  # a mini-batch's 0.0 does not count
+    assert w.recommend() == pytest.approx([0.5, 0.5])  # the inner answer scored 9.0 on the whole set
+    Away.plan[:] = [Candidate(x=np.full(2, 0.25))]
+    w.tell(w.ask(1), [Evaluation(loss=0.1)])  # the inner search beat the line on the whole set
+    assert w.recommend() == pytest.approx([0.25, 0.25])
