@@ -88,9 +88,8 @@ def plan(cfg: RunConfig) -> Plan:
         if w_set:
             raise HarnessError(f"--parallel async does not combine with the searcher options {', '.join(sorted(w_set))} "
                                "(their stages wait for whole batches); use --parallel candidates")
-    if task_cls.composes:
-        from harness.composition import parse_space
-        parse_space(cfg.space or searcher_cls.default_space)
+    from harness.composition import parse_space  # every task: the space is part of the run's identity
+    parse_space(cfg.space or searcher_cls.default_space)
     task_cls.check_space(t_opts, cfg.space or searcher_cls.default_space)
     resolved = dataclasses.replace(
         cfg, budget=budget, batch_size=batch, space=cfg.space or searcher_cls.default_space,

@@ -46,13 +46,22 @@ class Run:
 
     @classmethod
     def from_record(cls, record: dict, path: str | Path) -> "Run":
-        final = dict(record.get("final") or {})
-        headline = record.get("headline", "")
-        return cls(run_id=record["run_id"], status=record.get("status", ""), task=record["task"],
-                   searcher=record["searcher"], seed=int(record.get("seed", 0)), headline=headline,
-                   score=final.get(headline), final=final, references=dict(record.get("references") or {}),
-                   evaluations=int(record.get("evaluations", 0)), wall_time_s=float(record.get("wall_time_s", 0.0)),
-                   record=record, path=Path(path))
+        """The run recorded in ``record`` at folder ``path`` (made absolute, so a later change of
+        the working directory still finds its trace). Only a complete run has a ``score``."""
+        path = Path(path).resolve()
+        try:
+            final = dict(record.get("final") or {})
+            headline = str(record.get("headline") or "")
+            status = str(record.get("status") or "")
+            return cls(run_id=path.name, status=status, task=str(record["task"]),
+                       searcher=str(record["searcher"]), seed=int(record.get("seed") or 0), headline=headline,
+                       score=final.get(headline) if status == "complete" else None, final=final,
+                       references=dict(record.get("references") or {}),
+                       evaluations=int(record.get("evaluations") or 0),
+                       wall_time_s=float(record.get("wall_time_s") or 0.0), record=record, path=path)
+        except (KeyError, TypeError, ValueError) as e:
+            raise HarnessError(f"run record {path / 'record.json'} is damaged ({type(e).__name__}: {e}); "
+                               "rerun the run (--rerun) to record it again") from None
 
     @functools.cached_property
     def trace(self):
@@ -76,8 +85,11 @@ class Run:
         one coefficient per task vector and block, shape (T, B) or (T, B, K)); empty for a run
         that ended before recommending."""
         from harness.results import load_coefficients
-        path = self.record.get("coefficients")
-        return load_coefficients(path) if path and Path(path).is_file() else {}
+        if not self.record.get("coefficients"):
+            return {}
+        own = self.path / "coefficients.safetensors"  # (the record holds the path it was written at)
+        path = own if own.is_file() else Path(self.record["coefficients"])
+        return load_coefficients(str(path)) if path.is_file() else {}
 
 
 def run(task: str | None = None, searcher: str | None = None, *, preset: str | None = None,
@@ -100,6 +112,9 @@ def run(task: str | None = None, searcher: str | None = None, *, preset: str | N
     import harness.sources.task_check as task_check
     from harness.config import build_config
     from harness.runner import run as run_config
+    results_dir = "results" if results_dir is None else results_dir
+    searcher_options, task_options = _mapping("searcher_options", searcher_options), _mapping("task_options",
+                                                                                              task_options)
     flags = {"task": task, "searcher": searcher, "preset": preset, "budget": budget, "batch_size": batch_size,
              "seed": seed, "space": space, "results_dir": str(results_dir), "cache_dir": cache_dir,
              "workers": workers, "device": device, "rerun": rerun or None, "quiet": quiet,
@@ -108,6 +123,15 @@ def run(task: str | None = None, searcher: str | None = None, *, preset: str | N
     with task_check.trusting(trust_checkpoints):
         record = run_config(build_config(flags), log=log or (lambda _m: None))
     return Run.from_record(record, Path(results_dir) / "runs" / record["run_id"])
+
+
+def _mapping(what: str, value) -> dict:
+    """``value`` as a dict of options (None: none), or a one-line error naming ``what``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise HarnessError(f"{what} must be a mapping of option name to value (a dict), got {type(value).__name__}")
+    return dict(value)
 
 
 def sweep(tasks: Sequence[str] | None = None, searchers: Sequence[str | Mapping[str, Any]] | None = None,
@@ -129,13 +153,24 @@ def sweep(tasks: Sequence[str] | None = None, searchers: Sequence[str | Mapping[
                             "cache_dir": None, "task_options": {}, "workers": 0, "quiet": quiet, "device": "cpu"}
     if file is not None:
         spec.update(read_sweep_file(str(file)))
+    import numbers
+
+    from harness.sweeps import check_sweep
+
+    def listed(v):  # a list, tuple, range or generator as a list; anything else as given (check_sweep says)
+        return list(v) if isinstance(v, Iterable) and not isinstance(v, (str, bytes, Mapping)) else v
+    given: dict[str, Any] = {}
     if tasks is not None:
-        spec["tasks"] = [str(t) for t in tasks]
+        given["tasks"] = listed(tasks)
     if searchers is not None:
-        spec["searchers"] = [{"name": s} if isinstance(s, str) else dict(s) for s in searchers]
+        given["searchers"] = [{"name": s} if isinstance(s, str) else dict(s) if isinstance(s, Mapping) else s
+                              for s in listed(searchers)] if isinstance(listed(searchers), list) else searchers
     if seeds is not None:
-        spec["seeds"] = [int(s) for s in seeds]
-    spec["task_options"] = {**spec["task_options"], **dict(task_options or {})}
+        given["seeds"] = [int(s) if isinstance(s, numbers.Integral) and not isinstance(s, bool) else s
+                          for s in listed(seeds)] if isinstance(listed(seeds), list) else seeds
+    check_sweep(given, "harness.sweep's arguments")
+    spec.update(given)
+    spec["task_options"] = {**spec["task_options"], **_mapping("task_options", task_options)}
     for key, value in (("results_dir", results_dir), ("cache_dir", cache_dir), ("workers", workers),
                        ("device", device)):
         if value is not None:
@@ -153,12 +188,15 @@ def leaderboard(results_dir: str | Path = "results", *, task: str | None = None,
     and number of seeds of the task's headline metric, the cost, and the rank within the task.
     Returns a pandas DataFrame (empty, with the columns, when nothing is recorded)."""
     from harness.leaderboards import leaderboard as board
-    return board(results_dir, task=task, searcher=searcher, family_prefix=family)
+    return board("results" if results_dir is None else results_dir, task=task, searcher=searcher, family_prefix=family)
 
 
 def load_run(run_id: str, results_dir: str | Path = "results") -> Run:
     """The recorded run ``run_id`` (any status), with its trace and coefficients."""
     from harness.results import RunStore, check_run_id
+    if not isinstance(run_id, str):
+        raise HarnessError(f"run_id must be a string (a folder name under runs/), got {type(run_id).__name__}")
+    results_dir = "results" if results_dir is None else results_dir
     store = RunStore(results_dir, check_run_id(run_id))
     record = store.record()
     if record is None:
@@ -184,8 +222,17 @@ def compose(base: Mapping[str, Any], task_vectors: Mapping[str, Mapping[str, Any
     import numpy as np
 
     from harness.composition import Composition
+    if str(space).split(":")[0] not in ("per_task", "per_layer", "per_block", "per_partition"):
+        raise HarnessError(f"compose takes the space per_task, per_layer, per_block or per_partition:K, got {space!r}")
+    _state_dict("base", base)
+    if not isinstance(task_vectors, Mapping):
+        raise HarnessError(f"task_vectors must be a dict of task name to state dict, got {type(task_vectors).__name__}")
+    for n, tv in task_vectors.items():
+        _state_dict(f"task vector '{n}'", tv)
     names = list(task_vectors)
     comp = Composition(dict(base), [dict(task_vectors[n]) for n in names], names, space=space)
+    if hasattr(coefficients, "detach"):  # a torch tensor (also one that requires grad)
+        coefficients = coefficients.detach().cpu().numpy()
     if isinstance(coefficients, Mapping):
         if set(coefficients) != set(names):
             raise HarnessError(f"coefficients must name every task vector ({', '.join(names)}); "
@@ -193,7 +240,7 @@ def compose(base: Mapping[str, Any], task_vectors: Mapping[str, Mapping[str, Any
         per = comp.dim // len(names)  # the flat vector is task-major: one run of `per` per task
         rows = []
         for n in names:
-            v = np.asarray(coefficients[n], dtype=np.float64).reshape(-1)
+            v = _numbers(f"the coefficients of '{n}'", coefficients[n]).reshape(-1)
             v = np.full(per, v.item()) if v.size == 1 else v
             if v.size != per:
                 raise HarnessError(f"space {space} has {per} coefficients per task vector; "
@@ -201,7 +248,7 @@ def compose(base: Mapping[str, Any], task_vectors: Mapping[str, Mapping[str, Any
             rows.append(v)
         x = np.concatenate(rows)
     else:
-        x = np.asarray(coefficients, dtype=np.float64)
+        x = _numbers("coefficients", coefficients)
         if x.ndim == 0:
             x = np.full(comp.dim, float(x))
         if x.shape != (comp.dim,):
@@ -214,4 +261,27 @@ def compose(base: Mapping[str, Any], task_vectors: Mapping[str, Mapping[str, Any
 def task_vector(base: Mapping[str, Any], finetuned: Mapping[str, Any]) -> dict:
     """τ = θ_finetuned − θ0 over the floating entries of ``base`` (both state dicts of torch tensors)."""
     from harness.composition import task_vector as tv
-    return tv(dict(base), dict(finetuned))
+    return tv(_state_dict("base", base), _state_dict("finetuned", finetuned))
+
+
+def _state_dict(what: str, sd) -> dict:
+    """``sd`` as a dict of torch tensors, or a one-line error naming the first entry that is not one."""
+    import torch
+    if not isinstance(sd, Mapping):
+        raise HarnessError(f"{what} must be a state dict (a dict of name to torch tensor), got {type(sd).__name__}")
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise HarnessError(f"{what}: entry '{k}' must be a torch tensor, got {type(v).__name__}")
+    return dict(sd)
+
+
+def _numbers(what: str, value):
+    """``value`` as a float64 array of finite numbers, or a one-line error."""
+    import numpy as np
+    try:
+        x = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise HarnessError(f"{what} must be numbers, got {value!r}") from None
+    if not np.isfinite(x).all():
+        raise HarnessError(f"{what} must be finite numbers, got {value!r}")
+    return x

@@ -30,9 +30,9 @@ class QuadraticTask(Task):
     @dataclass
     class Options:
         dim: int = option(8, "number of coefficients", ge=1, le=MAX_DIM)
-        noise: float = option(0.0, "standard deviation of Gaussian noise added to mini-batch losses (0: none)")
+        noise: float = option(0.0, "standard deviation of Gaussian noise added to mini-batch losses (0: none)", ge=0)
         # Test fixtures: one to kill a run mid-search, one to exercise failed evaluations.
-        delay: float = option(0.0, "test fixture: seconds slept per evaluation")
+        delay: float = option(0.0, "test fixture: seconds slept per evaluation", ge=0)
         nan_above: float | None = option(None, "test fixture: the loss is NaN where x[0] > nan_above (None: never)")
 
     @classmethod

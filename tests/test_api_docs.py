@@ -46,3 +46,70 @@ def test_no_submodule_shadows_an_api_function():
     for name in harness.__all__:
         assert not type(getattr(harness, name)).__name__ == "module", name
     assert harness.sweep.__module__ == harness.leaderboard.__module__ == "harness.python_api"
+
+
+def test_bad_python_values_are_harness_errors_and_record_nothing(tmp_path):
+    import numpy as np
+    import torch
+    base = {"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2), "steps": torch.tensor(7)}
+    cats = {"fc.weight": torch.ones(2, 2), "fc.bias": torch.ones(2)}
+    dogs = {"fc.weight": torch.full((2, 2), 2.0), "fc.bias": torch.zeros(2)}
+    res = tmp_path / "res"
+    cases = [
+        (lambda: harness.compose(base, {"cats": cats}, None), "finite numbers"),
+        (lambda: harness.compose(base, {"cats": cats}, {"cats": float("inf")}), "finite numbers"),
+        (lambda: harness.compose(base, {"cats": cats}, "abc"), "must be numbers"),
+        (lambda: harness.compose(base, {"cats": cats, "dogs": dogs}, {"cats": 1.0, "dogs": 0.0}, space="lines"),
+         "per_task, per_layer, per_block or per_partition:K"),
+        (lambda: harness.compose({"fc.weight": np.zeros((2, 2))}, {"cats": cats}, 1.0), "must be a torch tensor"),
+        (lambda: harness.task_vector(base, None), "must be a state dict"),
+        (lambda: harness.load_run(5, res), "run_id must be a string"),
+        (lambda: harness.run("quadratic", "random", budget=5, task_options=["dim=3"], results_dir=res),
+         "task_options must be a mapping"),
+        (lambda: harness.run("quadratic", "random", budget=5, space="per_foo", results_dir=res),
+         "unknown coefficient space"),
+        (lambda: harness.run("quadratic", "random", budget=5, task_options={"delay": -1.0}, results_dir=res),
+         "delay must be >= 0"),
+    ]
+    for call, match in cases:
+        with pytest.raises(harness.HarnessError, match=re.escape(match)):
+            call()
+    assert not res.exists()
+    # a coefficient tensor that requires grad composes like its values
+    out = harness.compose(base, {"cats": cats}, torch.tensor([0.5], requires_grad=True), space="per_task")
+    assert torch.equal(out["fc.weight"], torch.full((2, 2), 0.5))
+
+
+def test_a_run_object_outlives_a_change_of_directory_and_a_failed_run_has_no_score(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = harness.run("quadratic", "random", budget=4, results_dir=None)  # None: the default, ./results
+    assert (tmp_path / "results" / "runs" / run.run_id).is_dir() and run.path.is_absolute()
+    monkeypatch.chdir("/")
+    assert len(run.trace) == 4 and run.coefficients["x"].shape == (8,)
+    assert harness.load_run(run.run_id, tmp_path / "results").score == pytest.approx(run.score)
+    with pytest.raises(harness.HarnessError, match="all 6 evaluations failed"):
+        harness.run("quadratic", "random", budget=6, task_options={"nan_above": -2.0},
+                    results_dir=tmp_path / "results")
+    (failed,) = [d.name for d in (tmp_path / "results" / "runs").iterdir() if d.name != run.run_id]
+    loaded = harness.load_run(failed, tmp_path / "results")
+    assert loaded.status == "failed" and loaded.score is None
+    record = tmp_path / "results" / "runs" / failed / "record.json"
+    record.write_text('{"run_id": "x", "status": "complete", "final": [1, 2]}')
+    with pytest.raises(harness.HarnessError, match="is damaged"):
+        harness.load_run(failed, tmp_path / "results")
+
+
+def test_sweep_arguments_are_checked_like_a_sweep_file(tmp_path):
+    res = tmp_path / "res"
+    for kw, match in ((dict(seeds=3), "seeds must be a non-empty list"), (dict(seeds=[]), "seeds must be"),
+                      (dict(searchers=[{"budget": 4}]), "has no name"), (dict(searchers=[5]), "searchers must be"),
+                      (dict(searchers=[{"name": "random", "bugdet": 9}]), "unknown key 'bugdet'"),
+                      (dict(tasks="quadratic"), "tasks must be a non-empty list"),
+                      (dict(task_options=["dim=2"]), "task_options must be a mapping")):
+        args = {**dict(tasks=["quadratic"], searchers=["random"], seeds=[0], results_dir=res), **kw}
+        with pytest.raises(harness.HarnessError, match=re.escape(match)):
+            harness.sweep(**args)
+    assert not res.exists()
+    board = harness.sweep(tasks=("quadratic",), searchers=[{"name": "random", "budget": 3}], seeds=range(2),
+                          results_dir=res)
+    assert len(board) == 1 and int(board["n"].iloc[0]) == 2
