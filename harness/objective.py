@@ -23,6 +23,7 @@ import torch
 
 import harness.registry as registry
 from harness.api import HarnessError, Space, Task
+from harness.errors import SetupRefusal
 from harness.compose_options import (ENGINE_FIELDS, SOURCE_FIELDS, ComposeOptions, resolve_engine,  # noqa: F401
                                      resolve_source, source_name)
 from harness.composition import Composition, parse_space
@@ -83,7 +84,7 @@ class ComposingTask(Task):
     def check_datasets(self, names, what="data set"):
         missing = [d for d in names if d not in self.source.datasets]
         if missing:
-            raise HarnessError(f"{what} '{missing[0]}' is not in {self.source_name}; "
+            raise SetupRefusal(f"{what} '{missing[0]}' is not in {self.source_name}; "
                                f"valid: {', '.join(self.source.datasets)}")
 
     def compose_others(self, target: str):

@@ -26,6 +26,7 @@ import torch
 import harness.registry as registry
 import harness.sources.task_check as task_check
 from harness.api import HarnessError, Task
+from harness.errors import SetupRefusal
 from harness.config import RunConfig
 from harness.evaluators import Evaluator, LocalEvaluator
 from harness.loop import Progress, check_losses, progress_bar, search, search_async
@@ -75,7 +76,7 @@ def run(cfg: RunConfig, log=print) -> dict:
         store.open()
         with stop_signals_exit():
             return _execute(p, store, log)
-    except task_check.CheckpointMismatch:
+    except (task_check.CheckpointMismatch, SetupRefusal):  # nothing of a refused run is kept
         refused = True
         raise
     finally:

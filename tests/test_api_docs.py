@@ -113,3 +113,12 @@ def test_sweep_arguments_are_checked_like_a_sweep_file(tmp_path):
     board = harness.sweep(tasks=("quadratic",), searchers=[{"name": "random", "budget": 3}], seeds=range(2),
                           results_dir=res)
     assert len(board) == 1 and int(board["n"].iloc[0]) == 2
+
+
+def test_a_target_the_source_lacks_is_refused_and_leaves_no_run_behind(tmp_path, cache_dir):
+    res = tmp_path / "res"
+    opts = {"source": "tiny-clip", "source_options": "datasets=skdigits,lfw;max_n=400;pretrain_steps=40;ft_steps=15",
+            "shots": 1, "target": "mnist"}
+    with pytest.raises(harness.HarnessError, match="target 'mnist' is not in source 'tiny-clip'; valid: skdigits"):
+        harness.run("few_shot", "gradient", budget=5, task_options=opts, results_dir=res, cache_dir=cache_dir)
+    assert not (res / "runs").exists() or not any((res / "runs").iterdir())
