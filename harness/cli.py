@@ -100,18 +100,11 @@ def _run_config(args):
 def _with_recorded(flags: dict) -> dict:
     """``--resume RUN_ID``: the run's recorded settings, under the flags given on this command
     (execution flags such as --workers; any other that differs is refused by the runner)."""
-    import json
-
     from harness.config import EXECUTION_FIELDS, RunConfig
     from harness.results import RunStore
     store = RunStore(flags.get("results_dir") or RunConfig().results_dir, flags["resume"])
-    try:
-        recorded = json.loads((store.dir / "config.json").read_text())
-    except (OSError, ValueError, RecursionError):
-        recorded = None
-    if not isinstance(recorded, dict):  # no config.json: the record's copy of it
-        recorded = (store.record() or {}).get("config")
-    if not isinstance(recorded, dict):
+    recorded = store.recorded_config()
+    if recorded is None:
         return flags  # nothing recorded: the runner says so in one line
     merged = {k: v for k, v in recorded.items() if k not in EXECUTION_FIELDS}
     for plugin in ("searcher", "task"):  # another plugin named: the recorded one's options do not apply

@@ -163,11 +163,15 @@ def sweep(tasks: Sequence[str] | None = None, searchers: Sequence[str | Mapping[
     if tasks is not None:
         given["tasks"] = listed(tasks)
     if searchers is not None:
-        given["searchers"] = [{"name": s} if isinstance(s, str) else dict(s) if isinstance(s, Mapping) else s
-                              for s in listed(searchers)] if isinstance(listed(searchers), list) else searchers
+        given["searchers"] = listed(searchers)
+        if isinstance(given["searchers"], list):
+            given["searchers"] = [{"name": s} if isinstance(s, str) else dict(s) if isinstance(s, Mapping) else s
+                                  for s in given["searchers"]]
     if seeds is not None:
-        given["seeds"] = [int(s) if isinstance(s, numbers.Integral) and not isinstance(s, bool) else s
-                          for s in listed(seeds)] if isinstance(listed(seeds), list) else seeds
+        given["seeds"] = listed(seeds)
+        if isinstance(given["seeds"], list):
+            given["seeds"] = [int(s) if isinstance(s, numbers.Integral) and not isinstance(s, bool) else s
+                              for s in given["seeds"]]
     check_sweep(given, "harness.sweep's arguments")
     spec.update(given)
     spec["task_options"] = {**spec["task_options"], **_mapping("task_options", task_options)}

@@ -321,6 +321,17 @@ class RunStore:
             rec["coefficients"] = str(own)
         return rec
 
+    def recorded_config(self) -> dict | None:
+        """The settings this run was started with: ``config.json``, else the record's copy (None
+        when neither is readable)."""
+        try:
+            config = json.loads((self.dir / "config.json").read_text())
+        except (OSError, ValueError, RecursionError):
+            config = None
+        if not isinstance(config, dict):
+            config = (self.record() or {}).get("config")
+        return config if isinstance(config, dict) else None
+
     def save_coefficients(self, x: np.ndarray, expanded: np.ndarray | None = None) -> str:
         from safetensors.numpy import save_file
         tensors = {"x": np.ascontiguousarray(x, dtype=np.float64)}

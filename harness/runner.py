@@ -91,18 +91,13 @@ def _check_resume(store: RunStore, c: RunConfig) -> None:
     if old is None and not store.trace_path.exists():
         raise HarnessError(f"no run '{store.run_id}' under {store.dir.parent}; --resume continues a recorded "
                            "run (the same command without --resume starts or resumes its own)")
-    recorded = (old or {}).get("config")
-    if not isinstance(recorded, dict):  # the record is gone or damaged: the config it was started with
-        try:
-            recorded = json.loads((store.dir / "config.json").read_text())
-        except (OSError, ValueError, RecursionError):
-            recorded = None
-    if not isinstance(recorded, dict) and c.run_id() != store.run_id:
+    recorded = store.recorded_config()
+    if recorded is None and c.run_id() != store.run_id:
         # (a run id names its settings' hash: one that matches proves the settings)
         raise HarnessError(f"run {store.run_id} has no readable record.json or config.json, so the settings it "
                            "ran with are unknown; resume it with its own command (its id must match), or start a "
                            "new run without --resume")
-    if isinstance(recorded, dict):
+    if recorded is not None:
         mine = c.identity()
         theirs = {k: v for k, v in recorded.items() if k in mine}
         diff = sorted(k for k in mine if json.dumps(mine[k], sort_keys=True, default=str)

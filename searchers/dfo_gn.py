@@ -114,6 +114,8 @@ class DfoGnSearcher(Searcher):
             h, up, down = self.options.step, self.upper[i] - self.anchor[i], self.anchor[i] - self.lower[i]
             if h > up:  # towards the box's inside; never further than the box leaves room for
                 h = -min(h, down) if down >= up else up
+            if h == 0:  # a coordinate the box pins: no probe, a zero column
+                continue
             x = self.anchor.copy()
             x[i] += h
             self.steps[i] = h
@@ -175,9 +177,9 @@ class DfoGnSearcher(Searcher):
         else:
             if self.J is None:  # every probe told: build the model
                 base = self.anchor_out.flat()
-                self.J = np.stack([(self.probed[i] - base) / self.steps[i] if self.steps.get(i) and i in self.probed
-                                   else self.J_prev[i] if self.J_prev is not None and i not in self.probed
-                                   else np.zeros_like(base) for i in range(self.space.dim)])
+                kept = self.J_prev if self.J_prev is not None else np.zeros((self.space.dim, len(base)))
+                self.J = np.stack([(self.probed[i] - base) / self.steps[i] if i in self.probed else kept[i]
+                                   for i in range(self.space.dim)])
             batch = [("trial", -1, self._trial())]
         out = []
         for kind, i, x in batch:
