@@ -43,7 +43,7 @@ NEUTRAL_FOR_TASK: dict[str, dict[str, Any]] = {
                  "adapter_scale": 0.01, "tip_alpha": 1.0, "tip_beta": 5.5, "fraction": 0.0,
                  "tip_search": False, "lpp_solver": "adam"}}
 # The same for searchers' options (``es``'s ``minibatch`` defaults to true and is not neutral).
-NEUTRAL_FOR_SEARCHER: dict[str, dict[str, Any]] = {"dfo-gn": {"minibatch": False}}
+NEUTRAL_FOR_SEARCHER: dict[str, dict[str, Any]] = {"dfo-gn": {"minibatch": False, "coarse": "per_layer", "coarse_rounds": 0}}
 
 
 @dataclass

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from harness.api import Candidate, Evaluation, HarnessError, Searcher, option
+from atlas_harness_searchers.coarse_to_fine import groups_of
 
 
 class DfoGnSearcher(Searcher):
@@ -65,12 +66,21 @@ class DfoGnSearcher(Searcher):
                                         "task's batch_size samples, seeded per round; the start and the answer (the "
                                         "budget's first and last evaluations) on the whole search set, and the "
                                         "better of them is recommended (false: every candidate on the whole set)")
+        coarse: str = option("per_layer", "the grouping of the coarse rounds: each probe moves one group of "
+                                          "coefficients together (per_task: one group per task vector; per_layer: "
+                                          "per task vector and layer)", choices=("per_task", "per_layer"))
+        coarse_rounds: int = option(0, "rounds at the start that model and step in the coarse grouping (one probe "
+                                       "per group, so a round costs a fraction of a full one) before the rounds "
+                                       "over every coefficient", ge=0, le=10_000)
 
     @classmethod
     def validate(cls, options):
         if options.radius > options.max_radius:
             raise HarnessError(f"searcher option radius ({options.radius}) must be at most max_radius "
                                f"({options.max_radius})")
+        if options.coarse_rounds and options.refresh < 1:
+            raise HarnessError("searcher option refresh < 1 keeps model columns of one coefficient each, which "
+                               "coarse rounds do not measure; with coarse_rounds > 0 set refresh=1")
         if options.minibatch and options.refresh < 1:
             raise HarnessError("searcher option refresh < 1 keeps model columns from earlier rounds, which were "
                                "measured on other mini-batches; with minibatch=true set refresh=1")
@@ -92,6 +102,8 @@ class DfoGnSearcher(Searcher):
         self.moved = np.zeros(space.dim)  # how far each coefficient moved since its last probe
         self.round_batch = None  # the mini-batch seed of this round (minibatch=true)
         self.asked = 0
+        self.groups = groups_of(space.labels, space.dim, options.coarse)
+        self.B = None  # directions of this round's probes (coordinates when None)
         self._start_round()
 
     # ------------------------------------------------------------------ the rounds
@@ -106,18 +118,26 @@ class DfoGnSearcher(Searcher):
         if self.anchor_out is None:
             self.queue.append(("anchor", -1, self.anchor.copy()))
         dim = self.space.dim
-        coords = range(dim)
+        coarse = self.info["rounds"] < self.options.coarse_rounds
+        if coarse:  # one 0/1 direction per group
+            self.B = np.eye(int(self.groups.max()) + 1)[self.groups]
+        else:
+            self.B = None
+        coords = range(self.B.shape[1] if coarse else dim)
         if self.J_prev is not None and self.options.refresh < 1:  # the most moved first; stable, so ties by index
             coords = sorted(np.argsort(-self.moved, kind="stable")[:int(np.ceil(self.options.refresh * dim))])
-        self.moved[list(coords)] = 0
+        if not coarse:
+            self.moved[list(coords)] = 0
         for i in coords:
-            h, up, down = self.options.step, self.upper[i] - self.anchor[i], self.anchor[i] - self.lower[i]
+            d = self.B[:, i] if coarse else np.eye(1, dim, i)[0]
+            on = d != 0
+            h = self.options.step
+            up, down = np.min((self.upper - self.anchor)[on]), np.min((self.anchor - self.lower)[on])
             if h > up:  # towards the box's inside; never further than the box leaves room for
                 h = -min(h, down) if down >= up else up
             if h == 0:  # a coordinate the box pins: no probe, a zero column
                 continue
-            x = self.anchor.copy()
-            x[i] += h
+            x = self.anchor + h * d
             self.steps[i] = h
             self.queue.append(("probe", i, x))
         self.probed: dict[int, np.ndarray] = {}
@@ -129,11 +149,16 @@ class DfoGnSearcher(Searcher):
         z0 = torch.as_tensor(out.flat(), dtype=torch.float64)
         J = torch.as_tensor(self.J, dtype=torch.float64)
         r = self.radius
-        lo = torch.as_tensor(np.maximum(self.lower - self.anchor, -r))
-        hi = torch.as_tensor(np.minimum(self.upper - self.anchor, r))
+        lo, hi = np.maximum(self.lower - self.anchor, -r), np.minimum(self.upper - self.anchor, r)
+        if self.B is not None:  # a group moves by one offset, which every member's box must allow
+            on = self.B.T != 0
+            lo = np.where(on, lo, -np.inf).max(axis=1)
+            hi = np.where(on, hi, np.inf).min(axis=1)
+        lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
+        n = len(lo)
         # Adam's steps are about lr per coordinate: a ball's radius is shared by all of them.
-        lr = r / 20 if self.options.region == "box" else r / 20 / np.sqrt(self.space.dim)
-        s = torch.zeros(self.space.dim, dtype=torch.float64, requires_grad=True)
+        lr = r / 20 if self.options.region == "box" else r / 20 / np.sqrt(n)
+        s = torch.zeros(n, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.Adam([s], lr=lr)
         base = float(out.loss(z0))
         best_s, best_m = torch.zeros_like(s), base
@@ -161,7 +186,8 @@ class DfoGnSearcher(Searcher):
             best_m, best_s = m, s.detach().clone()
         self.trial_pred = base - best_m
         self.info["trials"] += 1
-        return np.clip(self.anchor + best_s.numpy(), self.lower, self.upper)
+        step = best_s.numpy() if self.B is None else self.B @ best_s.numpy()
+        return np.clip(self.anchor + step, self.lower, self.upper)
 
     def _ask(self, n):
         left = self.budget - self.asked
@@ -177,9 +203,10 @@ class DfoGnSearcher(Searcher):
         else:
             if self.J is None:  # every probe told: build the model
                 base = self.anchor_out.flat()
-                kept = self.J_prev if self.J_prev is not None else np.zeros((self.space.dim, len(base)))
+                n = self.space.dim if self.B is None else self.B.shape[1]
+                kept = self.J_prev if self.J_prev is not None and len(self.J_prev) == n else np.zeros((n, len(base)))
                 self.J = np.stack([(self.probed[i] - base) / self.steps[i] if i in self.probed else kept[i]
-                                   for i in range(self.space.dim)])
+                                   for i in range(n)])
             batch = [("trial", -1, self._trial())]
         out = []
         for kind, i, x in batch:

@@ -226,3 +226,50 @@ def test_probes_stay_in_the_box_whatever_the_step():
         assert all(((p >= space.lower) & (p <= space.upper)).all() for p in probes)
     with pytest.raises(HarnessError, match="step must be >= 1e-06, got 1e-300"):
         plan(RunConfig(task="quadratic", searcher="dfo-gn", searcher_options={"step": 1e-300}))
+
+
+def test_coarse_rounds_probe_and_step_whole_groups_then_every_coefficient():
+    """With coarse_rounds=K the first K rounds model the logits along one direction per group (task
+    vector × layer: every coefficient of the group moves together), so a round costs groups + 1
+    evaluations and its trial step moves a group by one offset; later rounds probe each coefficient."""
+    from atlas_harness_searchers.dfo_gn import DfoGnSearcher
+    from harness.api import Evaluation, Space
+    from harness.outputs import Outputs
+    labels = [f"{t}/_blocks.{b}.{p}" for t in ("cars", "dtd") for b, p in ((13, "w"), (13, "b"), (14, "w"))]
+    rng = np.random.default_rng(0)
+    A, y = rng.normal(size=(6, 4 * 3)), np.array([0, 1, 2, 1])
+
+    def evaluate(cands):
+        out = []
+        for c in cands:
+            o = Outputs(logits=[(np.asarray(c.x) @ A).reshape(4, 3)], labels=[y], weights=[np.full(4, 0.25)])
+            out.append(Evaluation(loss=float(o.loss(torch.as_tensor(o.flat()))), outputs=o))
+        return out
+
+    space = Space(dim=6, lower=np.full(6, -1.0), upper=np.full(6, 1.0), labels=labels)
+    opts = resolve_options(DfoGnSearcher, {"coarse_rounds": 2, "radius": 0.3, "max_radius": 0.3}, "searcher")
+    s = DfoGnSearcher(space, 60, 1, 0, opts)
+    rounds, asked = [], []
+    while len(rounds) < 3:
+        c = s.ask(1)[0]
+        kind = s.waiting[c.id][0]
+        anchor = s.anchor.copy()
+        asked.append((kind, c.x - anchor))
+        s.tell([c], evaluate([c]))
+        if kind == "trial":
+            rounds.append(asked)
+            asked = []
+    groups = [[0, 1], [2], [3, 4], [5]]  # (cars, blocks.13), (cars, blocks.14), (dtd, …), (dtd, …)
+    for r, steps in enumerate(rounds):
+        probes = [d for k, d in steps if k == "probe"]
+        trial = [d for k, d in steps if k == "trial"][-1]
+        if r < 2:  # one probe per group; the step moves each group's coefficients together
+            assert len(probes) == 4
+            assert [list(np.flatnonzero(d)) for d in probes] == groups
+            assert all(np.allclose(d[g], 0.05) for d, g in zip(probes, groups))
+            assert all(np.ptp(trial[g]) < 1e-12 for g in groups) and np.abs(trial).max() > 0.1
+        else:
+            assert len(probes) == 6 and np.allclose(np.stack(probes), 0.05 * np.eye(6))
+    assert s.info["accepted"] >= 2
+    with pytest.raises(HarnessError, match="refresh < 1.*coarse_rounds > 0"):
+        plan(RunConfig(task="addition", searcher="dfo-gn", searcher_options={"coarse_rounds": 1, "refresh": 0.5}))
