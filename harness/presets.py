@@ -122,10 +122,13 @@ PRESETS: dict[str, Preset] = {p_name: p for p_name, p in [
                          task_options={"search_n": 128},
                          note="forward passes only: 4 rounds of one probe per coefficient and a trust-region step "
                               "on the model of the logits (results page blackbox-dfo)")),
-    ("atlas-blackbox-few-shot", Preset("aTLAS few-shot, gradient-free, calibrated head in a small box", "this harness",
-                                       "few_shot", "nevergrad", "per_layer", 150, {"bound": 0.1},
+    ("atlas-blackbox-few-shot", Preset("aTLAS few-shot, derivative-free Gauss-Newton, calibrated head",
+                                       "this harness", "few_shot", "dfo-gn", "per_block", 406,
+                                       {"radius": 0.2, "max_radius": 0.2, "coarse_rounds": 3},
                                        task_options={"calibrate": True},
-                                       note="above zero-shot on average (+0.41 points over k = 1..16, 2 targets, 3 seeds)")),
+                                       note="forward passes only: 3 rounds over task vector × layer groups, then 2 over "
+                                            "every coefficient; −0.32 points from gradient aTLAS at 0.97× its wall time "
+                                            "(k = 1..16, 2 targets, 6 seeds; results page blackbox-dfo-few-shot-coarse)")),
     ("atlas-negation", Preset("aTLAS task negation", "Zhang et al. 2024", "negation", "gradient", "per_block", 300,
                               {"lr": 0.01})),
     ("atlas-few-shot", Preset("aTLAS few-shot recognition", "Zhang et al. 2024", "few_shot", "gradient",
