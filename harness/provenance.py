@@ -9,11 +9,20 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 
-def git_sha() -> str:
+def git_sha(where: str | Path | None = None) -> str:
+    """The short commit of the checkout the code runs from, with ``+dirty`` when tracked files
+    differ from it: a run recorded from edited code must not claim the commit's code as its own.
+    ``unknown`` outside a git checkout (an installed package) or without git."""
+    cwd = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+                             cwd=cwd)
+        sha = out.stdout.strip()
+        if not sha or out.returncode:
+            return "unknown"
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, timeout=10, cwd=cwd)
+        return sha + ("+dirty" if changed.returncode == 0 and changed.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -151,3 +151,21 @@ def test_read_only_results_dir_is_one_clear_error_and_keeps_earlier_runs(tmp_pat
     finally:
         for p in [base, *base.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def test_a_record_names_its_commit_and_says_when_the_code_differs_from_it(tmp_path):
+    """A run recorded from edited code must not claim the commit's code: git_sha adds ``+dirty``
+    while a tracked file differs from HEAD (untracked files, such as results, do not count)."""
+    from harness.provenance import git_sha
+    assert git_sha(tmp_path) == "unknown"  # not a checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "code.py"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / "results.json").write_text("{}")  # untracked
+    assert git_sha(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_sha(tmp_path) == head + "+dirty"
