@@ -212,6 +212,9 @@ def compose(base: Mapping[str, Any], task_vectors: Mapping[str, Mapping[str, Any
             space: str = "per_block") -> dict:
     """θ0 + Σ_t λ_t ⊙ τ_t as a state dict, for users who bring their own training or evaluation loop.
 
+    The sum is computed in fp32; every entry is returned in the dtype and on the device of its
+    ``base`` entry, so the result loads into the model ``base`` came from.
+
     Args:
         base: the pre-trained state dict (torch tensors); entries that are not floating point
             (counters, integer buffers) are copied unchanged.
@@ -259,7 +262,8 @@ def compose(base: Mapping[str, Any], task_vectors: Mapping[str, Mapping[str, Any
             raise HarnessError(f"space {space} over {len(names)} task vectors has {comp.dim} coefficients, "
                                f"got an array of shape {tuple(x.shape)}")
     merged = comp.merge(x)
-    return {k: merged.get(k, v) for k, v in base.items()}
+    # The merge runs in fp32; each entry comes back in its base entry's dtype and device.
+    return {k: merged[k].to(dtype=v.dtype, device=v.device) if k in merged else v for k, v in base.items()}
 
 
 def task_vector(base: Mapping[str, Any], finetuned: Mapping[str, Any]) -> dict:

@@ -153,6 +153,25 @@ def read_records(results_dir: str | Path, complete_only: bool = True, warn: bool
         except OSError as e:
             if warn:
                 print(f"warning: skipped unreadable run record {_printable(path)}: {e.strerror or e}", file=sys.stderr)
+    return _once_per_run(out, warn)
+
+
+def _once_per_run(found: list[tuple[Path, dict]], warn: bool) -> list[tuple[Path, dict]]:
+    """One entry per run id: a copied run folder holds the same record as its original, and
+    counting it would weigh that run twice. The folder named after the run wins (else the first
+    by name); each other one is reported in one warning line."""
+    by_id: dict[str, list[tuple[Path, dict]]] = {}
+    for d, rec in found:
+        by_id.setdefault(str(rec.get("run_id")), []).append((d, rec))
+    out = []
+    for d, rec in found:
+        same = by_id[str(rec.get("run_id"))]
+        keep = next((e for e in same if e[0].name == str(rec.get("run_id"))), same[0])
+        if keep[0] == d:
+            out.append((d, rec))
+        elif warn:
+            print(f"warning: skipped run folder {_printable(d)}: it holds the record of run {rec.get('run_id')}, "
+                  f"already read from {_printable(keep[0])} (a copy is counted once)", file=sys.stderr)
     return out
 
 

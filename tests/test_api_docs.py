@@ -122,3 +122,15 @@ def test_a_target_the_source_lacks_is_refused_and_leaves_no_run_behind(tmp_path,
     with pytest.raises(harness.HarnessError, match="target 'mnist' is not in source 'tiny-clip'; valid: skdigits"):
         harness.run("few_shot", "gradient", budget=5, task_options=opts, results_dir=res, cache_dir=cache_dir)
     assert not (res / "runs").exists() or not any((res / "runs").iterdir())
+
+
+def test_compose_returns_each_entry_in_its_base_dtype():
+    """The merge runs in fp32; a fp64 or fp16 base gets its own dtype back (it loads into its model),
+    with the values of the fp32 sum, and integer buffers are passed through untouched."""
+    import torch
+    base = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64), "h": torch.tensor([0.5, 1.5], dtype=torch.float16),
+            "n": torch.tensor(7)}
+    tvs = {"a": {"w": torch.tensor([0.5, -1.0]), "h": torch.tensor([1.0, 1.0])}}
+    out = harness.compose(base, tvs, 0.5, space="per_task")
+    assert out["w"].dtype == torch.float64 and out["h"].dtype == torch.float16 and out["n"] is base["n"]
+    assert out["w"].tolist() == [1.25, 1.5] and out["h"].tolist() == [1.0, 2.0]

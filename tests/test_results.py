@@ -120,6 +120,21 @@ def test_a_torn_trace_and_a_trace_without_its_record_are_reported(tmp_path, caps
     assert f"the trace of run {first.name} holds" in err and "of its 10 evaluations" in err and "partial" in err
 
 
+def test_a_copied_run_folder_counts_once(tmp_path, capsys):
+    """A run folder copied under another name holds the same record: the leaderboard ranks the
+    run once (n = 1, not 2 seeds' worth) and names the copy in one warning line."""
+    import shutil
+    run(RunConfig(task="quadratic", searcher="random", budget=10, seed=0, results_dir=str(tmp_path), quiet=True),
+        log=lambda m: None)
+    (original,) = (tmp_path / "runs").iterdir()
+    shutil.copytree(original, tmp_path / "runs" / "a-backup")  # sorts before the original
+    capsys.readouterr()
+    board = leaderboard(tmp_path)
+    assert board["n"].tolist() == [1]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "a-backup" in err and f"already read from {original}" in err
+
+
 def test_results_dir_that_is_a_file_is_one_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
