@@ -127,7 +127,7 @@ PRESETS: dict[str, Preset] = {p_name: p for p_name, p in [
                                        {"radius": 0.2, "max_radius": 0.2, "coarse_rounds": 3},
                                        task_options={"calibrate": True},
                                        note="forward passes only: 3 rounds over task vector × layer groups, then 2 over "
-                                            "every coefficient; −0.32 points from gradient aTLAS at 0.98× its wall time "
+                                            "every coefficient; −0.32 points from gradient aTLAS at 0.96× its wall time "
                                             "(k = 1..16, 2 targets, 6 seeds; results page blackbox-dfo-few-shot-coarse)")),
     ("atlas-negation", Preset("aTLAS task negation", "Zhang et al. 2024", "negation", "gradient", "per_block", 300,
                               {"lr": 0.01})),
