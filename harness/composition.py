@@ -35,7 +35,8 @@ def task_vector(base: dict[str, Tensor], finetuned: dict[str, Tensor]) -> dict[s
         finetuned: fine-tuned state dict with (at least) the same floating entries.
 
     Returns:
-        A new dict ``{name: finetuned[name] - base[name]}`` in fp32, detached.
+        A new dict ``{name: finetuned[name] - base[name]}`` in fp32, detached, on the device of
+        each ``base`` entry (a fine-tuned entry elsewhere is moved there).
     """
     tau = {}
     for name, b in base.items():
@@ -47,6 +48,12 @@ def task_vector(base: dict[str, Tensor], finetuned: dict[str, Tensor]) -> dict[s
         if tuple(f.shape) != tuple(b.shape):
             raise HarnessError(f"fine-tuned block '{name}' has shape {tuple(f.shape)}, "
                                f"expected {tuple(b.shape)}")
+        if f.device != b.device:  # e.g. a checkpoint loaded to the CPU beside a base on the GPU
+            try:
+                f = f.to(b.device)
+            except (RuntimeError, NotImplementedError) as e:
+                raise HarnessError(f"fine-tuned block '{name}' is on {f.device} and cannot be moved to the base's "
+                                   f"device {b.device}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         tau[name] = f.detach().float() - b.detach().float()
     return tau
 

@@ -31,6 +31,13 @@ class DfoGnSearcher(Searcher):
     costs ``dim + 1`` evaluations; the first step from the pre-trained model is already the
     minimiser of a first-order model of every logit, which is why few rounds are needed.
 
+    ``coarse_rounds=K`` makes the first K rounds coarse: one probe per group of coefficients (task
+    vector × layer by default), the model and the step over one offset per group. Such a round
+    costs ``groups + 1`` evaluations, so a few of them move the whole composition cheaply before
+    the rounds over every coefficient refine it. A round the budget cannot finish is never used:
+    its probes are spent without a step, so a budget that ends on a trial step
+    (``1 + K·(groups + 1) + R·(dim + 1)``, one more per rejected step) wastes nothing.
+
     It needs a task that returns its outputs (addition, few_shot, negation; see
     :meth:`harness.api.Task.returns_outputs`); probes of a batch are independent, so ``--batch-size``
     (and Ray workers) score them in parallel.

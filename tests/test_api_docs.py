@@ -134,3 +134,15 @@ def test_compose_returns_each_entry_in_its_base_dtype():
     out = harness.compose(base, tvs, 0.5, space="per_task")
     assert out["w"].dtype == torch.float64 and out["h"].dtype == torch.float16 and out["n"] is base["n"]
     assert out["w"].tolist() == [1.25, 1.5] and out["h"].tolist() == [1.0, 2.0]
+
+
+def test_task_vector_moves_a_finetuned_entry_to_the_base_device_or_says_why_not():
+    """A fine-tuned entry on another device is moved to its base entry's (the difference is taken
+    there); one that cannot be moved (a meta tensor has no data) is a one-line HarnessError."""
+    import torch
+    base = {"w": torch.tensor([1.0, 2.0])}
+    tv = harness.task_vector(base, {"w": torch.tensor([1.5, 1.0], dtype=torch.float64)})
+    assert tv["w"].device == base["w"].device and tv["w"].tolist() == [0.5, -1.0]
+    with pytest.raises(harness.HarnessError, match=r"^fine-tuned block 'w' is on meta and cannot be moved to the base's "
+                                           r"device cpu: Cannot copy out of meta tensor"):
+        harness.task_vector(base, {"w": torch.zeros(2, device="meta")})
