@@ -9,14 +9,15 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 
-def git_sha(where: str | Path | None = None) -> str:
+def git_sha(where: str | Path | None = None, digits: int | None = None) -> str:
     """The short commit of the checkout the code runs from, with ``+dirty`` when tracked files
     differ from it: a run recorded from edited code must not claim the commit's code as its own.
-    ``unknown`` outside a git checkout (an installed package) or without git."""
+    ``unknown`` outside a git checkout (an installed package) or without git. ``digits``: the
+    shortest length of the commit's abbreviation (None: git's own)."""
     cwd = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=cwd)
+        short = "--short" if digits is None else f"--short={digits}"
+        out = subprocess.run(["git", "rev-parse", short, "HEAD"], capture_output=True, text=True, timeout=5, cwd=cwd)
         sha = out.stdout.strip()
         if not sha or out.returncode:
             return "unknown"

@@ -13,7 +13,6 @@ they composed. Nothing on it is typed by hand, so a figure on a page is a figure
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,14 +28,8 @@ def _short(sha: str) -> str:
 
 
 def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return out + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    from harness.provenance import git_sha
+    return git_sha(ROOT, digits=12).replace("+dirty", " (with uncommitted changes)")
 
 
 def description(sweep_file: Path) -> str:
